@@ -1,0 +1,158 @@
+"""Settings: the only reader of the environment (``CDS_*`` variables; see ``.env.example``).
+
+Embedded defaults run on one machine with no servers (SQLite database, a SQLite-backed Celery
+transport). Setting ``CDS_DATABASE_URL`` and ``CDS_BROKER_URL`` switches to PostgreSQL and Redis with
+the same code. Validators refuse unsafe combinations in production (``CDS_ENVIRONMENT=production``).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.cds.thresholds import Thresholds
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+class TrustedIssuer(BaseModel):
+    """An EHR allowed to call the CDS Hooks services (CDS Hooks 2.0 trust model)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    iss: str
+    jwks_url: str | None = Field(None, description="Where the issuer's JWK Set is published")
+    jwks_file: Path | None = Field(None, description="A local copy of the issuer's JWK Set")
+    jku_allowlist: tuple[str, ...] = Field((), description="jku header values honoured for this issuer")
+    tenants: tuple[str, ...] = Field((), description="If set, the token's tenant claim must be one of these")
+
+    @model_validator(mode="after")
+    def _keys(self) -> TrustedIssuer:
+        if not (self.jwks_url or self.jwks_file or self.jku_allowlist):
+            raise ValueError(f"issuer {self.iss}: needs jwks_url, jwks_file or jku_allowlist")
+        return self
+
+
+SANDBOX_ISSUER = "https://sandbox.cds-hooks.org"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CDS_",
+        env_nested_delimiter="__",
+        env_file=None,
+        extra="ignore",
+        frozen=True,
+    )
+
+    # --- deployment ---------------------------------------------------------------------------
+    environment: Literal["local", "test", "production"] = "local"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_base_urls: list[str] = Field(
+        default_factory=list,
+        description="Base URLs the service is reached at (for the JWT aud check behind proxies). "
+        "Empty: the URL of the request as received.",
+    )
+    log_level: str = "INFO"
+    log_json: bool = True
+    data_dir: Path = _ROOT / "var"
+
+    # --- persistence and queues ----------------------------------------------------------------
+    database_url: str = ""  # default: sqlite file in data_dir
+    broker_url: str = ""  # default: kombu SQLAlchemy transport over sqlite in data_dir
+    redis_url: str | None = Field(None, description="Redis for the jti replay cache and readiness checks")
+    db_pool_size: int = 5
+
+    # --- clinical content ----------------------------------------------------------------------
+    mappings_dir: Path = _ROOT / "mappings"
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    thresholds_file: Path | None = Field(None, description="JSON file of Thresholds overrides")
+    topic_system: str = "https://calcinosis-cds.org/fhir/CodeSystem/card-topic"
+
+    # --- CDS Hooks security ---------------------------------------------------------------------
+    dev_mode: bool = Field(False, description="Accept unsigned CDS Hooks calls and any fhirServer (never in production)")
+    trusted_issuers: list[TrustedIssuer] = Field(default_factory=list)
+    trust_sandbox: bool = Field(False, description="Trust the public CDS Hooks Sandbox key (refused in production)")
+    sandbox_jwks_file: Path = _ROOT / "service" / "api" / "sandbox-jwks.json"
+    jwt_clock_skew_s: int = 60
+    jwt_max_lifetime_s: int = Field(3600, description="Longest exp - iat accepted (Epic issues 15-minute tokens)")
+    jwks_cache_s: int = 3600
+    fhir_server_allowlist: list[str] = Field(default_factory=list, description="Allowed fhirServer base URL prefixes")
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+
+    # --- FHIR fetch (prefetch fallback and monitoring) -------------------------------------------
+    fhir_timeout_s: float = 5.0
+    fhir_max_pages: int = 5
+    fhir_max_retries: int = 3
+
+    # --- monitored FHIR server (subscriptions, polling, write-back) ------------------------------
+    fhir_base_url: str | None = None
+    fhir_auth_mode: Literal["none", "bearer", "smart-backend"] = "none"
+    fhir_bearer_token: SecretStr | None = None
+    smart_client_id: str | None = None
+    smart_private_key_file: Path | None = None
+    smart_key_id: str | None = None
+    smart_alg: Literal["RS384", "ES384"] = "RS384"
+    smart_scope: str = "system/Observation.rs system/Condition.rs system/MedicationRequest.rs system/MedicationStatement.rs system/Procedure.rs system/Patient.rs system/RiskAssessment.cud"
+    smart_token_url: str | None = None
+
+    # --- subscription receiver ------------------------------------------------------------------
+    subscription_secret: SecretStr | None = Field(None, description="Shared secret the FHIR server sends in the channel header")
+    subscription_header: str = Field("Authorization", description="Header carrying the secret (value 'Bearer <secret>' or the secret)")
+    medplum_hmac_secret: SecretStr | None = None
+    max_notification_bytes: int = 5_000_000
+
+    # --- background evaluation -------------------------------------------------------------------
+    writeback_enabled: bool = False
+    coalesce_window_s: float = 1.0
+    task_max_retries: int = 5
+    task_retry_backoff_max_s: int = 300
+    sweeper_interval_s: int = 60
+    sweeper_stale_after_s: int = 120
+    reconcile_interval_s: int = 300
+    heartbeat_timeout_s: int = 900
+    assessment_fresh_s: int = Field(3600, description="CDS Hooks reuses a stored assessment this recent for the same data")
+
+    @field_validator("public_base_urls", "fhir_server_allowlist", "cors_origins", mode="before")
+    @classmethod
+    def _split_csv(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip().startswith("["):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _safe(self) -> Settings:
+        if self.environment == "production":
+            if self.dev_mode:
+                raise ValueError("CDS_DEV_MODE is refused when CDS_ENVIRONMENT=production")
+            if self.trust_sandbox:
+                raise ValueError("CDS_TRUST_SANDBOX is refused when CDS_ENVIRONMENT=production (its private key is public)")
+            if any(i.iss == SANDBOX_ISSUER for i in self.trusted_issuers):
+                raise ValueError("the CDS Hooks Sandbox issuer is refused when CDS_ENVIRONMENT=production")
+        return self
+
+    # --- derived -------------------------------------------------------------------------------
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'calcinosis.sqlite'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
+
+    def effective_thresholds(self) -> Thresholds:
+        if self.thresholds_file is None:
+            return self.thresholds
+        overrides = json.loads(Path(self.thresholds_file).read_text(encoding="utf-8"))
+        return Thresholds.model_validate({**self.thresholds.model_dump(), **overrides})
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

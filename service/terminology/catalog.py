@@ -1,0 +1,168 @@
+"""The loaded terminology: ``(system, code)`` → what it means for the rules. Pure data, no I/O.
+
+The clinical core receives a :class:`Catalog` and never sees a code literal: it asks which analyte an
+Observation code measures, which feature a Condition code stands for, and how to convert a unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from service.terminology.schema import (
+    AnalyteDef,
+    ConditionEntry,
+    FeatureDef,
+    MedicationEntry,
+    ObservationEntry,
+    OrderSet,
+    ProcedureEntry,
+    UnitDef,
+)
+
+
+class UnitConversionError(ValueError):
+    """A value's unit is unknown or not accepted for its analyte."""
+
+
+@dataclass(frozen=True, slots=True)
+class MedicationMatch:
+    """A medication code resolved to its ingredient(s) and their features."""
+
+    entry: MedicationEntry
+    ingredients: tuple[MedicationEntry, ...]
+
+    @property
+    def features(self) -> frozenset[str]:
+        return frozenset(i.feature for i in self.ingredients if i.feature)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    version: str
+    units: dict[str, UnitDef]
+    unit_aliases: dict[str, str]
+    analytes: dict[str, AnalyteDef]
+    features: dict[str, FeatureDef]
+    observations: dict[tuple[str, str], ObservationEntry]
+    conditions: dict[tuple[str, str], ConditionEntry]
+    condition_prefixes: tuple[ConditionEntry, ...]
+    medications: dict[tuple[str, str], MedicationEntry]
+    procedures: dict[tuple[str, str], ProcedureEntry]
+    procedure_prefixes: tuple[ProcedureEntry, ...]
+    routes: dict[tuple[str, str], str]
+    route_text_patterns: tuple[str, ...]
+    order_sets: dict[str, OrderSet]
+    conditions_dotless: dict[tuple[str, str], ConditionEntry] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ lookups
+    def observation(self, system: str | None, code: str | None) -> ObservationEntry | None:
+        if system is None or code is None:
+            return None
+        return self.observations.get((system, code))
+
+    def condition(self, system: str | None, code: str | None) -> ConditionEntry | None:
+        if system is None or code is None:
+            return None
+        hit = self.conditions.get((system, code)) or self.conditions_dotless.get((system, _dotless(code)))
+        if hit is not None:
+            return hit
+        # Prefix rules (e.g. ICD-10-CM "M34.x"): the longest matching prefix wins.
+        best: ConditionEntry | None = None
+        for entry in self.condition_prefixes:
+            if entry.system == system and _prefix_match(code, entry.code):
+                if best is None or len(entry.code) > len(best.code):
+                    best = entry
+        return best
+
+    def procedure(self, system: str | None, code: str | None) -> ProcedureEntry | None:
+        if system is None or code is None:
+            return None
+        hit = self.procedures.get((system, code))
+        if hit is not None:
+            return hit
+        for entry in self.procedure_prefixes:
+            if entry.system == system and _prefix_match(code, entry.code):
+                return entry
+        return None
+
+    def medication(self, system: str | None, code: str | None) -> MedicationMatch | None:
+        if system is None or code is None:
+            return None
+        entry = self.medications.get((system, code))
+        if entry is None:
+            return None
+        if entry.feature:
+            return MedicationMatch(entry, (entry,))
+        ingredients = tuple(
+            self.medications[(entry.system or "", c)] for c in entry.ingredients if (entry.system or "", c) in self.medications
+        )
+        return MedicationMatch(entry, ingredients)
+
+    def route_feature(self, system: str | None, code: str | None) -> str | None:
+        if system is None or code is None:
+            return None
+        return self.routes.get((system, code))
+
+    def codes_for_feature(self, feature: str) -> list[tuple[str, str]]:
+        """(system, code) pairs of every condition/procedure/medication ingredient or product for a feature."""
+        out: list[tuple[str, str]] = []
+        for key, c in self.conditions.items():
+            if c.feature == feature:
+                out.append(key)
+        for key, p in self.procedures.items():
+            if p.feature == feature:
+                out.append(key)
+        for key, m in self.medications.items():
+            match = self.medication(*key)
+            if match is not None and feature in match.features:
+                out.append(key)
+        return sorted(out)
+
+    def codes_for_analyte(self, analyte: str, *, used_only: bool = True) -> list[tuple[str, str]]:
+        return sorted(k for k, e in self.observations.items() if e.analyte == analyte and (e.use or not used_only))
+
+    # ------------------------------------------------------------------ units
+    def canonical_unit_code(self, unit: str | None) -> str | None:
+        if unit is None:
+            return None
+        if unit in self.units:
+            return unit
+        return self.unit_aliases.get(unit.strip().lower())
+
+    def convert(self, value: Decimal, unit: str | None, analyte: str) -> Decimal:
+        """Convert ``value`` in ``unit`` to the analyte's canonical unit.
+
+        Raises :class:`UnitConversionError` when the unit is unknown, not in the analyte's accepted
+        list (REFERENCE §4: "mg/L" for calcium is excluded, not rescaled), or needs a molar mass the
+        analyte does not have.
+        """
+        a = self.analytes[analyte]
+        code = self.canonical_unit_code(unit)
+        if code is None:
+            raise UnitConversionError(f"unit {unit!r} is not a known UCUM unit")
+        if code not in a.units:
+            raise UnitConversionError(f"unit {code} is not accepted for {analyte}")
+        if code == a.canonical_unit:
+            return value
+        src, dst = self.units[code], self.units[a.canonical_unit]
+        base = value * src.factor
+        if src.dimension != dst.dimension:
+            if a.molar_mass is None:
+                raise UnitConversionError(f"cannot convert {code} to {a.canonical_unit} without a molar mass")
+            if src.dimension == "substance_concentration" and dst.dimension == "mass_concentration":
+                base = base * a.molar_mass
+            elif src.dimension == "mass_concentration" and dst.dimension == "substance_concentration":
+                base = base / a.molar_mass
+            else:
+                raise UnitConversionError(f"cannot convert {src.dimension} to {dst.dimension}")
+        return base / dst.factor
+
+
+def _dotless(code: str) -> str:
+    return code.replace(".", "").strip().upper()
+
+
+def _prefix_match(code: str, prefix: str) -> bool:
+    """ICD-style prefix: ``M34`` matches ``M34``, ``M34.0``, ``M34.81`` and the dotless ``M3481``."""
+    return _dotless(code).startswith(_dotless(prefix))
