@@ -1,0 +1,494 @@
+"""FHIR R4 resources of one patient → :class:`CaseFacts` (REFERENCE §2.1, data ingestion and validity).
+
+Rules applied here, each exclusion reported with its reason:
+- Observations: mapped LOINC on *any* coding; status final/amended/corrected (preliminary only if
+  configured); numeric valueQuantity with a known unit accepted for the analyte, converted to the
+  canonical unit (mass↔substance by molar mass); no dataAbsentReason, no comparator; an effective time
+  not in the future; referenceRange converted to the same unit; duplicates at one effective time keep
+  corrected/amended over final, then the latest ``issued``.
+- Conditions: clinicalStatus active/recurrence/relapse (or absent on a problem-list item; status-type
+  codes count unless resolved); verificationStatus neither refuted nor entered-in-error; codes that
+  require a text (E83.59) count only with it.
+- Medications (Request, Statement, Administration): current by status or by an effective/validity
+  period overlapping now; stop dates kept for the VKA lookback; intravenous route from the route
+  coding or text, or a parenteral product.
+- Procedures: completed or in progress, performed not in the future.
+Windows are applied by the rules; here only obviously stale lab values are dropped from validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from service.cds.fhirutil import (
+    codings,
+    concept_text,
+    parse_date,
+    parse_datetime,
+    resource_ref,
+    to_decimal,
+    version_of,
+)
+from service.cds.grouping import resolve_medication
+from service.cds.model import (
+    CaseFacts,
+    ConditionFact,
+    Excluded,
+    LabValue,
+    MedicationFact,
+    PatientInfo,
+    ProcedureFact,
+    Source,
+)
+from service.cds.thresholds import Thresholds
+from service.cds.validate import validation_error
+from service.terminology.catalog import Catalog, UnitConversionError
+
+UCUM = "http://unitsofmeasure.org"
+_OBS_STATUS_RANK = {"corrected": 2, "amended": 2, "final": 1, "preliminary": 0}
+_COND_CURRENT = frozenset({"active", "recurrence", "relapse"})
+_COND_INVALID_VERIFICATION = frozenset({"refuted", "entered-in-error"})
+_MED_REQUEST_CURRENT = frozenset({"active", "on-hold"})
+_MED_STATEMENT_CURRENT = frozenset({"active", "on-hold", "intended"})
+_PROC_DONE = frozenset({"completed", "in-progress"})
+
+
+def analyte_window_days(analyte: str, t: Thresholds) -> int | None:
+    """Widest lookback window for an analyte (REFERENCE §2.1 table); None = any time (height)."""
+    windows = {
+        "calcium_total": max(t.window_mineral_days, t.window_mineral_ckd4_days),
+        "calcium_corrected_reported": max(t.window_mineral_days, t.window_mineral_ckd4_days),
+        "calcium_ionized": max(t.window_mineral_days, t.window_mineral_ckd4_days),
+        "phosphate": max(t.window_mineral_days, t.window_mineral_ckd4_days),
+        "albumin": max(t.window_mineral_days, t.window_mineral_ckd4_days),
+        "pth_intact": max(t.window_pth_days, t.window_pth_ckd4_days),
+        "alp": t.window_alp_days,
+        "vitamin_d_25oh": t.window_vitamin_d_days,
+        "vitamin_d_1_25": t.window_vitamin_d_days,
+        "egfr": t.window_renal_function_days,
+        "creatinine": t.window_renal_function_days,
+        "bmi": t.window_body_days,
+        "body_weight": t.window_body_days,
+        "body_height": None,
+    }
+    return windows.get(analyte, t.window_renal_function_days)
+
+
+class _Extractor:
+    def __init__(self, catalog: Catalog, t: Thresholds, now: datetime, medications: dict[str, dict[str, Any]]):
+        self.catalog = catalog
+        self.t = t
+        self.now = now
+        self.medications = medications
+        self.excluded: list[Excluded] = []
+        self.ignored: dict[str, int] = {}
+        self.inputs: dict[str, str | None] = {}
+        self.labs: dict[str, list[LabValue]] = {}
+        self.stale: dict[str, LabValue] = {}
+        self.pending_validation: list[tuple[dict[str, Any], LabValue]] = []
+        self.conditions: list[ConditionFact] = []
+        self.medication_facts: list[MedicationFact] = []
+        self.procedures: list[ProcedureFact] = []
+
+    # ------------------------------------------------------------------ helpers
+    def exclude(self, ref: str | None, reason: str) -> None:
+        self.excluded.append(Excluded(reference=ref or "(no id)", reason=reason))
+
+    def ignore(self, rtype: str) -> None:
+        self.ignored[rtype] = self.ignored.get(rtype, 0) + 1
+
+    def note_input(self, res: dict[str, Any]) -> str:
+        ref = resource_ref(res) or f"{res.get('resourceType')}/(no id)"
+        self.inputs[ref] = version_of(res)
+        return ref
+
+    def invalid(self, res: dict[str, Any], ref: str) -> bool:
+        error = validation_error(res)
+        if error is not None:
+            self.exclude(ref, error)
+            return True
+        return False
+
+    # ------------------------------------------------------------------ Observation
+    def observation(self, res: dict[str, Any]) -> None:
+        entry = coding = None
+        for c in codings(res.get("code")):
+            entry = self.catalog.observation(c.get("system"), c["code"])
+            if entry is not None:
+                coding = c
+                break
+        if entry is None or coding is None:
+            self.ignore("Observation")
+            return
+        ref = self.note_input(res)
+        if not entry.use:
+            self.exclude(ref, entry.note or f"LOINC {entry.code} is recognised but not used")
+            return
+        status = res.get("status")
+        if status not in ("final", "amended", "corrected") and not (status == "preliminary" and self.t.accept_preliminary):
+            self.exclude(ref, f"status {status}")
+            return
+        if res.get("dataAbsentReason") is not None:
+            self.exclude(ref, "dataAbsentReason present")
+            return
+        vq = res.get("valueQuantity")
+        if not isinstance(vq, dict):
+            self.exclude(ref, "no valueQuantity")
+            return
+        if vq.get("comparator"):
+            self.exclude(ref, f"value has comparator {vq.get('comparator')}")
+            return
+        raw = to_decimal(vq.get("value"))
+        if raw is None:
+            self.exclude(ref, "valueQuantity.value is missing or not a number")
+            return
+        unit = _unit_of(vq)
+        effective = _effective(res)
+        if effective is None:
+            self.exclude(ref, "no effective time")
+            return
+        if effective > self.now:
+            self.exclude(ref, "effective time in the future")
+            return
+        analyte = entry.analyte
+        try:
+            value = self.catalog.convert(raw, unit, analyte)
+        except UnitConversionError as exc:
+            self.exclude(ref, f"unit not convertible: {exc}")
+            return
+        ref_low, ref_high = self._reference_range(res, analyte)
+        lab = LabValue(
+            analyte=analyte,
+            label=entry.label or self.catalog.analytes[analyte].display,
+            value=value,
+            unit=self.catalog.analytes[analyte].canonical_unit,
+            raw_value=raw,
+            raw_unit=unit or "",
+            effective=effective,
+            issued=parse_datetime(res.get("issued")),
+            status=status,
+            source=Source(ref, version_of(res), coding.get("system", ""), coding["code"], entry.display),
+            ref_high=ref_high,
+            ref_low=ref_low,
+        )
+        window = analyte_window_days(analyte, self.t)
+        if window is not None and effective < self.now - timedelta(days=window):
+            prev = self.stale.get(analyte)
+            if prev is None or prev.effective < effective:
+                self.stale[analyte] = lab
+            return
+        self.pending_validation.append((res, lab))
+
+    def _reference_range(self, res: dict[str, Any], analyte: str) -> tuple[Decimal | None, Decimal | None]:
+        ranges = res.get("referenceRange")
+        if not isinstance(ranges, list):
+            return None, None
+        for rr in ranges:
+            if not isinstance(rr, dict):
+                continue
+            out: list[Decimal | None] = []
+            for key in ("low", "high"):
+                q = rr.get(key)
+                v = to_decimal(q.get("value")) if isinstance(q, dict) else None
+                if v is None or not isinstance(q, dict):
+                    out.append(None)
+                    continue
+                try:
+                    out.append(self.catalog.convert(v, _unit_of(q), analyte))
+                except UnitConversionError:
+                    out.append(None)
+            if out[0] is not None or out[1] is not None:
+                return out[0], out[1]
+        return None, None
+
+    def finish_labs(self) -> None:
+        """Validate the in-window candidates, then resolve duplicates at one effective time."""
+        by_time: dict[tuple[str, datetime], list[LabValue]] = {}
+        for res, lab in self.pending_validation:
+            if self.invalid(res, lab.source.reference):
+                continue
+            by_time.setdefault((lab.analyte, lab.effective), []).append(lab)
+        for (analyte, _), labs in by_time.items():
+            if len(labs) > 1:
+                labs.sort(key=_lab_preference, reverse=True)
+                for loser in labs[1:]:
+                    self.exclude(
+                        loser.source.reference,
+                        f"duplicate {analyte} result at the same time; {labs[0].source.reference} ({labs[0].status}) preferred",
+                    )
+            self.labs.setdefault(analyte, []).append(labs[0])
+        for values in self.labs.values():
+            values.sort(key=lambda lab: (lab.effective, lab.issued or lab.effective), reverse=True)
+
+    # ------------------------------------------------------------------ Condition
+    def condition(self, res: dict[str, Any]) -> None:
+        entry = coding = None
+        for c in codings(res.get("code")):
+            entry = self.catalog.condition(c.get("system"), c["code"])
+            if entry is not None:
+                coding = c
+                break
+        if entry is None or coding is None:
+            self.ignore("Condition")
+            return
+        ref = self.note_input(res)
+        verification = _status_code(res.get("verificationStatus"))
+        if verification in _COND_INVALID_VERIFICATION:
+            self.exclude(ref, f"verificationStatus {verification}")
+            return
+        clinical = _status_code(res.get("clinicalStatus"))
+        if entry.status_code:
+            if clinical == "resolved":
+                self.exclude(ref, "clinicalStatus resolved")
+                return
+        elif clinical is None:
+            if not _is_problem_list_item(res):
+                self.exclude(ref, "no clinicalStatus (and not a problem-list item)")
+                return
+        elif clinical not in _COND_CURRENT:
+            self.exclude(ref, f"clinicalStatus {clinical}")
+            return
+        text = concept_text(res.get("code"))
+        if entry.requires_text and entry.requires_text.lower() not in text.lower():
+            self.exclude(ref, f"{entry.code} counts as {entry.feature} only when its text says '{entry.requires_text}'")
+            return
+        if self.invalid(res, ref):
+            return
+        self.conditions.append(
+            ConditionFact(
+                feature=entry.feature,
+                source=Source(ref, version_of(res), coding.get("system", ""), coding["code"], coding.get("display") or entry.display),
+                text=text,
+                onset=parse_datetime(res.get("onsetDateTime")) or parse_datetime(res.get("recordedDate")),
+                clinical_status=clinical,
+            )
+        )
+
+    # ------------------------------------------------------------------ Medications
+    def medication(self, res: dict[str, Any]) -> None:
+        rtype = res["resourceType"]
+        concept = res.get("medicationCodeableConcept")
+        if concept is None and "medicationReference" in res:
+            med = resolve_medication(res.get("medicationReference"), self.medications, res.get("contained"))
+            if med is None:
+                ref = self.note_input(res)
+                self.exclude(ref, "medicationReference could not be resolved")
+                return
+            concept = med.get("code")
+        match = coding = None
+        for c in codings(concept):
+            match = self.catalog.medication(c.get("system"), c["code"])
+            if match is not None and match.features:
+                coding = c
+                break
+            match = None
+        if match is None or coding is None:
+            self.ignore(rtype)
+            return
+        ref = self.note_input(res)
+        status = res.get("status")
+        if status == "entered-in-error":
+            self.exclude(ref, "status entered-in-error")
+            return
+        if rtype == "MedicationAdministration" and status == "not-done":
+            self.exclude(ref, "status not-done")
+            return
+        start, stop = _medication_period(res)
+        if start is not None and start > self.now:
+            self.exclude(ref, "starts in the future")
+            return
+        overlaps = start is not None and stop is not None and start <= self.now <= stop
+        if rtype == "MedicationRequest":
+            current = status in _MED_REQUEST_CURRENT or overlaps
+        elif rtype == "MedicationStatement":
+            current = status in _MED_STATEMENT_CURRENT or overlaps
+        else:
+            current = status == "in-progress" or overlaps
+        if self.invalid(res, ref):
+            return
+        last = max((d for d in (start, stop) if d is not None), default=None)
+        self.medication_facts.append(
+            MedicationFact(
+                features=match.features,
+                source=Source(ref, version_of(res), coding.get("system", ""), coding["code"], coding.get("display") or match.entry.display),
+                resource_type=rtype,
+                status=str(status),
+                current=current,
+                start=start,
+                stop=stop,
+                last_activity=last,
+                intravenous=match.entry.parenteral or self._intravenous(res),
+                ingredients=tuple(i.display for i in match.ingredients),
+            )
+        )
+
+    def _intravenous(self, res: dict[str, Any]) -> bool:
+        dosages: list[Any] = []
+        for key in ("dosageInstruction", "dosage"):
+            d = res.get(key)
+            if isinstance(d, list):
+                dosages.extend(d)
+            elif isinstance(d, dict):
+                dosages.append(d)
+        for d in dosages:
+            route = d.get("route") if isinstance(d, dict) else None
+            if not isinstance(route, dict):
+                continue
+            for c in codings(route):
+                if self.catalog.route_feature(c.get("system"), c["code"]) == "intravenous":
+                    return True
+            text = route.get("text")
+            if isinstance(text, str):
+                words = text.lower().replace(",", " ").split()
+                if any(p in words or p == text.lower() for p in self.catalog.route_text_patterns):
+                    return True
+        return False
+
+    # ------------------------------------------------------------------ Procedure
+    def procedure(self, res: dict[str, Any]) -> None:
+        entry = coding = None
+        for c in codings(res.get("code")):
+            entry = self.catalog.procedure(c.get("system"), c["code"])
+            if entry is not None:
+                coding = c
+                break
+        if entry is None or coding is None:
+            self.ignore("Procedure")
+            return
+        ref = self.note_input(res)
+        status = res.get("status")
+        if status not in _PROC_DONE:
+            self.exclude(ref, f"status {status}")
+            return
+        period = res.get("performedPeriod")
+        performed = parse_datetime(res.get("performedDateTime"))
+        if performed is None and isinstance(period, dict):
+            performed = parse_datetime(period.get("end")) or parse_datetime(period.get("start"))
+        if performed is None:
+            self.exclude(ref, "no performed time")
+            return
+        if performed > self.now:
+            self.exclude(ref, "performed time in the future")
+            return
+        if self.invalid(res, ref):
+            return
+        self.procedures.append(
+            ProcedureFact(
+                feature=entry.feature,
+                source=Source(ref, version_of(res), coding.get("system", ""), coding["code"], coding.get("display") or entry.display),
+                performed=performed,
+            )
+        )
+
+
+def _unit_of(q: dict[str, Any]) -> str | None:
+    code, system, unit = q.get("code"), q.get("system"), q.get("unit")
+    if isinstance(code, str) and code and (system is None or system == UCUM):
+        return code
+    return unit if isinstance(unit, str) and unit else None
+
+
+def _effective(res: dict[str, Any]) -> datetime | None:
+    eff = parse_datetime(res.get("effectiveDateTime")) or parse_datetime(res.get("effectiveInstant"))
+    if eff is None:
+        period = res.get("effectivePeriod")
+        if isinstance(period, dict):
+            eff = parse_datetime(period.get("start")) or parse_datetime(period.get("end"))
+    return eff
+
+
+def _lab_preference(lab: LabValue) -> tuple[int, datetime]:
+    return (_OBS_STATUS_RANK.get(lab.status, 0), lab.issued or lab.effective)
+
+
+def _status_code(concept: Any) -> str | None:
+    for c in codings(concept):
+        return str(c["code"])
+    return None
+
+
+def _is_problem_list_item(res: dict[str, Any]) -> bool:
+    cats = res.get("category")
+    return isinstance(cats, list) and any(c.get("code") == "problem-list-item" for cat in cats for c in codings(cat))
+
+
+def _medication_period(res: dict[str, Any]) -> tuple[datetime | None, datetime | None]:
+    rtype = res.get("resourceType")
+    if rtype == "MedicationRequest":
+        dr = res.get("dispenseRequest")
+        vp = dr.get("validityPeriod") if isinstance(dr, dict) else None
+        start = parse_datetime(res.get("authoredOn"))
+        stop = None
+        if isinstance(vp, dict):
+            start = parse_datetime(vp.get("start")) or start
+            stop = parse_datetime(vp.get("end"))
+        return start, stop
+    eff = parse_datetime(res.get("effectiveDateTime"))
+    if eff is not None:
+        return eff, eff if rtype == "MedicationAdministration" else None
+    period = res.get("effectivePeriod")
+    if isinstance(period, dict):
+        return parse_datetime(period.get("start")), parse_datetime(period.get("end"))
+    return parse_datetime(res.get("dateAsserted")), None
+
+
+def extract_facts(
+    resources: Iterable[dict[str, Any]],
+    *,
+    patient_ref: str,
+    catalog: Catalog,
+    thresholds: Thresholds,
+    now: datetime,
+    medications: dict[str, dict[str, Any]] | None = None,
+) -> CaseFacts:
+    """Build the facts of one patient from their resources (already grouped by patient)."""
+    ex = _Extractor(catalog, thresholds, now, medications or {})
+    patient: dict[str, Any] | None = None
+    handlers = {
+        "Observation": ex.observation,
+        "Condition": ex.condition,
+        "MedicationRequest": ex.medication,
+        "MedicationStatement": ex.medication,
+        "MedicationAdministration": ex.medication,
+        "Procedure": ex.procedure,
+    }
+    for res in resources:
+        rtype = res.get("resourceType")
+        if rtype == "Patient":
+            patient = res
+            continue
+        handler = handlers.get(rtype) if isinstance(rtype, str) else None
+        if handler is None:
+            ex.ignore(str(rtype))
+            continue
+        handler(res)
+    ex.finish_labs()
+    info = PatientInfo(reference=patient_ref, present=False, sex=None, birth_date=None)
+    if patient is not None:
+        ref = ex.note_input(patient)
+        error = validation_error(patient)
+        if error is not None:
+            ex.exclude(ref, error)
+        else:
+            gender = patient.get("gender")
+            info = PatientInfo(
+                reference=patient_ref,
+                present=True,
+                sex=gender if isinstance(gender, str) else None,
+                birth_date=parse_date(patient.get("birthDate")),
+                version=version_of(patient),
+            )
+    return CaseFacts(
+        patient=info,
+        labs=ex.labs,
+        stale=ex.stale,
+        conditions=ex.conditions,
+        medications=ex.medication_facts,
+        procedures=ex.procedures,
+        excluded=ex.excluded,
+        ignored=ex.ignored,
+        inputs=ex.inputs,
+    )

@@ -1,0 +1,143 @@
+"""Small, allocation-light helpers over FHIR R4 JSON dictionaries (dates, references, codings).
+
+The hot path reads plain dicts from orjson: building fhir.resources models for thousands of
+irrelevant Observations would cost far more than parsing (see docs/benchmarks.md), so resources are
+filtered by code first and only the ones that can inform a decision are validated as models.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+_YEAR = re.compile(r"^\d{4}$")
+_YEAR_MONTH = re.compile(r"^\d{4}-\d{2}$")
+
+#: Resource types whose `subject` (or `patient`) reference ties them to a patient.
+PATIENT_SCOPED = frozenset(
+    {"Observation", "Condition", "MedicationRequest", "MedicationStatement", "MedicationAdministration", "Procedure"}
+)
+
+
+def parse_datetime(value: Any) -> datetime | None:
+    """FHIR date/dateTime/instant → aware UTC datetime (partial dates start at their first instant)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        if _YEAR.match(value):
+            return datetime(int(value), 1, 1, tzinfo=UTC)
+        if _YEAR_MONTH.match(value):
+            return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        return dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
+
+
+def parse_date(value: Any) -> date | None:
+    dt = parse_datetime(value)
+    return dt.date() if dt is not None else None
+
+
+def to_decimal(value: Any) -> Decimal | None:
+    """JSON number → Decimal via its shortest repr, so 9.4 stays 9.4 (bools are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        return None
+    try:
+        d = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    except (InvalidOperation, ValueError):
+        return None
+    return d if d.is_finite() else None
+
+
+def iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def codings(concept: Any) -> Iterator[dict[str, Any]]:
+    """Every Coding of a CodeableConcept (match on any coding, not only the first)."""
+    if isinstance(concept, dict):
+        items = concept.get("coding")
+        if isinstance(items, list):
+            for c in items:
+                if isinstance(c, dict) and isinstance(c.get("code"), str):
+                    yield c
+
+
+def concept_text(concept: Any) -> str:
+    """CodeableConcept.text plus every coding display, for text checks (e.g. E83.59 'calciphylaxis')."""
+    if not isinstance(concept, dict):
+        return ""
+    parts = [concept.get("text") or ""]
+    parts.extend(c.get("display") or "" for c in codings(concept))
+    return " ".join(p for p in parts if isinstance(p, str))
+
+
+def resource_ref(resource: dict[str, Any]) -> str | None:
+    rtype, rid = resource.get("resourceType"), resource.get("id")
+    if isinstance(rtype, str) and isinstance(rid, str) and rid:
+        return f"{rtype}/{rid}"
+    return None
+
+
+def version_of(resource: dict[str, Any]) -> str | None:
+    meta = resource.get("meta")
+    if isinstance(meta, dict):
+        v = meta.get("versionId")
+        if isinstance(v, str | int):
+            return str(v)
+    return None
+
+
+def last_updated_of(resource: dict[str, Any]) -> datetime | None:
+    meta = resource.get("meta")
+    return parse_datetime(meta.get("lastUpdated")) if isinstance(meta, dict) else None
+
+
+def normalize_reference(ref: Any, aliases: dict[str, str] | None = None) -> str | None:
+    """Reference string → ``Type/id``.
+
+    Resolves ``urn:uuid:`` fullUrls through ``aliases`` (built from the Bundle), strips absolute
+    server bases and ``/_history/n`` suffixes. Returns None when it cannot be resolved.
+    """
+    if not isinstance(ref, str) or not ref:
+        return None
+    if aliases and ref in aliases:
+        return aliases[ref]
+    if ref.startswith(("urn:uuid:", "urn:oid:", "#")):
+        return None
+    parts = [p for p in ref.split("?")[0].split("/") if p]
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) >= 2 and parts[-2][:1].isupper() and parts[-2].isalpha():
+        return f"{parts[-2]}/{parts[-1]}"
+    return None
+
+
+def subject_reference(resource: dict[str, Any], aliases: dict[str, str] | None = None) -> str | None:
+    """The Patient a clinical resource is about, as ``Patient/id`` (None if absent or not a Patient)."""
+    for key in ("subject", "patient"):
+        ref = resource.get(key)
+        if isinstance(ref, dict):
+            norm = normalize_reference(ref.get("reference"), aliases)
+            if norm is not None and norm.startswith("Patient/"):
+                return norm
+    return None
+
+
+def age_in_years(birth: date | None, now: datetime) -> int | None:
+    if birth is None:
+        return None
+    today = now.date()
+    return today.year - birth.year - ((today.month, today.day) < (birth.month, birth.day))
+
+
+def within(moment: datetime | None, now: datetime, days: int) -> bool:
+    return moment is not None and now - timedelta(days=days) <= moment <= now

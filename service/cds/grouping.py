@@ -1,0 +1,127 @@
+"""Flatten Bundles and NDJSON content into resources and group them by patient.
+
+Works for any Bundle type (transaction, collection, searchset, batch-response, history) and for
+``urn:uuid:`` references as Synthea writes them. A resource whose patient cannot be determined is
+reported, never guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.cds.fhirutil import PATIENT_SCOPED, last_updated_of, normalize_reference, resource_ref, subject_reference, version_of
+from service.cds.model import Excluded
+
+
+@dataclass
+class PatientGroups:
+    patients: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: Medication resources, shared by every patient (medicationReference targets).
+    medications: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unattributed: list[Excluded] = field(default_factory=list)
+    other_types: dict[str, int] = field(default_factory=dict)
+
+
+def flatten(items: Iterable[Any], aliases: dict[str, str]) -> list[dict[str, Any]]:
+    """Resources from resources/Bundles (nested Bundles too); records fullUrl aliases as it goes."""
+    out: list[dict[str, Any]] = []
+    stack = list(items)
+    stack.reverse()
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, dict):
+            continue
+        if item.get("resourceType") == "Bundle":
+            entries = item.get("entry") or []
+            nested: list[dict[str, Any]] = []
+            for entry in entries if isinstance(entries, list) else []:
+                if not isinstance(entry, dict):
+                    continue
+                res = entry.get("resource")
+                if not isinstance(res, dict):
+                    continue
+                full_url, ref = entry.get("fullUrl"), resource_ref(res)
+                if isinstance(full_url, str) and ref is not None:
+                    aliases[full_url] = ref
+                nested.append(res)
+            nested.reverse()
+            stack.extend(nested)
+        else:
+            out.append(item)
+    return out
+
+
+def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Is ``a`` a newer version of the same resource than ``b``?"""
+    va, vb = version_of(a), version_of(b)
+    if va is not None and vb is not None and va.isdigit() and vb.isdigit() and va != vb:
+        return int(va) > int(vb)
+    la, lb = last_updated_of(a), last_updated_of(b)
+    if la is not None and lb is not None:
+        return la > lb
+    return False
+
+
+def group_by_patient(items: Iterable[Any]) -> PatientGroups:
+    aliases: dict[str, str] = {}
+    resources = flatten(items, aliases)
+    groups = PatientGroups()
+    latest: dict[str, dict[str, Any]] = {}
+    for res in resources:
+        ref = resource_ref(res)
+        rtype = res.get("resourceType")
+        if not isinstance(rtype, str):
+            groups.unattributed.append(Excluded(reference="(unknown)", reason="not a FHIR resource (no resourceType)"))
+            continue
+        if ref is not None:
+            prev = latest.get(ref)
+            if prev is not None and not _newer(res, prev):
+                continue
+            latest[ref] = res
+        else:
+            latest[f"{rtype}/#{id(res)}"] = res
+    by_target: dict[str, list[str]] = {}
+    for alias, target in aliases.items():
+        by_target.setdefault(target, []).append(alias)
+    for key, res in latest.items():
+        rtype = res["resourceType"]
+        if rtype == "Patient":
+            groups.patients.setdefault(key, []).append(res)
+        elif rtype == "Medication":
+            groups.medications[key] = res
+            for alias in by_target.get(key, ()):
+                groups.medications[alias] = res
+        elif rtype in PATIENT_SCOPED:
+            patient = subject_reference(res, aliases)
+            if patient is None:
+                groups.unattributed.append(
+                    Excluded(reference=key if "#" not in key else f"{rtype}/(no id)", reason="patient could not be determined from subject")
+                )
+                continue
+            if "#" in key:
+                groups.unattributed.append(Excluded(reference=f"{rtype}/(no id)", reason="resource has no id"))
+                continue
+            groups.patients.setdefault(patient, []).append(res)
+        else:
+            groups.other_types[rtype] = groups.other_types.get(rtype, 0) + 1
+    return groups
+
+
+def resolve_medication(ref: Any, groups_medications: dict[str, dict[str, Any]], contained: list[Any] | None) -> dict[str, Any] | None:
+    """Resolve MedicationRequest.medicationReference: contained ``#id``, Bundle fullUrl or ``Medication/id``."""
+    if not isinstance(ref, dict):
+        return None
+    target = ref.get("reference")
+    if not isinstance(target, str):
+        return None
+    if target.startswith("#") and contained:
+        for c in contained:
+            if isinstance(c, dict) and c.get("id") == target[1:] and c.get("resourceType") == "Medication":
+                return c
+        return None
+    if target in groups_medications:
+        return groups_medications[target]
+    norm = normalize_reference(target)
+    return groups_medications.get(norm) if norm else None

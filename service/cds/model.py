@@ -1,0 +1,184 @@
+"""Data the clinical core passes around: extracted facts and the Assessment it returns.
+
+Facts are frozen dataclasses (cheap to build on the hot path); the Assessment is a pydantic model
+whose JSON form is the contract's (``CONTRACT.md`` "Assessment"), with extra explanatory keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Excluded(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    reference: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a fact came from: the resource reference, its version and the matching coding."""
+
+    reference: str
+    version: str | None
+    system: str
+    code: str
+    display: str
+
+
+@dataclass(frozen=True, slots=True)
+class LabValue:
+    analyte: str
+    label: str
+    value: Decimal  # canonical unit, not yet rounded
+    unit: str  # canonical unit
+    raw_value: Decimal
+    raw_unit: str
+    effective: datetime
+    issued: datetime | None
+    status: str
+    source: Source
+    ref_high: Decimal | None = None  # referenceRange.high in the canonical unit
+    ref_low: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConditionFact:
+    feature: str
+    source: Source
+    text: str
+    onset: datetime | None
+    clinical_status: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MedicationFact:
+    features: frozenset[str]
+    source: Source
+    resource_type: str
+    status: str
+    current: bool
+    start: datetime | None
+    stop: datetime | None
+    last_activity: datetime | None
+    intravenous: bool
+    ingredients: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ProcedureFact:
+    feature: str
+    source: Source
+    performed: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PatientInfo:
+    reference: str
+    present: bool  # a Patient resource was supplied
+    sex: str | None
+    birth_date: date | None
+    version: str | None = None
+
+
+@dataclass
+class CaseFacts:
+    patient: PatientInfo
+    labs: dict[str, list[LabValue]] = field(default_factory=dict)  # newest first, valid in-window values only
+    stale: dict[str, LabValue] = field(default_factory=dict)  # newest value older than the widest window
+    conditions: list[ConditionFact] = field(default_factory=list)
+    medications: list[MedicationFact] = field(default_factory=list)
+    procedures: list[ProcedureFact] = field(default_factory=list)
+    excluded: list[Excluded] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)
+    inputs: dict[str, str | None] = field(default_factory=dict)  # reference → version of every resource read
+
+
+# ---------------------------------------------------------------------------- Assessment (JSON)
+
+RenalContext = Literal["R0", "R1", "R2"]
+CalciphylaxisTier = Literal["none", "low", "moderate", "high", "established"]
+MetastaticTier = Literal["none", "low", "moderate", "high", "insufficient-data"]
+
+
+class Evidence(BaseModel):
+    """One fact shown on a card: what it is, its value and unit, its date and source reference."""
+
+    model_config = ConfigDict(frozen=True)
+    label: str
+    value: str | None = None
+    unit: str | None = None
+    date: str | None = None
+    reference: str | None = None
+    code: str | None = None
+    threshold: str | None = None
+    note: str | None = None
+
+
+class Factor(BaseModel):
+    id: str
+    label: str
+    evidence: list[Evidence] = Field(default_factory=list)
+
+
+class Calciphylaxis(BaseModel):
+    tier: CalciphylaxisTier
+    incomplete_data: bool = False
+    major_factors: list[str] = Field(default_factory=list)
+    minor_factors: list[str] = Field(default_factory=list)
+    factors: list[Factor] = Field(default_factory=list)
+    missing: list[str] = Field(default_factory=list)
+    explanation: str = ""
+
+
+class Quantity(BaseModel):
+    value: float
+    unit: str
+
+
+class CaXP(BaseModel):
+    value: float
+    unit: str = "mg2/dL2"
+    value_si: float = 0.0
+    unit_si: str = "mmol2/L2"
+    paired_with_lag: bool = False
+    hours_apart: float = 0.0
+    calcium: Evidence | None = None
+    phosphate: Evidence | None = None
+
+
+class MetastaticCalcification(BaseModel):
+    tier: MetastaticTier
+    ca_x_p: CaXP | None = None
+    predisposing: list[Factor] = Field(default_factory=list)
+    hypercalcemia: bool = False
+    hyperphosphatemia: bool = False
+    explanation: str = ""
+
+
+class Assessment(BaseModel):
+    patient: str
+    evaluated_at: str
+    rules_version: str
+    mappings_version: str
+    renal_context: RenalContext
+    calciphylaxis: Calciphylaxis
+    metastatic_calcification: MetastaticCalcification
+    cards: list[dict[str, Any]] = Field(default_factory=list)
+    excluded: list[Excluded] = Field(default_factory=list)
+    # --- explanatory extras (the contract allows more keys) ---
+    patient_resource_present: bool = True
+    sex: str | None = None
+    age: int | None = None
+    renal_evidence: list[Evidence] = Field(default_factory=list)
+    calcium: dict[str, Any] | None = None
+    suggested_orders: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+    ignored: dict[str, int] = Field(default_factory=dict)
+    inputs: list[dict[str, str | None]] = Field(default_factory=list)
+    inputs_hash: str = ""

@@ -1,0 +1,694 @@
+"""The rule set: facts → renal context, calciphylaxis and metastatic-calcification tiers, context flags.
+
+Each function cites the REFERENCE section it implements. Rules speak in feature and analyte names
+(``mappings/``), never in codes; every threshold comes from :class:`Thresholds`. Values are rounded
+before comparison (§2.1) and inclusivity follows the source wording: "> 70" strict, "≥ 55" inclusive,
+"BMI ≥ 30" inclusive.
+
+The tiers are expert-opinion rules, not validated probabilities (§2.6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
+
+from service.cds.fhirutil import age_in_years, iso, within
+from service.cds.model import (
+    CaseFacts,
+    ConditionFact,
+    Evidence,
+    Factor,
+    LabValue,
+    MedicationFact,
+)
+from service.cds.thresholds import Thresholds
+from service.terminology.catalog import Catalog
+
+RULE_IDS = {
+    "renal": "renal.context",
+    "calciphylaxis": "calciphylaxis.tier",
+    "established": "calciphylaxis.established",
+    "metastatic": "metastatic.tier",
+    "severe": "hypercalcemia.severe",
+    "moderate_hyperca": "hypercalcemia.moderate",
+    "calcinosis_cutis": "context.calcinosis-cutis",
+    "dystrophic": "context.dystrophic",
+    "iatrogenic": "context.iatrogenic",
+    "order": "orders.medication-risk",
+}
+
+RENAL_R2_CONDITIONS = ("esrd_or_ckd5", "dialysis_dependence", "kidney_transplant")
+PRED_CONDITIONS = (
+    "hyperparathyroidism",
+    "hypervitaminosis_d",
+    "sarcoidosis",
+    "milk_alkali",
+    "paget_bone",
+    "tumor_lysis",
+    "hypercalcemia_dx",
+    "hyperphosphatemia_dx",
+)
+DYSTROPHIC_CONDITIONS = (
+    "systemic_sclerosis",
+    "crest",
+    "dermatomyositis",
+    "juvenile_dermatomyositis",
+    "sle",
+    "pxe",
+    "ehlers_danlos",
+    "werner_syndrome",
+)
+#: Every feature the rules read; the service refuses to start if mappings/features.yaml lacks one.
+REQUIRED_FEATURES = frozenset(
+    (
+        *RENAL_R2_CONDITIONS,
+        "ckd4",
+        "dialysis",
+        "kidney_transplant_procedure",
+        "calciphylaxis",
+        "calcinosis_cutis",
+        *PRED_CONDITIONS,
+        *DYSTROPHIC_CONDITIONS,
+        "diabetes",
+        "obesity",
+        "liver_disease",
+        "thrombophilia",
+        "long_term_steroid_use",
+        "vka",
+        "calcium_binder",
+        "vitamin_d_therapy",
+        "systemic_corticosteroid",
+        "iv_calcium",
+        "iv_phosphate",
+    )
+)
+REQUIRED_ANALYTES = frozenset(
+    ("calcium_total", "calcium_corrected_reported", "calcium_ionized", "phosphate", "albumin", "pth_intact", "alp", "egfr", "bmi", "body_weight", "body_height")
+)
+REQUIRED_ORDER_SETS = frozenset(("renal_panel", "pth", "pthrp", "vitamin_d_25oh", "vitamin_d_1_25"))
+
+STALE_NOTE_ANALYTES = frozenset(("calcium_total", "calcium_ionized", "phosphate", "albumin", "pth_intact", "egfr"))
+
+MAJOR_LABELS = {
+    "M1": "Vitamin K antagonist (current or stopped ≤ {days} d)",
+    "M2": "Mineral derangement",
+    "M3": "Hypoalbuminemia",
+    "M4": "Severe hyperparathyroidism",
+}
+MINOR_LABELS = {
+    "female": "Female sex",
+    "bmi_ge_30": "BMI ≥ 30 (or obesity on the problem list)",
+    "diabetes": "Diabetes mellitus",
+    "systemic_corticosteroid": "Current systemic corticosteroid",
+    "liver_disease": "Liver disease",
+    "calcium_binder": "Current calcium-based binder",
+    "vitamin_d_therapy": "Vitamin D therapy",
+    "albumin_3_0_to_3_49": "Albumin 3.0–3.49 g/dL",
+    "alp_gt_uln": "Alkaline phosphatase above ULN",
+    "thrombophilia": "Thrombophilia",
+}
+
+_Q2 = Decimal("0.01")
+_Q1 = Decimal("0.1")
+
+
+def rnd(value: Decimal, places: int) -> Decimal:
+    """Round half up to ``places`` decimals (§2.1: rounding before comparison avoids float artefacts)."""
+    return value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+
+
+def fmt(value: Decimal) -> str:
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def lab_evidence(lab: LabValue, *, label: str | None = None, threshold: str | None = None, note: str | None = None, places: int = 2) -> Evidence:
+    converted = lab.raw_unit != lab.unit
+    shown = fmt(rnd(lab.value, places))
+    extra = f"reported {fmt(lab.raw_value)} {lab.raw_unit}" if converted else None
+    return Evidence(
+        label=label or lab.label,
+        value=shown,
+        unit=lab.unit,
+        date=iso(lab.effective),
+        reference=lab.source.reference,
+        code=f"{lab.source.system}|{lab.source.code}",
+        threshold=threshold,
+        note="; ".join(n for n in (extra, note) if n) or None,
+    )
+
+
+def condition_evidence(c: ConditionFact, note: str | None = None) -> Evidence:
+    return Evidence(
+        label=c.source.display,
+        value=c.clinical_status or "current",
+        date=iso(c.onset),
+        reference=c.source.reference,
+        code=f"{c.source.system}|{c.source.code}",
+        note=note,
+    )
+
+
+def medication_evidence(m: MedicationFact, note: str | None = None) -> Evidence:
+    when = m.stop if (m.stop and not m.current) else (m.start or m.last_activity)
+    status = m.status + (" (current)" if m.current else "")
+    return Evidence(
+        label=m.source.display,
+        value=status,
+        date=iso(when),
+        reference=m.source.reference,
+        code=f"{m.source.system}|{m.source.code}",
+        note=note,
+    )
+
+
+@dataclass
+class CalciumFinding:
+    """The calcium values behind the hypercalcemia decision (decision 2 of the reference)."""
+
+    measured: LabValue | None = None
+    measured_mg_dl: Decimal | None = None
+    albumin: LabValue | None = None
+    corrected_mg_dl: Decimal | None = None
+    correction_note: str = ""
+    ionized: LabValue | None = None
+    ionized_paired: bool = False
+    ionized_mmol_l: Decimal | None = None
+    basis: str = "none"  # "ionized" | "corrected" | "measured" | "reported-corrected" | "none"
+    hypercalcemia: bool = False
+    threshold: Decimal | None = None
+    evidence: list[Evidence] = field(default_factory=list)
+
+
+@dataclass
+class Product:
+    value: Decimal
+    value_si: Decimal
+    calcium: LabValue
+    phosphate: LabValue
+    hours_apart: Decimal
+    lag: bool
+
+
+@dataclass
+class Outcome:
+    now: datetime
+    age: int | None
+    sex: str | None
+    renal: str
+    renal_evidence: list[Evidence]
+    calciphylaxis_tier: str
+    incomplete: bool
+    majors: list[Factor]
+    minors: list[Factor]
+    missing: list[str]
+    established: list[ConditionFact]
+    modifiable: list[Evidence]
+    metastatic_tier: str
+    product: Product | None
+    product_note: str
+    predisposing: list[Factor]
+    calcium: CalciumFinding
+    hyperphosphatemia: bool
+    phosphate_evidence: list[Evidence]
+    severity: str | None  # "severe" | "moderate" | None
+    calcinosis_cutis: list[ConditionFact]
+    dystrophic: list[ConditionFact]
+    iatrogenic: list[MedicationFact]
+    orders: list[str]  # order-set ids, in order
+    notes: list[str]
+    labs_used: dict[str, LabValue]
+    stale: dict[str, LabValue]
+    explanations: dict[str, str]
+
+
+class _Ctx:
+    def __init__(self, facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog):
+        self.f = facts
+        self.t = t
+        self.now = now
+        self.catalog = catalog
+        self.notes: list[str] = []
+        self.by_feature: dict[str, list[ConditionFact]] = {}
+        for c in facts.conditions:
+            self.by_feature.setdefault(c.feature, []).append(c)
+
+    def conditions(self, *features: str) -> list[ConditionFact]:
+        return [c for f in features for c in self.by_feature.get(f, ())]
+
+    def latest(self, analyte: str, days: int | None) -> LabValue | None:
+        for lab in self.f.labs.get(analyte, ()):
+            if days is None or within(lab.effective, self.now, days):
+                return lab
+        return None
+
+    def in_window(self, analyte: str, days: int) -> list[LabValue]:
+        return [lab for lab in self.f.labs.get(analyte, ()) if within(lab.effective, self.now, days)]
+
+    def meds(self, feature: str) -> list[MedicationFact]:
+        return [m for m in self.f.medications if feature in m.features]
+
+
+# --------------------------------------------------------------------------- §2.2 renal context
+def renal_context(ctx: _Ctx) -> tuple[str, list[Evidence]]:
+    t = ctx.t
+    r2: list[Evidence] = [condition_evidence(c) for c in ctx.conditions(*RENAL_R2_CONDITIONS)]
+    for p in ctx.f.procedures:
+        if p.feature == "dialysis" and within(p.performed, ctx.now, t.window_dialysis_procedure_days):
+            r2.append(
+                Evidence(
+                    label=p.source.display,
+                    value="performed",
+                    date=iso(p.performed),
+                    reference=p.source.reference,
+                    code=f"{p.source.system}|{p.source.code}",
+                    threshold=f"dialysis within {t.window_dialysis_procedure_days} d",
+                )
+            )
+        elif p.feature == "kidney_transplant_procedure":
+            r2.append(Evidence(label=p.source.display, value="performed", date=iso(p.performed), reference=p.source.reference, code=f"{p.source.system}|{p.source.code}"))
+    egfr = ctx.latest("egfr", t.window_renal_function_days)
+    egfr_value = rnd(egfr.value, 1) if egfr else None
+    if egfr is not None and egfr_value is not None and egfr_value < t.egfr_r2_below:
+        r2.append(lab_evidence(egfr, threshold=f"< {fmt(t.egfr_r2_below)}", places=1))
+    if r2:
+        return "R2", r2
+    r1: list[Evidence] = [condition_evidence(c) for c in ctx.conditions("ckd4")]
+    if egfr is not None and egfr_value is not None and egfr_value < t.egfr_r1_below:
+        r1.append(lab_evidence(egfr, threshold=f"{fmt(t.egfr_r2_below)}–{fmt(t.egfr_r1_below - 1)}", places=1))
+    if r1:
+        return "R1", r1
+    if egfr is not None:
+        return "R0", [lab_evidence(egfr, threshold=f"≥ {fmt(t.egfr_r1_below)}", places=1)]
+    return "R0", []
+
+
+# --------------------------------------------------------------------------- §2.1 pairing, decision 1 and 2
+def _closest(labs: list[LabValue], moment: datetime, max_hours: int) -> LabValue | None:
+    best: LabValue | None = None
+    best_gap: timedelta | None = None
+    for lab in labs:
+        gap = abs(lab.effective - moment)
+        if gap <= timedelta(hours=max_hours) and (best_gap is None or gap < best_gap):
+            best, best_gap = lab, gap
+    return best
+
+
+def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
+    t = ctx.t
+    out = CalciumFinding()
+    out.threshold = t.corrected_ca_renal_above if renal in ("R1", "R2") else t.corrected_ca_nonrenal_above
+    totals = ctx.in_window("calcium_total", mineral_days)
+    ionized = ctx.in_window("calcium_ionized", mineral_days)
+    ca = totals[0] if totals else None
+    if ca is not None:
+        out.measured = ca
+        out.measured_mg_dl = rnd(ca.value, 2)
+        albumins = ctx.in_window("albumin", mineral_days)
+        alb = _closest(albumins, ca.effective, t.albumin_pair_hours) or _closest(albumins, ca.effective, t.albumin_pair_max_hours)
+        out.albumin = alb
+        if alb is None:
+            out.corrected_mg_dl = out.measured_mg_dl
+            out.correction_note = f"no albumin within {t.albumin_pair_max_hours} h of the calcium: measured calcium used"
+        elif rnd(alb.value, 2) < t.correction_reference_albumin_g_dl:
+            corrected = ca.value + t.correction_slope * (t.correction_reference_albumin_g_dl - alb.value)
+            out.corrected_mg_dl = rnd(corrected, 2)
+            out.correction_note = (
+                f"corrected = Ca + {fmt(t.correction_slope)} × ({fmt(t.correction_reference_albumin_g_dl)} − albumin)"
+            )
+        else:
+            out.corrected_mg_dl = out.measured_mg_dl
+            out.correction_note = f"albumin ≥ {fmt(t.correction_reference_albumin_g_dl)} g/dL: no correction"
+        out.basis = "corrected"
+        paired = _closest(ionized, ca.effective, t.ionized_pair_hours)
+        if paired is not None:
+            out.ionized, out.ionized_paired = paired, True
+    else:
+        reported = ctx.latest("calcium_corrected_reported", mineral_days)
+        if reported is not None:
+            out.measured = reported
+            out.corrected_mg_dl = rnd(reported.value, 2)
+            out.basis = "reported-corrected"
+            out.correction_note = "laboratory-reported corrected calcium"
+    if out.ionized is None and ionized:
+        out.ionized = ionized[0]
+    if out.ionized is not None:
+        out.ionized_mmol_l = rnd(out.ionized.value, 2)
+
+    iono_high = out.ionized_mmol_l is not None and out.ionized_mmol_l > t.ionized_ca_above_mmol_l
+    if out.ionized_paired:
+        # Decision 2: an ionized calcium within 24 h of the total calcium decides.
+        out.basis = "ionized"
+        out.hypercalcemia = iono_high
+    else:
+        corrected_high = out.corrected_mg_dl is not None and out.corrected_mg_dl > out.threshold
+        out.hypercalcemia = corrected_high or iono_high
+        if out.corrected_mg_dl is None and out.ionized is not None:
+            out.basis = "ionized"
+
+    if out.measured is not None and out.measured_mg_dl is not None:
+        out.evidence.append(lab_evidence(out.measured, label="Calcium, total (measured)"))
+    if out.corrected_mg_dl is not None and out.measured is not None:
+        out.evidence.append(
+            Evidence(
+                label="Calcium, albumin-corrected" if out.basis != "reported-corrected" else out.measured.label,
+                value=fmt(out.corrected_mg_dl),
+                unit="mg/dL",
+                date=iso(out.measured.effective),
+                reference=out.measured.source.reference,
+                threshold=f"> {fmt(out.threshold)} mg/dL ({'R1/R2' if renal != 'R0' else 'R0'})",
+                note=out.correction_note,
+            )
+        )
+    if out.albumin is not None:
+        out.evidence.append(lab_evidence(out.albumin, label="Albumin (for correction)"))
+    if out.ionized is not None:
+        out.evidence.append(
+            lab_evidence(
+                out.ionized,
+                threshold=f"> {fmt(t.ionized_ca_above_mmol_l)} mmol/L",
+                note="within 24 h of the total calcium: decides" if out.ionized_paired else "not paired with a total calcium",
+            )
+        )
+    return out
+
+
+def calcium_phosphate_product(ctx: _Ctx, mineral_days: int) -> tuple[Product | None, str]:
+    """Decision 1: the most recent phosphate × a measured total calcium of the same draw (≤ 24 h; ≤ 72 h with lag)."""
+    t = ctx.t
+    phosphates = ctx.in_window("phosphate", mineral_days)
+    totals = ctx.in_window("calcium_total", mineral_days)
+    if not phosphates or not totals:
+        return None, ""
+    p = phosphates[0]
+    same = _closest(totals, p.effective, t.pair_same_draw_hours)
+    ca = same or _closest(totals, p.effective, t.pair_max_lag_hours)
+    if ca is None:
+        return None, f"no total calcium within {t.pair_max_lag_hours} h of the latest phosphate: no Ca×P product"
+    value = rnd(rnd(ca.value, 2) * rnd(p.value, 2), 1)
+    ca_mm = ctx.catalog.convert(ca.value, ca.unit, "calcium_ionized")  # mg/dL → mmol/L via the Ca molar mass
+    p_mm = p.value / _mg_dl_per_mmol_l(ctx.catalog, "phosphate")
+    value_si = rnd(ca_mm * p_mm, 2)
+    hours = Decimal(abs((p.effective - ca.effective).total_seconds())) / Decimal(3600)
+    lag = same is None
+    note = f"paired with lag: calcium and phosphate {fmt(rnd(hours, 1))} h apart" if lag else ""
+    return Product(value, value_si, ca, p, rnd(hours, 1), lag), note
+
+
+def _mg_dl_per_mmol_l(catalog: Catalog, analyte: str) -> Decimal:
+    return catalog.convert(Decimal(1), "mmol/L", analyte)
+
+
+def phosphate_high(ctx: _Ctx, renal: str, age: int | None, mineral_days: int) -> tuple[bool, list[Evidence], bool]:
+    t = ctx.t
+    p = ctx.latest("phosphate", mineral_days)
+    if p is None:
+        return False, [], False
+    value = rnd(p.value, 2)
+    threshold = t.phosphate_renal_above if renal in ("R1", "R2") else t.phosphate_nonrenal_above
+    note = None
+    if age is not None and age <= t.paediatric_max_age:
+        if p.ref_high is not None:
+            threshold = rnd(p.ref_high, 2)
+            note = "age < 18: the laboratory reference range's upper limit is used"
+        else:
+            note = "age < 18 but no reference range on the result: adult threshold used"
+    high = value > threshold
+    return high, [lab_evidence(p, threshold=f"> {fmt(threshold)} mg/dL", note=note)], True
+
+
+# --------------------------------------------------------------------------- §2.3 calciphylaxis
+def _vka_counts(m: MedicationFact, now: datetime, days: int) -> bool:
+    if m.current:
+        return True
+    if m.status in ("cancelled", "draft", "not-taken"):
+        return False
+    if m.stop is not None:
+        return within(m.stop, now, days)
+    # Stopped/completed without a stop date: it stopped between its start and now.
+    return m.start is not None and within(m.start, now, days)
+
+
+def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> Outcome:
+    ctx = _Ctx(facts, t, now, catalog)
+    age = age_in_years(facts.patient.birth_date, now)
+    sex = facts.patient.sex
+    renal, renal_ev = renal_context(ctx)
+    ckd4_only = renal == "R1"
+    mineral_days = t.window_mineral_ckd4_days if ckd4_only else t.window_mineral_days
+    pth_days = t.window_pth_ckd4_days if ckd4_only else t.window_pth_days
+
+    calcium = calcium_finding(ctx, renal, mineral_days)
+    product, product_note = calcium_phosphate_product(ctx, mineral_days)
+    hyper_p, p_evidence, has_p = phosphate_high(ctx, renal, age, mineral_days)
+    albumin = ctx.latest("albumin", mineral_days)
+    pth = ctx.latest("pth_intact", pth_days)
+    alp = ctx.latest("alp", t.window_alp_days)
+    labs_used: dict[str, LabValue] = {}
+    for name, lab in (("albumin", albumin), ("pth_intact", pth), ("alp", alp)):
+        if lab is not None:
+            labs_used[name] = lab
+
+    # ---- major factors
+    majors: list[Factor] = []
+    vkas = [m for m in ctx.meds("vka") if _vka_counts(m, now, t.window_vka_stop_days)]
+    if vkas:
+        majors.append(Factor(id="M1", label=MAJOR_LABELS["M1"].format(days=t.window_vka_stop_days), evidence=[medication_evidence(m) for m in vkas]))
+    m2: list[Evidence] = []
+    if product is not None and product.value > t.caxp_high_above:
+        m2.append(_product_evidence(product, f"> {fmt(t.caxp_high_above)} mg²/dL²"))
+    if hyper_p:
+        m2.extend(p_evidence)
+    if calcium.hypercalcemia:
+        m2.extend(e for e in calcium.evidence if e.threshold)
+    if m2:
+        majors.append(Factor(id="M2", label=MAJOR_LABELS["M2"], evidence=m2))
+    if albumin is not None and rnd(albumin.value, 2) < t.albumin_major_below:
+        majors.append(Factor(id="M3", label=MAJOR_LABELS["M3"], evidence=[lab_evidence(albumin, threshold=f"< {fmt(t.albumin_major_below)} g/dL")]))
+    if pth is not None:
+        uln = pth.ref_high if pth.ref_high is not None else t.pth_default_uln_pg_ml
+        limit = uln * t.pth_uln_multiple
+        if rnd(pth.value, 1) > rnd(limit, 1):
+            source = "laboratory ULN" if pth.ref_high is not None else "default ULN"
+            majors.append(
+                Factor(
+                    id="M4",
+                    label=MAJOR_LABELS["M4"],
+                    evidence=[lab_evidence(pth, threshold=f"> {fmt(t.pth_uln_multiple)} × {fmt(rnd(uln, 1))} pg/mL ({source}) = {fmt(rnd(limit, 1))}", places=1)],
+                )
+            )
+
+    # ---- minor factors
+    minors: list[Factor] = []
+
+    def minor(fid: str, evidence: list[Evidence]) -> None:
+        if evidence:
+            minors.append(Factor(id=fid, label=MINOR_LABELS[fid], evidence=evidence))
+
+    if sex == "female":
+        minor("female", [Evidence(label="Sex", value="female", reference=facts.patient.reference)])
+    bmi_ev = _bmi_evidence(ctx)
+    if bmi_ev is not None:
+        bmi_value, ev = bmi_ev
+        if bmi_value >= t.bmi_obese_at_least:
+            minor("bmi_ge_30", [ev])
+    else:
+        minor("bmi_ge_30", [condition_evidence(c, note="no BMI available: obesity code used") for c in ctx.conditions("obesity")])
+    minor("diabetes", [condition_evidence(c) for c in ctx.conditions("diabetes")])
+    minor(
+        "systemic_corticosteroid",
+        [medication_evidence(m) for m in ctx.meds("systemic_corticosteroid") if m.current]
+        + [condition_evidence(c) for c in ctx.conditions("long_term_steroid_use")],
+    )
+    minor("liver_disease", [condition_evidence(c) for c in ctx.conditions("liver_disease")])
+    minor("calcium_binder", [medication_evidence(m) for m in ctx.meds("calcium_binder") if m.current])
+    minor("vitamin_d_therapy", [medication_evidence(m) for m in ctx.meds("vitamin_d_therapy") if m.current])
+    if albumin is not None and t.albumin_major_below <= rnd(albumin.value, 2) < t.albumin_minor_below:
+        minor("albumin_3_0_to_3_49", [lab_evidence(albumin, threshold=f"{fmt(t.albumin_major_below)}–<{fmt(t.albumin_minor_below)} g/dL")])
+    if alp is not None:
+        uln = alp.ref_high if alp.ref_high is not None else t.alp_default_uln_u_l
+        if rnd(alp.value, 0) > rnd(uln, 0):
+            minor("alp_gt_uln", [lab_evidence(alp, threshold=f"> {fmt(rnd(uln, 0))} U/L ({'laboratory ULN' if alp.ref_high is not None else 'default ULN'})", places=0)])
+    if t.count_thrombophilia_minor:
+        minor("thrombophilia", [condition_evidence(c) for c in ctx.conditions("thrombophilia")])
+
+    # ---- missing data (R1/R2)
+    missing: list[str] = []
+    orders: list[str] = []
+    notes: list[str] = []
+    if renal in ("R1", "R2"):
+        for analyte, label in (("calcium_total", "calcium"), ("phosphate", "phosphate"), ("albumin", "albumin")):
+            if not ctx.in_window(analyte, mineral_days) and not (analyte == "calcium_total" and calcium.measured is not None):
+                missing.append(f"{label} (none within {mineral_days} d)")
+        if missing:
+            orders.append("renal_panel")
+        if pth is None and t.pth_missing_marks_incomplete:
+            missing.append(f"intact PTH (none within {pth_days} d)")
+            orders.append("pth")
+    incomplete = bool(missing)
+
+    # ---- tier
+    n_major, n_minor = len(majors), len(minors)
+    if renal in ("R1", "R2"):
+        if n_major >= t.high_min_majors or (n_major == 1 and n_minor >= t.high_one_major_min_minors):
+            tier = "high"
+        elif n_major == 1 or n_minor >= t.moderate_min_minors:
+            tier = "moderate"
+        else:
+            tier = "low"
+        explanation = f"{renal}: {n_major} major and {n_minor} minor factor(s)"
+        if renal == "R1":
+            stepped = {"high": "moderate", "moderate": "low", "low": "low"}[tier]
+            explanation += f" → {tier} in a dialysis setting, one level lower in CKD G4 (R1): {stepped}"
+            tier = stepped
+        else:
+            explanation += f" → {tier}"
+    else:
+        tier = "low" if (vkas and n_minor >= t.r0_vka_min_minors) else "none"
+        explanation = (
+            f"R0: vitamin K antagonist with {n_minor} minor factor(s) (non-uremic pathway) → low"
+            if tier == "low"
+            else "R0: no renal context; the non-uremic pathway needs a vitamin K antagonist and ≥ "
+            f"{t.r0_vka_min_minors} minor factors"
+        )
+    established = ctx.conditions("calciphylaxis")
+    modifiable: list[Evidence] = []
+    if established:
+        tier = "established"
+        explanation = "calciphylaxis is on the problem list: risk tiering does not apply"
+        modifiable.extend(medication_evidence(m, note="vitamin K antagonist") for m in vkas)
+        modifiable.extend(medication_evidence(m, note="calcium-based binder") for m in ctx.meds("calcium_binder") if m.current)
+        modifiable.extend(medication_evidence(m, note="vitamin D therapy") for m in ctx.meds("vitamin_d_therapy") if m.current)
+        if product is not None and product.value > t.caxp_high_above:
+            modifiable.append(_product_evidence(product, f"> {fmt(t.caxp_high_above)} mg²/dL²"))
+        incomplete = False
+
+    # ---- §2.4 metastatic calcification
+    predisposing: list[Factor] = []
+    if renal in ("R1", "R2"):
+        predisposing.append(Factor(id="renal", label=f"Renal context {renal}", evidence=renal_ev))
+    for feature in PRED_CONDITIONS:
+        found = ctx.conditions(feature)
+        if found:
+            predisposing.append(Factor(id=feature, label=catalog.features[feature].display, evidence=[condition_evidence(c) for c in found]))
+    iv = [
+        m
+        for m in (*ctx.meds("iv_calcium"), *ctx.meds("iv_phosphate"))
+        if m.intravenous and (m.current or within(m.last_activity, now, t.window_iv_mineral_days))
+    ]
+    if iv:
+        predisposing.append(Factor(id="iv_mineral", label="Current IV calcium or phosphate", evidence=[medication_evidence(m) for m in iv]))
+    pred = bool(predisposing)
+    has_ca = calcium.corrected_mg_dl is not None or calcium.ionized is not None
+    hyper = calcium.hypercalcemia or hyper_p
+    child = age is not None and age <= t.child_max_age
+    moderate_product = t.caxp_moderate_child_at_least if child else t.caxp_moderate_at_least
+    if product is not None and product.value > t.caxp_high_above:
+        met, met_expl = "high", f"Ca×P {fmt(product.value)} > {fmt(t.caxp_high_above)} mg²/dL²"
+    elif product is not None and product.value >= moderate_product:
+        met, met_expl = "moderate", f"Ca×P {fmt(product.value)} ≥ {fmt(moderate_product)} mg²/dL²" + (" (age ≤ 12)" if child else "")
+    elif hyper and pred:
+        met, met_expl = "moderate", "hypercalcemia or hyperphosphatemia with a predisposing condition"
+    elif pred and not (has_ca and has_p):
+        met, met_expl = "insufficient-data", "predisposing condition without a valid calcium and phosphate in the window"
+        if "renal_panel" not in orders:
+            orders.append("renal_panel")
+    elif hyper:
+        met, met_expl = "low", "hypercalcemia or hyperphosphatemia without a predisposing condition: evaluate the cause"
+    elif pred:
+        met, met_expl = "low", "predisposing condition with calcium and phosphate inside the thresholds"
+    else:
+        met, met_expl = "none", "no predisposing condition and no abnormal calcium or phosphate"
+    if product_note:
+        notes.append(product_note)
+
+    # ---- hypercalcemia severity (§2.4 "Also")
+    severity = None
+    if calcium.corrected_mg_dl is not None and not (calcium.ionized_paired and not calcium.hypercalcemia):
+        if calcium.corrected_mg_dl >= t.severe_hypercalcemia_at_least:
+            severity = "severe"
+        elif calcium.corrected_mg_dl >= t.moderate_hypercalcemia_at_least:
+            severity = "moderate"
+            for o in ("pth", "pthrp", "vitamin_d_25oh", "vitamin_d_1_25"):
+                if o not in orders:
+                    orders.append(o)
+
+    # ---- §2.5 context
+    calcinosis = ctx.conditions("calcinosis_cutis")
+    dystrophic = ctx.conditions(*DYSTROPHIC_CONDITIONS)
+    if not facts.patient.present:
+        notes.append("no Patient resource: sex and age unknown (the female-sex factor and paediatric thresholds could not be assessed)")
+    for analyte, lab in facts.stale.items():
+        if analyte not in STALE_NOTE_ANALYTES:
+            continue
+        notes.append(f"last known {lab.label} is stale ({iso(lab.effective)}): not used for tiering")
+    return Outcome(
+        now=now,
+        age=age,
+        sex=sex,
+        renal=renal,
+        renal_evidence=renal_ev,
+        calciphylaxis_tier=tier,
+        incomplete=incomplete,
+        majors=majors,
+        minors=minors,
+        missing=missing,
+        established=established,
+        modifiable=modifiable,
+        metastatic_tier=met,
+        product=product,
+        product_note=product_note,
+        predisposing=predisposing,
+        calcium=calcium,
+        hyperphosphatemia=hyper_p,
+        phosphate_evidence=p_evidence,
+        severity=severity,
+        calcinosis_cutis=calcinosis,
+        dystrophic=dystrophic,
+        iatrogenic=iv,
+        orders=orders,
+        notes=notes,
+        labs_used=labs_used,
+        stale=dict(facts.stale),
+        explanations={"calciphylaxis": explanation, "metastatic": met_expl},
+    )
+
+
+def _product_evidence(product: Product, threshold: str) -> Evidence:
+    note = f"Ca {fmt(rnd(product.calcium.value, 2))} mg/dL ({product.calcium.source.reference}) × P {fmt(rnd(product.phosphate.value, 2))} mg/dL"
+    if product.lag:
+        note += f"; paired with lag ({fmt(product.hours_apart)} h apart)"
+    return Evidence(
+        label="Calcium × phosphate product",
+        value=fmt(product.value),
+        unit="mg2/dL2",
+        date=iso(product.phosphate.effective),
+        reference=product.phosphate.source.reference,
+        threshold=threshold,
+        note=note + f" = {fmt(product.value_si)} mmol²/L²",
+    )
+
+
+def _bmi_evidence(ctx: _Ctx) -> tuple[Decimal, Evidence] | None:
+    t = ctx.t
+    bmi = ctx.latest("bmi", t.window_body_days)
+    if bmi is not None:
+        value = rnd(bmi.value, 1)
+        return value, lab_evidence(bmi, threshold=f"≥ {fmt(t.bmi_obese_at_least)} kg/m2", places=1)
+    weight = ctx.latest("body_weight", t.window_body_days)
+    height = ctx.latest("body_height", None)
+    if weight is None or height is None or height.value <= 0:
+        return None
+    metres = height.value / 100
+    value = rnd(weight.value / (metres * metres), 1)
+    return value, Evidence(
+        label="BMI (computed from weight and height)",
+        value=fmt(value),
+        unit="kg/m2",
+        date=iso(weight.effective),
+        reference=weight.source.reference,
+        threshold=f"≥ {fmt(t.bmi_obese_at_least)} kg/m2",
+        note=f"height from {height.source.reference}",
+    )
