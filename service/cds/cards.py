@@ -390,7 +390,11 @@ def render_cards(outcome: Outcome, ctx: CardContext, catalog: Catalog, *, card_f
                 body=body,
             )
         )
-    return cards
+    # Most urgent first; among equals, the order above (risk before context). sorted() is stable.
+    return sorted(cards, key=lambda c: _URGENCY[c["indicator"]])
+
+
+_URGENCY = {"critical": 0, "warning": 1, "info": 2}
 
 
 def _conditions_ev(conditions: list[Any]) -> list[Evidence]:

@@ -1,0 +1,96 @@
+"""Cards are valid CDS Hooks 2.0 and explain themselves; RiskAssessments are valid FHIR R4."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fhir.resources.R4B.riskassessment import RiskAssessment
+
+from service.cds.cards import NOT_PROBABILITY
+from tests.builders import ALB, CA, ICD10, P, condition, esrd, med_admin, med_request, obs, renal_panel
+from tests.schema import assert_valid
+
+TOPICS = {
+    "calciphylaxis-risk",
+    "metastatic-calcification-risk",
+    "established-calciphylaxis",
+    "calcinosis-cutis-present",
+    "dystrophic-calcinosis-context",
+    "iatrogenic-calcinosis-context",
+    "severe-hypercalcemia",
+    "moderate-hypercalcemia",
+}
+
+SCENARIOS = {
+    "high": lambda: (esrd(), *renal_panel(alb=2.8, ca=10.0, p=7.5), med_request("11289")),
+    "incomplete": lambda: (esrd(),),
+    "established": lambda: (esrd(), *renal_panel(), condition("237900002"), med_request("11289")),
+    "severe": lambda: (obs(CA, 13.5), obs(ALB, 2.5, "g/dL"), obs(P, 3.0)),
+    "moderate": lambda: (obs(CA, 12.5), obs(ALB, 4.1, "g/dL"), obs(P, 3.0)),
+    "context": lambda: (condition("L94.2", ICD10), condition("89155008"), med_admin("1908", route=("http://snomed.info/sct", "47625008"))),
+    "insufficient": lambda: (condition("31541009"),),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_cards_valid_and_explained(run, name) -> None:
+    ev = run(*SCENARIOS[name]())
+    cards = ev.assessment.cards
+    assert cards, name
+    assert_valid({"cards": cards}, "CDSResponse")
+    for card in cards:
+        assert card["source"]["topic"]["code"] in TOPICS
+        assert len(card["summary"]) < 140
+        assert NOT_PROBABILITY in card["detail"]
+        assert "Evidence:" in card["detail"]
+        assert re.search(r"Rule `[a-z.-]+` · rules \S+ · mappings [0-9a-f]{16}", card["detail"])
+        assert card["overrideReasons"]
+        # Every fact row carries a source reference and a date.
+        for row in card["detail"].splitlines():
+            if row.startswith("| ") and not row.startswith("| Factor"):
+                cells = [c.strip() for c in row.strip("|").split("|")]
+                assert re.fullmatch(r"[A-Z][A-Za-z]+/\S+", cells[4]), row
+
+
+def test_card_uuid_stable_and_input_sensitive(run) -> None:
+    resources = SCENARIOS["high"]()
+    a = run(*resources).assessment.cards
+    b = run(*resources).assessment.cards
+    assert [c["uuid"] for c in a] == [c["uuid"] for c in b]
+    changed = run(*resources, obs(CA, 9.0, days=40)).assessment.cards
+    assert a[0]["uuid"] != changed[0]["uuid"]
+
+
+def test_high_card_lists_every_fact(run) -> None:
+    ev = run(*SCENARIOS["high"]())
+    card = next(c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "calciphylaxis-risk")
+    for factor in ev.assessment.calciphylaxis.factors:
+        for e in factor.evidence:
+            assert e.reference in card["detail"]
+    assert "mg/dL" in card["detail"] and "> 5.5 mg/dL" in card["detail"]
+
+
+def test_no_card_for_none(run) -> None:
+    assert run(*renal_panel()).assessment.cards == []
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_risk_assessments_valid_fhir(run, name) -> None:
+    ev = run(*SCENARIOS[name]())
+    for resource in ev.risk_assessments:
+        model = RiskAssessment.model_validate(resource)
+        assert model.subject.reference == "Patient/p1"
+        assert model.identifier[0].value.startswith("p1-")
+        assert "not a validated probability" in model.note[0].text
+        for basis in model.basis or []:
+            assert "/" in basis.reference
+
+
+def test_risk_assessment_per_flag(run) -> None:
+    ev = run(*SCENARIOS["high"]())
+    flags = sorted(r["identifier"][0]["value"] for r in ev.risk_assessments)
+    assert flags == ["p1-calciphylaxis", "p1-metastatic-calcification"]
+    cal = next(r for r in ev.risk_assessments if r["identifier"][0]["value"] == "p1-calciphylaxis")
+    assert cal["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] == "high"
+    assert len(cal["basis"]) >= 3

@@ -1,0 +1,450 @@
+"""Every branch of REFERENCE §2.2–2.5."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from service.cds.thresholds import Thresholds
+from tests.builders import (
+    ALB,
+    ALP,
+    BMI,
+    CA,
+    CA_CORR_REPORTED,
+    CPT,
+    EGFR,
+    HEIGHT,
+    ICA,
+    ICD10,
+    P,
+    PTH,
+    SNOMED,
+    WEIGHT,
+    condition,
+    esrd,
+    med_admin,
+    med_request,
+    med_statement,
+    obs,
+    patient,
+    procedure,
+    renal_panel,
+)
+
+# ----------------------------------------------------------------------------- §2.2 renal context
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        condition("46177005"),
+        condition("N18.6", ICD10),
+        condition("N186", ICD10),  # dotless ICD-10-CM
+        condition("Z99.2", ICD10, clinical="inactive"),  # status code: current unless resolved
+        condition("Z94.0", ICD10),
+        condition("737295003"),
+        procedure("302497006", days=30),
+        procedure("90935", CPT, days=80),
+        procedure("70536003", days=2000),  # transplant: any time
+        obs(EGFR, 12, "mL/min/{1.73_m2}", days=20),
+    ],
+)
+def test_r2_paths(run, resource) -> None:
+    assert run(resource).assessment.renal_context == "R2"
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [condition("N18.4", ICD10), condition("431857002"), obs(EGFR, 22, "mL/min/{1.73_m2}", days=20), obs(EGFR, 15, "mL/min/{1.73_m2}", days=20)],
+)
+def test_r1_paths(run, resource) -> None:
+    assert run(resource).assessment.renal_context == "R1"
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        procedure("302497006", days=100),  # dialysis outside 90 d
+        obs(EGFR, 30, "mL/min/{1.73_m2}", days=20),
+        obs(EGFR, 10, "mL/min/{1.73_m2}", days=400),  # stale eGFR
+        obs(EGFR, 10, "mL/min", days=20),  # wrong unit: excluded
+        condition("Z99.2", ICD10, clinical="resolved"),
+        condition("46177005", clinical="resolved"),
+        condition("46177005", verification="entered-in-error"),
+    ],
+)
+def test_r0_paths(run, resource) -> None:
+    assert run(resource).assessment.renal_context == "R0"
+
+
+def test_only_latest_egfr_counts(run) -> None:
+    ev = run(obs(EGFR, 12, "mL/min/{1.73_m2}", days=100), obs(EGFR, 45, "mL/min/{1.73_m2}", days=10))
+    assert ev.assessment.renal_context == "R0"
+
+
+# ----------------------------------------------------------------------------- §2.3 calciphylaxis tiers
+
+
+def _r2(*extra):
+    return (esrd(), *extra)
+
+
+def test_r2_no_factors_low_and_no_card(run) -> None:
+    ev = run(*_r2(*renal_panel()))
+    cal = ev.assessment.calciphylaxis
+    assert (cal.tier, cal.incomplete_data, cal.major_factors, cal.minor_factors) == ("low", False, [], [])
+    assert not [c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "calciphylaxis-risk"]
+
+
+def test_low_complete_card_is_configurable(run) -> None:
+    ev = run(*_r2(*renal_panel()), thresholds=Thresholds(card_for_low_complete=True))
+    assert [c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "calciphylaxis-risk"]
+
+
+def test_r2_one_major_is_moderate(run) -> None:
+    ev = run(*_r2(*renal_panel(), med_request("11289")))
+    assert ev.assessment.calciphylaxis.tier == "moderate"
+    assert ev.assessment.calciphylaxis.major_factors == ["M1"]
+
+
+def test_r2_two_majors_is_high(run) -> None:
+    ev = run(*_r2(*renal_panel(alb=2.8), med_request("11289")))
+    cal = ev.assessment.calciphylaxis
+    assert cal.tier == "high" and cal.major_factors == ["M1", "M3"]
+    card = next(c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "calciphylaxis-risk")
+    assert card["indicator"] == "warning"
+
+
+def test_r2_one_major_three_minors_is_high(run) -> None:
+    ev = run(
+        *_r2(*renal_panel(), med_request("11289"), condition("44054006"), med_request("214342")),
+        gender="female",
+    )
+    cal = ev.assessment.calciphylaxis
+    assert cal.major_factors == ["M1"]
+    assert cal.minor_factors == ["female", "diabetes", "calcium_binder"]
+    assert cal.tier == "high"
+
+
+def test_r2_three_minors_is_moderate(run) -> None:
+    ev = run(*_r2(*renal_panel(), condition("44054006"), med_request("214342"), med_request("1894")), gender="male")
+    cal = ev.assessment.calciphylaxis
+    assert cal.minor_factors == ["diabetes", "calcium_binder", "vitamin_d_therapy"]
+    assert cal.tier == "moderate"
+
+
+def test_r1_steps_down_one_level(run) -> None:
+    ev = run(condition("N18.4", ICD10), *renal_panel(alb=2.8), med_request("11289"))
+    assert ev.assessment.renal_context == "R1"
+    assert ev.assessment.calciphylaxis.tier == "moderate"  # high in R2
+    ev = run(condition("N18.4", ICD10), *renal_panel(), med_request("11289"))
+    assert ev.assessment.calciphylaxis.tier == "low"  # moderate in R2
+
+
+def test_r0_vka_with_two_minors_is_low(run) -> None:
+    ev = run(med_request("11289"), condition("44054006"), gender="female")
+    assert ev.assessment.renal_context == "R0"
+    assert ev.assessment.calciphylaxis.tier == "low"
+
+
+def test_r0_vka_with_one_minor_is_none(run) -> None:
+    ev = run(med_request("11289"), gender="female")
+    assert ev.assessment.calciphylaxis.tier == "none"
+    assert ev.assessment.cards == []
+
+
+def test_r0_never_incomplete(run) -> None:
+    ev = run()
+    assert ev.assessment.calciphylaxis.incomplete_data is False
+    assert ev.assessment.calciphylaxis.tier == "none"
+
+
+def test_missing_labs_in_r2_incomplete_with_order_suggestions(run, catalog) -> None:
+    ev = run(esrd())
+    cal = ev.assessment.calciphylaxis
+    assert cal.tier == "low" and cal.incomplete_data is True
+    assert ev.assessment.suggested_orders == ["renal_panel", "pth"]
+    card = next(c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "calciphylaxis-risk")
+    assert "(incomplete data)" in card["summary"]
+    loincs = [a["resource"]["code"]["coding"][0]["code"] for s in card["suggestions"] for a in s["actions"]]
+    expected = [*catalog.order_sets["renal_panel"].codes, *catalog.order_sets["pth"].codes]
+    assert loincs == expected
+    assert card["selectionBehavior"] == "any"
+
+
+def test_missing_pth_only_marks_incomplete(run) -> None:
+    ev = run(esrd(), *renal_panel(pth=None))
+    assert ev.assessment.calciphylaxis.incomplete_data is True
+    assert ev.assessment.suggested_orders == ["pth"]
+
+
+def test_stale_labs_are_not_used_but_shown(run) -> None:
+    ev = run(esrd(), *renal_panel(ca=11.5, days=120))
+    assert ev.assessment.calciphylaxis.incomplete_data is True
+    assert any("stale" in n for n in ev.assessment.notes)
+    card = next(c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "calciphylaxis-risk")
+    assert "last known (stale)" in card["detail"]
+
+
+def test_established_calciphylaxis_suppresses_tier_and_lists_modifiable(run) -> None:
+    ev = run(esrd(), *renal_panel(), condition("237900002"), med_request("11289"), med_request("214342"))
+    assert ev.assessment.calciphylaxis.tier == "established"
+    card = next(c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "established-calciphylaxis")
+    assert "2 modifiable" in card["summary"]
+    assert not [c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "calciphylaxis-risk"]
+
+
+# ----------------------------------------------------------------------------- majors M2–M4
+
+
+@pytest.mark.parametrize(("p", "fires"), [(5.5, False), (5.51, True), (5.49, False)])
+def test_m2_phosphate_renal_threshold(run, p, fires) -> None:
+    ev = run(esrd(), *renal_panel(p=p, ca=8.5))
+    assert ("M2" in ev.assessment.calciphylaxis.major_factors) is fires
+
+
+def test_m2_phosphate_nonrenal_threshold(run) -> None:
+    assert run(obs(P, 4.6)).assessment.metastatic_calcification.hyperphosphatemia is True
+    assert run(obs(P, 4.5)).assessment.metastatic_calcification.hyperphosphatemia is False
+
+
+@pytest.mark.parametrize(("ca", "fires"), [(10.2, False), (10.21, True)])
+def test_m2_corrected_calcium_renal_threshold(run, ca, fires) -> None:
+    ev = run(esrd(), *renal_panel(ca=ca, p=4.0, alb=4.2))
+    assert ("M2" in ev.assessment.calciphylaxis.major_factors) is fires
+
+
+def test_corrected_calcium_float_artefact_and_slope(run) -> None:
+    # REFERENCE §2.6: Ca 9.4, albumin 3.0 → 10.2 with slope 0.8 (not above 10.2), 10.4 with slope 1.0 (above).
+    ev = run(esrd(), *renal_panel(ca=9.4, alb=3.0, p=4.0))
+    assert ev.assessment.calcium["corrected_mg_dl"] == "10.2"
+    assert ev.assessment.calcium["measured_mg_dl"] == "9.4"
+    assert ev.assessment.metastatic_calcification.hypercalcemia is False
+    ev = run(esrd(), *renal_panel(ca=9.4, alb=3.0, p=4.0), thresholds=Thresholds(correction_slope=Decimal("1.0")))
+    assert ev.assessment.calcium["corrected_mg_dl"] == "10.4"
+    assert ev.assessment.metastatic_calcification.hypercalcemia is True
+    assert ev.assessment.rules_version != Thresholds().rules_version()
+
+
+def test_albumin_at_or_above_4_means_no_correction(run) -> None:
+    ev = run(obs(CA, 10.0), obs(ALB, 4.5, "g/dL"))
+    assert ev.assessment.calcium["corrected_mg_dl"] == "10"
+
+
+def test_albumin_beyond_72_hours_is_not_used_for_correction(run) -> None:
+    ev = run(obs(CA, 10.0, days=1), obs(ALB, 2.5, "g/dL", days=5))
+    assert ev.assessment.calcium["corrected_mg_dl"] == "10"
+    assert "no albumin" in ev.assessment.calcium["note"]
+
+
+def test_paired_normal_ionized_overrides_high_corrected(run) -> None:
+    ev = run(obs(CA, 14.5, days=1), obs(ICA, 1.2, "mmol/L", days=1, hours=2))
+    assert ev.assessment.metastatic_calcification.hypercalcemia is False
+    assert not [c for c in ev.assessment.cards if "hypercalcemia" in c["source"]["topic"]["code"]]
+
+
+def test_m2_product_above_70(run) -> None:
+    ev = run(esrd(), *renal_panel(ca=10.0, p=7.01))  # 70.1 > 70 (P also > 5.5)
+    m2 = next(f for f in ev.assessment.calciphylaxis.factors if f.id == "M2")
+    assert any(e.label == "Calcium × phosphate product" for e in m2.evidence)
+
+
+def test_m3_albumin_below_3_and_minor_band(run) -> None:
+    assert "M3" in run(esrd(), *renal_panel(alb=2.99)).assessment.calciphylaxis.major_factors
+    ev = run(esrd(), *renal_panel(alb=3.0))
+    assert "M3" not in ev.assessment.calciphylaxis.major_factors
+    assert "albumin_3_0_to_3_49" in ev.assessment.calciphylaxis.minor_factors
+    assert "albumin_3_0_to_3_49" not in run(esrd(), *renal_panel(alb=3.5)).assessment.calciphylaxis.minor_factors
+
+
+def test_m4_pth_default_uln(run) -> None:
+    assert "M4" not in run(esrd(), *renal_panel(pth=585)).assessment.calciphylaxis.major_factors
+    assert "M4" in run(esrd(), *renal_panel(pth=585.1)).assessment.calciphylaxis.major_factors
+
+
+def test_m4_pth_uses_reference_range_uln_converted(run) -> None:
+    # ULN 7.4 pmol/L = 69.7 pg/mL → 9 × ULN = 627.7 pg/mL
+    labs = [*renal_panel(pth=None), obs(PTH, 600, "pg/mL", days=3, ref_high=(7.4, "pmol/L"))]
+    assert "M4" not in run(esrd(), *labs).assessment.calciphylaxis.major_factors
+    labs = [*renal_panel(pth=None), obs(PTH, 640, "pg/mL", days=3, ref_high=(7.4, "pmol/L"))]
+    assert "M4" in run(esrd(), *labs).assessment.calciphylaxis.major_factors
+
+
+def test_pth_in_pmol_per_l_converted(run) -> None:
+    labs = [*renal_panel(pth=None), obs("14866-8", 70, "pmol/L", days=3)]  # 659.75 pg/mL
+    assert "M4" in run(esrd(), *labs).assessment.calciphylaxis.major_factors
+
+
+# ----------------------------------------------------------------------------- minors
+
+
+@pytest.mark.parametrize(("bmi", "fires"), [(30.0, True), (29.9, False), (29.95, True)])
+def test_bmi_threshold_inclusive(run, bmi, fires) -> None:
+    ev = run(esrd(), *renal_panel(), obs(BMI, bmi, "kg/m2", days=30))
+    assert ("bmi_ge_30" in ev.assessment.calciphylaxis.minor_factors) is fires
+
+
+def test_obesity_code_only_without_bmi(run) -> None:
+    assert "bmi_ge_30" in run(esrd(), *renal_panel(), condition("414916001")).assessment.calciphylaxis.minor_factors
+    ev = run(esrd(), *renal_panel(), condition("414916001"), obs(BMI, 25, "kg/m2", days=30))
+    assert "bmi_ge_30" not in ev.assessment.calciphylaxis.minor_factors
+
+
+def test_bmi_computed_from_weight_and_height(run) -> None:
+    ev = run(esrd(), *renal_panel(), obs(WEIGHT, 100, "kg", days=30), obs(HEIGHT, 180, "cm", days=900))
+    assert "bmi_ge_30" in ev.assessment.calciphylaxis.minor_factors  # 30.9
+
+
+def test_alp_above_uln_and_liver_and_steroid(run) -> None:
+    ev = run(esrd(), *renal_panel(), obs(ALP, 121, "U/L", days=10), condition("235856003"), med_request("8640"))
+    minors = ev.assessment.calciphylaxis.minor_factors
+    assert {"alp_gt_uln", "liver_disease", "systemic_corticosteroid"} <= set(minors)
+    assert "alp_gt_uln" not in run(esrd(), *renal_panel(), obs(ALP, 120, "U/L", days=10)).assessment.calciphylaxis.minor_factors
+
+
+def test_thrombophilia_minor_is_optional(run) -> None:
+    c = condition("D68.51", ICD10)
+    assert "thrombophilia" not in run(esrd(), *renal_panel(), c).assessment.calciphylaxis.minor_factors
+    ev = run(esrd(), *renal_panel(), c, thresholds=Thresholds(count_thrombophilia_minor=True))
+    assert "thrombophilia" in ev.assessment.calciphylaxis.minor_factors
+
+
+def test_inactive_medications_do_not_count(run) -> None:
+    ev = run(esrd(), *renal_panel(), med_request("214342", status="stopped"), med_request("1894", status="cancelled"))
+    assert ev.assessment.calciphylaxis.minor_factors == []
+
+
+def test_medication_statement_period_overlapping_now_counts(run) -> None:
+    ev = run(esrd(), *renal_panel(), med_statement("1894", status="completed", start_days=30, end_days=-30))
+    assert "vitamin_d_therapy" in ev.assessment.calciphylaxis.minor_factors
+
+
+# ----------------------------------------------------------------------------- §2.4 metastatic
+
+
+def test_metastatic_high_moderate_boundaries(run) -> None:
+    assert run(obs(CA, 10.0), obs(P, 7.01)).assessment.metastatic_calcification.tier == "high"
+    assert run(obs(CA, 10.0), obs(P, 7.0)).assessment.metastatic_calcification.tier == "moderate"  # 70.0: not > 70
+    assert run(obs(CA, 10.0), obs(P, 5.5), obs(ALB, 4.0, "g/dL")).assessment.metastatic_calcification.tier == "moderate"  # 55.0
+    tier = run(obs(CA, 9.0), obs(P, 4.4), obs(ALB, 4.0, "g/dL")).assessment.metastatic_calcification.tier
+    assert tier == "none"
+
+
+def test_metastatic_child_threshold(run) -> None:
+    labs = (obs(CA, 10.0), obs(P, 6.0, ref_high=(6.5, "mg/dL")), obs(ALB, 4.0, "g/dL"))  # 60
+    assert run(*labs, birth="2016-01-01").assessment.metastatic_calcification.tier == "none"  # age 9: ≥ 65 needed
+    assert run(*labs, birth="2010-01-01").assessment.metastatic_calcification.tier == "moderate"  # age 15: ≥ 55
+
+
+def test_paediatric_phosphate_uses_reference_range(run) -> None:
+    ev = run(obs(P, 6.0, ref_high=(6.5, "mg/dL")), birth="2015-01-01")
+    assert ev.assessment.metastatic_calcification.hyperphosphatemia is False  # 6.0 > 4.5 in adults
+    ev = run(obs(P, 6.6, ref_high=(6.5, "mg/dL")), birth="2015-01-01")
+    assert ev.assessment.metastatic_calcification.hyperphosphatemia is True
+
+
+def test_metastatic_moderate_hyper_with_pred(run) -> None:
+    ev = run(condition("31541009"), obs(CA, 10.6), obs(P, 3.5), obs(ALB, 4.1, "g/dL"))
+    assert ev.assessment.metastatic_calcification.tier == "moderate"
+    assert [f.id for f in ev.assessment.metastatic_calcification.predisposing] == ["sarcoidosis"]
+
+
+def test_metastatic_low_hyper_without_pred(run) -> None:
+    ev = run(obs(CA, 10.6), obs(P, 3.5), obs(ALB, 4.1, "g/dL"))
+    assert ev.assessment.metastatic_calcification.tier == "low"
+    assert not [c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "metastatic-calcification-risk"]
+
+
+def test_metastatic_low_pred_with_normal_labs(run) -> None:
+    ev = run(condition("66999008"), obs(CA, 9.5), obs(P, 3.5), obs(ALB, 4.1, "g/dL"))
+    assert ev.assessment.metastatic_calcification.tier == "low"
+
+
+def test_metastatic_insufficient_data(run) -> None:
+    ev = run(condition("66999008"), obs(CA, 9.5))
+    assert ev.assessment.metastatic_calcification.tier == "insufficient-data"
+    card = next(c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "metastatic-calcification-risk")
+    assert card["suggestions"][0]["actions"]
+
+
+def test_metastatic_none(run) -> None:
+    assert run().assessment.metastatic_calcification.tier == "none"
+
+
+# ----------------------------------------------------------------------------- hypercalcemia severity
+
+
+def test_severe_hypercalcemia_card_is_critical(run) -> None:
+    ev = run(obs(CA, 13.0), obs(ALB, 2.5, "g/dL"))  # corrected 14.2
+    card = next(c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "severe-hypercalcemia")
+    assert card["indicator"] == "critical" and "14.2" in card["summary"]
+    assert "9.4" not in card["summary"]
+    assert "13" in card["detail"]  # measured value shown too
+
+
+def test_moderate_hypercalcemia_card_suggests_workup(run, catalog) -> None:
+    ev = run(obs(CA, 12.0), obs(ALB, 4.0, "g/dL"))
+    card = next(c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "moderate-hypercalcemia")
+    assert card["indicator"] == "warning"
+    labels = [s["label"] for s in card["suggestions"]]
+    assert len(labels) == 4 and any("PTHrP" in x for x in labels)
+
+
+def test_reported_corrected_calcium_used_without_total(run) -> None:
+    ev = run(obs(CA_CORR_REPORTED, 3.6, "mmol/L"))  # 14.43 mg/dL
+    assert any(c["source"]["topic"]["code"] == "severe-hypercalcemia" for c in ev.assessment.cards)
+
+
+# ----------------------------------------------------------------------------- §2.5 context
+
+
+def test_calcinosis_cutis_card(run) -> None:
+    ev = run(condition("L94.2", ICD10))
+    assert [c["source"]["topic"]["code"] for c in ev.assessment.cards] == ["calcinosis-cutis-present"]
+
+
+@pytest.mark.parametrize("code", [("89155008", SNOMED), ("M34.0", ICD10), ("M34.81", ICD10), ("M33.02", ICD10), ("55464009", SNOMED)])
+def test_dystrophic_context_card(run, code) -> None:
+    ev = run(condition(code[0], code[1]))
+    assert [c["source"]["topic"]["code"] for c in ev.assessment.cards] == ["dystrophic-calcinosis-context"]
+
+
+def test_iatrogenic_iv_calcium_card_and_pred(run) -> None:
+    ev = run(med_admin("1908", days=2, route=(SNOMED, "47625008")), obs(CA, 9.0), obs(P, 4.0))
+    topics = [c["source"]["topic"]["code"] for c in ev.assessment.cards]
+    assert "iatrogenic-calcinosis-context" in topics
+    assert ev.assessment.metastatic_calcification.predisposing[0].id == "iv_mineral"
+
+
+def test_iv_route_needed_for_iatrogenic(run) -> None:
+    assert run(med_admin("1908", days=2)).assessment.cards == []
+    assert run(med_admin("1908", days=10, route=(SNOMED, "47625008"))).assessment.cards == []
+    topics = [c["source"]["topic"]["code"] for c in run(med_request("1668250")).assessment.cards]  # injection SCD
+    assert topics == ["metastatic-calcification-risk", "iatrogenic-calcinosis-context"]  # IV calcium is also a PRED
+
+
+def test_cards_are_ordered_by_urgency(run) -> None:
+    ev = run(esrd(), obs(CA, 13.0), obs(ALB, 2.5, "g/dL"), obs(P, 8.0), condition("L94.2", ICD10))
+    indicators = [c["indicator"] for c in ev.assessment.cards]
+    assert indicators[0] == "critical"
+    rank = {"critical": 0, "warning": 1, "info": 2}
+    assert indicators == sorted(indicators, key=rank.__getitem__)
+
+
+# ----------------------------------------------------------------------------- patient
+
+
+def test_patient_without_patient_resource(run) -> None:
+    ev = run(esrd(), *renal_panel(), with_patient=False)
+    assert ev.assessment.patient_resource_present is False
+    assert ev.assessment.sex is None and ev.assessment.age is None
+    card = next(c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "calciphylaxis-risk") if ev.assessment.cards else None
+    assert any("sex and age unknown" in n for n in ev.assessment.notes)
+    assert card is None or "sex unknown" in card["detail"]
+
+
+def test_patient_age(run) -> None:
+    ev = run(patient(birth="1960-07-02"))
+    assert ev.assessment.age == 64  # NOW is 2025-07-01
