@@ -89,9 +89,16 @@ class _Extractor:
         self.labs: dict[str, list[LabValue]] = {}
         self.stale: dict[str, LabValue] = {}
         self.pending_validation: list[tuple[dict[str, Any], LabValue]] = []
+        self.unvalidated: dict[str, dict[str, Any]] = {}
         self.conditions: list[ConditionFact] = []
         self.medication_facts: list[MedicationFact] = []
         self.procedures: list[ProcedureFact] = []
+        self.observation_codes = catalog.observations
+        self.cutoffs = {
+            a: (now - timedelta(days=d) if d is not None else None)
+            for a in catalog.analytes
+            for d in (analyte_window_days(a, t),)
+        }
 
     # ------------------------------------------------------------------ helpers
     def exclude(self, ref: str | None, reason: str) -> None:
@@ -114,14 +121,22 @@ class _Extractor:
 
     # ------------------------------------------------------------------ Observation
     def observation(self, res: dict[str, Any]) -> None:
+        # Hot path: most Observations in a record are not ours, so the code lookup comes first and is tight.
         entry = coding = None
-        for c in codings(res.get("code")):
-            entry = self.catalog.observation(c.get("system"), c["code"])
-            if entry is not None:
-                coding = c
-                break
+        concept = res.get("code")
+        items = concept.get("coding") if isinstance(concept, dict) else None
+        if isinstance(items, list):
+            lookup = self.observation_codes.get
+            for c in items:
+                if isinstance(c, dict):
+                    code = c.get("code")
+                    if isinstance(code, str):
+                        entry = lookup((c.get("system"), code))  # type: ignore[arg-type]
+                        if entry is not None:
+                            coding = c
+                            break
         if entry is None or coding is None:
-            self.ignore("Observation")
+            self.ignored["Observation"] = self.ignored.get("Observation", 0) + 1
             return
         ref = self.note_input(res)
         if not entry.use:
@@ -174,8 +189,8 @@ class _Extractor:
             ref_high=ref_high,
             ref_low=ref_low,
         )
-        window = analyte_window_days(analyte, self.t)
-        if window is not None and effective < self.now - timedelta(days=window):
+        cutoff = self.cutoffs[analyte]
+        if cutoff is not None and effective < cutoff:
             prev = self.stale.get(analyte)
             if prev is None or prev.effective < effective:
                 self.stale[analyte] = lab
@@ -205,11 +220,10 @@ class _Extractor:
         return None, None
 
     def finish_labs(self) -> None:
-        """Validate the in-window candidates, then resolve duplicates at one effective time."""
+        """Resolve duplicates at one effective time; structural validation is deferred to first use."""
         by_time: dict[tuple[str, datetime], list[LabValue]] = {}
         for res, lab in self.pending_validation:
-            if self.invalid(res, lab.source.reference):
-                continue
+            self.unvalidated[lab.source.reference] = res
             by_time.setdefault((lab.analyte, lab.effective), []).append(lab)
         for (analyte, _), labs in by_time.items():
             if len(labs) > 1:
@@ -491,4 +505,5 @@ def extract_facts(
         excluded=ex.excluded,
         ignored=ex.ignored,
         inputs=ex.inputs,
+        unvalidated=ex.unvalidated,
     )

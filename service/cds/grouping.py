@@ -24,8 +24,12 @@ class PatientGroups:
     other_types: dict[str, int] = field(default_factory=dict)
 
 
+#: Only these can be the target of a reference we must resolve (subject → Patient, medicationReference → Medication).
+_ALIASED = frozenset({"Patient", "Medication"})
+
+
 def flatten(items: Iterable[Any], aliases: dict[str, str]) -> list[dict[str, Any]]:
-    """Resources from resources/Bundles (nested Bundles too); records fullUrl aliases as it goes."""
+    """Resources from resources/Bundles (nested Bundles too); records fullUrl aliases of Patients and Medications."""
     out: list[dict[str, Any]] = []
     stack = list(items)
     stack.reverse()
@@ -33,23 +37,27 @@ def flatten(items: Iterable[Any], aliases: dict[str, str]) -> list[dict[str, Any
         item = stack.pop()
         if not isinstance(item, dict):
             continue
-        if item.get("resourceType") == "Bundle":
-            entries = item.get("entry") or []
-            nested: list[dict[str, Any]] = []
-            for entry in entries if isinstance(entries, list) else []:
-                if not isinstance(entry, dict):
-                    continue
-                res = entry.get("resource")
-                if not isinstance(res, dict):
-                    continue
+        if item.get("resourceType") != "Bundle":
+            out.append(item)
+            continue
+        entries = item.get("entry")
+        if not isinstance(entries, list):
+            continue
+        nested: list[dict[str, Any]] = []
+        for entry in entries:
+            res = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(res, dict):
+                continue
+            if res.get("resourceType") in _ALIASED:
                 full_url, ref = entry.get("fullUrl"), resource_ref(res)
                 if isinstance(full_url, str) and ref is not None:
                     aliases[full_url] = ref
-                nested.append(res)
+            nested.append(res)
+        if any(r.get("resourceType") == "Bundle" for r in nested):
             nested.reverse()
             stack.extend(nested)
         else:
-            out.append(item)
+            out.extend(nested)
     return out
 
 
@@ -69,22 +77,27 @@ def group_by_patient(items: Iterable[Any]) -> PatientGroups:
     resources = flatten(items, aliases)
     groups = PatientGroups()
     latest: dict[str, dict[str, Any]] = {}
+    other = groups.other_types
     for res in resources:
-        ref = resource_ref(res)
         rtype = res.get("resourceType")
-        if not isinstance(rtype, str):
-            groups.unattributed.append(Excluded(reference="(unknown)", reason="not a FHIR resource (no resourceType)"))
+        if rtype not in PATIENT_SCOPED and rtype not in _ALIASED:
+            if not isinstance(rtype, str):
+                groups.unattributed.append(Excluded(reference="(unknown)", reason="not a FHIR resource (no resourceType)"))
+            else:
+                other[rtype] = other.get(rtype, 0) + 1
             continue
-        if ref is not None:
-            prev = latest.get(ref)
-            if prev is not None and not _newer(res, prev):
-                continue
-            latest[ref] = res
-        else:
-            latest[f"{rtype}/#{id(res)}"] = res
+        ref = resource_ref(res)
+        if ref is None:
+            groups.unattributed.append(Excluded(reference=f"{rtype}/(no id)", reason="resource has no id"))
+            continue
+        prev = latest.get(ref)
+        if prev is not None and not _newer(res, prev):
+            continue
+        latest[ref] = res
     by_target: dict[str, list[str]] = {}
     for alias, target in aliases.items():
-        by_target.setdefault(target, []).append(alias)
+        if target.startswith("Medication/"):
+            by_target.setdefault(target, []).append(alias)
     for key, res in latest.items():
         rtype = res["resourceType"]
         if rtype == "Patient":
@@ -93,19 +106,12 @@ def group_by_patient(items: Iterable[Any]) -> PatientGroups:
             groups.medications[key] = res
             for alias in by_target.get(key, ()):
                 groups.medications[alias] = res
-        elif rtype in PATIENT_SCOPED:
+        else:
             patient = subject_reference(res, aliases)
             if patient is None:
-                groups.unattributed.append(
-                    Excluded(reference=key if "#" not in key else f"{rtype}/(no id)", reason="patient could not be determined from subject")
-                )
-                continue
-            if "#" in key:
-                groups.unattributed.append(Excluded(reference=f"{rtype}/(no id)", reason="resource has no id"))
+                groups.unattributed.append(Excluded(reference=key, reason="patient could not be determined from subject"))
                 continue
             groups.patients.setdefault(patient, []).append(res)
-        else:
-            groups.other_types[rtype] = groups.other_types.get(rtype, 0) + 1
     return groups
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.cds.validate import validation_error as _validation_error
+
 
 class Excluded(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -97,6 +99,22 @@ class CaseFacts:
     excluded: list[Excluded] = field(default_factory=list)
     ignored: dict[str, int] = field(default_factory=dict)
     inputs: dict[str, str | None] = field(default_factory=dict)  # reference → version of every resource read
+    #: Lab resources awaiting structural validation, by reference (validated only when a rule consults them).
+    unvalidated: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _valid: dict[str, bool] = field(default_factory=dict, repr=False)
+
+    def usable(self, lab: LabValue) -> bool:
+        """Validate a lab's resource the first time a rule consults it; an invalid one is excluded and skipped."""
+        ref = lab.source.reference
+        known = self._valid.get(ref)
+        if known is not None:
+            return known
+        resource = self.unvalidated.pop(ref, None)
+        error = _validation_error(resource) if resource is not None else None
+        if error is not None:
+            self.excluded.append(Excluded(reference=ref, reason=error))
+        self._valid[ref] = error is None
+        return error is None
 
 
 # ---------------------------------------------------------------------------- Assessment (JSON)

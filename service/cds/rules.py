@@ -240,12 +240,12 @@ class _Ctx:
 
     def latest(self, analyte: str, days: int | None) -> LabValue | None:
         for lab in self.f.labs.get(analyte, ()):
-            if days is None or within(lab.effective, self.now, days):
+            if (days is None or within(lab.effective, self.now, days)) and self.f.usable(lab):
                 return lab
         return None
 
     def in_window(self, analyte: str, days: int) -> list[LabValue]:
-        return [lab for lab in self.f.labs.get(analyte, ()) if within(lab.effective, self.now, days)]
+        return [lab for lab in self.f.labs.get(analyte, ()) if within(lab.effective, self.now, days) and self.f.usable(lab)]
 
     def meds(self, feature: str) -> list[MedicationFact]:
         return [m for m in self.f.medications if feature in m.features]

@@ -91,11 +91,22 @@ def test_invalid_values_are_excluded_with_reasons(catalog) -> None:
     assert "calcium_total" not in f.labs
 
 
-def test_structurally_invalid_fhir_is_excluded(catalog) -> None:
+def test_structurally_invalid_fhir_is_excluded_when_consulted(catalog) -> None:
     o = obs(CA, 9.0)
     o["subject"] = {"reference": PATIENT, "display": ["not", "a", "string"]}
-    r = reasons(facts(catalog, o))
-    assert r[f"Observation/{o['id']}"].startswith("invalid FHIR Observation")
+    f = facts(catalog, o)
+    lab = f.labs["calcium_total"][0]
+    assert f.usable(lab) is False
+    assert f.usable(lab) is False  # memoised, reported once
+    assert [e.reason for e in f.excluded if e.reference == f"Observation/{o['id']}"] == ["invalid FHIR Observation (subject.display)"]
+
+
+def test_invalid_latest_value_is_skipped_for_the_next_valid_one(run) -> None:
+    bad = obs(CA, 14.0, days=1)
+    bad["subject"] = {"reference": PATIENT, "display": ["x"]}
+    ev = run(bad, obs(CA, 9.1, days=5))
+    assert ev.assessment.calcium["measured_mg_dl"] == "9.1"
+    assert any(e.reference == f"Observation/{bad['id']}" and e.reason.startswith("invalid FHIR") for e in ev.assessment.excluded)
 
 
 def test_duplicates_at_one_time_prefer_corrected(catalog) -> None:
