@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     jwt_clock_skew_s: int = 60
     jwt_max_lifetime_s: int = Field(3600, description="Longest exp - iat accepted (Epic issues 15-minute tokens)")
     jwks_cache_s: int = 3600
+    jwks_timeout_s: float = Field(5.0, description="HTTP timeout when fetching an issuer's JWK Set")
+    jwks_min_refetch_s: int = Field(30, description="Least time between JWK Set refetches per issuer (unknown kid, failures)")
     fhir_server_allowlist: list[str] = Field(default_factory=list, description="Allowed fhirServer base URL prefixes")
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
 
@@ -90,6 +92,8 @@ class Settings(BaseSettings):
     fhir_timeout_s: float = 5.0
     fhir_max_pages: int = 5
     fhir_max_retries: int = 3
+    fhir_retry_backoff_s: float = Field(0.5, description="First retry delay; doubles per attempt (full jitter)")
+    fhir_retry_after_max_s: float = Field(30.0, description="Cap on any single retry delay, Retry-After included")
 
     # --- monitored FHIR server (subscriptions, polling, write-back) ------------------------------
     fhir_base_url: str | None = None
