@@ -121,6 +121,72 @@ def evaluate(
     out.write(b"\n")
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default CDS_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default CDS_PORT)")] = None,
+) -> None:
+    """Run the API (CDS Hooks services, FHIR notification receiver, health and metrics) with uvicorn."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.config import get_settings
+    from service.terminology.loader import MappingError
+
+    try:
+        settings = get_settings()
+        from service.main import create_app
+
+        application = create_app(settings)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"invalid setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+    except MappingError as exc:
+        fail(f"mappings: {exc}")
+    uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level="warning", access_log=False)
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (alembic upgrade head). Safe to run repeatedly."""
+    from service.config import get_settings
+    from service.db.migrate import upgrade_to_head
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        revision = upgrade_to_head(settings.effective_database_url)
+    except Exception as exc:  # noqa: BLE001 - one line, no traceback, for operators
+        fail(f"migration failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    typer.echo(f"database at revision {revision}")
+
+
+def _exec_celery(args: list[str]) -> None:
+    """Replace this process with Celery's own CLI (the service package never imports the workers package)."""
+    import os
+
+    os.execvp(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.celery_app", *args])
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues")] = "ingest,evaluate,writeback",
+    concurrency: Annotated[int, typer.Option(help="Worker processes")] = 1,
+    pool: Annotated[str, typer.Option(help="prefork | solo | threads")] = "prefork",
+) -> None:
+    """Run a Celery worker for the given queues."""
+    _exec_celery(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "--without-gossip", "--without-mingle", "-l", "INFO"])
+
+
+@app.command()
+def beat() -> None:
+    """Run the Celery beat scheduler (sweeper and reconciliation). Run exactly one."""
+    from service.config import get_settings
+
+    schedule = get_settings().data_dir / "celerybeat-schedule"
+    _exec_celery(["beat", "-l", "INFO", "-s", str(schedule)])
+
+
 def main() -> None:
     try:
         app()

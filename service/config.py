@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     jwks_min_refetch_s: int = Field(30, description="Least time between JWK Set refetches per issuer (unknown kid, failures)")
     fhir_server_allowlist: list[str] = Field(default_factory=list, description="Allowed fhirServer base URL prefixes")
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    admin_token: SecretStr | None = Field(None, description="Bearer token for audit and assessment reads (feedback, /patients/...)")
+    max_hook_request_bytes: int = 20_000_000
 
     # --- FHIR fetch (prefetch fallback and monitoring) -------------------------------------------
     fhir_timeout_s: float = 5.0

@@ -340,26 +340,7 @@ class _Extractor:
         )
 
     def _intravenous(self, res: dict[str, Any]) -> bool:
-        dosages: list[Any] = []
-        for key in ("dosageInstruction", "dosage"):
-            d = res.get(key)
-            if isinstance(d, list):
-                dosages.extend(d)
-            elif isinstance(d, dict):
-                dosages.append(d)
-        for d in dosages:
-            route = d.get("route") if isinstance(d, dict) else None
-            if not isinstance(route, dict):
-                continue
-            for c in codings(route):
-                if self.catalog.route_feature(c.get("system"), c["code"]) == "intravenous":
-                    return True
-            text = route.get("text")
-            if isinstance(text, str):
-                words = text.lower().replace(",", " ").split()
-                if any(p in words or p == text.lower() for p in self.catalog.route_text_patterns):
-                    return True
-        return False
+        return is_intravenous(self.catalog, res)
 
     # ------------------------------------------------------------------ Procedure
     def procedure(self, res: dict[str, Any]) -> None:
@@ -396,6 +377,30 @@ class _Extractor:
                 performed=performed,
             )
         )
+
+
+def is_intravenous(catalog: Catalog, res: dict[str, Any]) -> bool:
+    """Route IV from a dosage route coding mapped as intravenous, or from route.text (mapped text patterns)."""
+    dosages: list[Any] = []
+    for key in ("dosageInstruction", "dosage"):
+        d = res.get(key)
+        if isinstance(d, list):
+            dosages.extend(d)
+        elif isinstance(d, dict):
+            dosages.append(d)
+    for d in dosages:
+        route = d.get("route") if isinstance(d, dict) else None
+        if not isinstance(route, dict):
+            continue
+        for c in codings(route):
+            if catalog.route_feature(c.get("system"), c["code"]) == "intravenous":
+                return True
+        text = route.get("text")
+        if isinstance(text, str):
+            words = text.lower().replace(",", " ").split()
+            if any(p in words or p == text.lower() for p in catalog.route_text_patterns):
+                return True
+    return False
 
 
 def _unit_of(q: dict[str, Any]) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TypeVar
 
 from service.terminology.schema import (
     AnalyteDef,
@@ -15,6 +16,7 @@ from service.terminology.schema import (
     FeatureDef,
     MedicationEntry,
     ObservationEntry,
+    OrderAlternative,
     OrderSet,
     ProcedureEntry,
     UnitDef,
@@ -54,6 +56,7 @@ class Catalog:
     route_text_patterns: tuple[str, ...]
     order_sets: dict[str, OrderSet]
     conditions_dotless: dict[tuple[str, str], ConditionEntry] = field(default_factory=dict, repr=False)
+    order_alternatives: dict[str, OrderAlternative] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ lookups
     def observation(self, system: str | None, code: str | None) -> ObservationEntry | None:
@@ -68,12 +71,7 @@ class Catalog:
         if hit is not None:
             return hit
         # Prefix rules (e.g. ICD-10-CM "M34.x"): the longest matching prefix wins.
-        best: ConditionEntry | None = None
-        for entry in self.condition_prefixes:
-            if entry.system == system and _prefix_match(code, entry.code):
-                if best is None or len(entry.code) > len(best.code):
-                    best = entry
-        return best
+        return _longest_prefix(self.condition_prefixes, system, code)
 
     def procedure(self, system: str | None, code: str | None) -> ProcedureEntry | None:
         if system is None or code is None:
@@ -81,10 +79,7 @@ class Catalog:
         hit = self.procedures.get((system, code))
         if hit is not None:
             return hit
-        for entry in self.procedure_prefixes:
-            if entry.system == system and _prefix_match(code, entry.code):
-                return entry
-        return None
+        return _longest_prefix(self.procedure_prefixes, system, code)
 
     def medication(self, system: str | None, code: str | None) -> MedicationMatch | None:
         if system is None or code is None:
@@ -113,7 +108,7 @@ class Catalog:
         for key, p in self.procedures.items():
             if p.feature == feature:
                 out.append(key)
-        for key, m in self.medications.items():
+        for key in self.medications:
             match = self.medication(*key)
             if match is not None and feature in match.features:
                 out.append(key)
@@ -161,6 +156,18 @@ class Catalog:
 
 def _dotless(code: str) -> str:
     return code.replace(".", "").strip().upper()
+
+
+_E = TypeVar("_E", ConditionEntry, ProcedureEntry)
+
+
+def _longest_prefix(entries: tuple[_E, ...], system: str, code: str) -> _E | None:
+    """The prefix entry of ``system`` that matches ``code`` with the longest prefix (most specific), if any."""
+    best: _E | None = None
+    for entry in entries:
+        if entry.system == system and _prefix_match(code, entry.code) and (best is None or len(entry.code) > len(best.code)):
+            best = entry
+    return best
 
 
 def _prefix_match(code: str, prefix: str) -> bool:

@@ -158,6 +158,18 @@ class OrderSetsFile(_Strict):
     order_sets: dict[str, OrderSet]
 
 
+class OrderAlternative(_Strict):
+    system: str
+    code: str
+    label: str
+    rationale: str
+
+
+class OrderAlternativesFile(_Strict):
+    kind: Literal["order_alternatives"]
+    alternatives: dict[str, OrderAlternative] = Field(description="feature of the ordered drug → a safer product to propose instead")
+
+
 class FeatureDef(_Strict):
     display: str
     kind: Literal["condition", "medication", "procedure", "route"]
@@ -178,5 +190,6 @@ MappingFile = (
     | ProceduresFile
     | RoutesFile
     | OrderSetsFile
+    | OrderAlternativesFile
     | FeaturesFile
 )

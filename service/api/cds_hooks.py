@@ -1,0 +1,236 @@
+"""CDS Hooks 2.0 routes: discovery, service calls, feedback (and its audit read). Thin: parse, one use case, shape."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import jwt
+import orjson
+from fastapi import APIRouter, BackgroundTasks, Query, Request
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from service.api.models import CdsRequest, CdsResponse, Discovery, FeedbackRequest, OperationOutcome
+from service.api.state import AppContext
+from service.db.repositories import CardFeedbackRepository, IssuedCardRepository
+from service.db.session import session_scope
+from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
+from service.logging import get_logger
+from service.metrics import AUTH_FAILURES, CARDS, FEEDBACK, HOOK_412, HOOK_LATENCY
+from service.security import AuthenticationError, VerifiedCaller
+
+router = APIRouter()
+log = get_logger("calcinosis-cds.hooks")
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": OperationOutcome} for code in (400, 401, 404, 412, 413)}
+
+
+def ctx_of(request: Request) -> AppContext:
+    return request.app.state.ctx  # type: ignore[no-any-return]
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _audiences(request: Request, settings_bases: list[str]) -> list[str]:
+    path = request.url.path
+    if settings_bases:
+        return [b.rstrip("/") + path for b in settings_bases]
+    return [str(request.url.replace(query=None, fragment=None))]
+
+
+def authenticate(request: Request, route: str) -> VerifiedCaller:
+    """Verify the EHR's JWT; the audience must be the exact URL called (or a configured public base + path)."""
+    ctx = ctx_of(request)
+    header = request.headers.get("authorization")
+    audiences = _audiences(request, ctx.settings.public_base_urls)
+    audience = audiences[0]
+    if header and len(audiences) > 1:
+        try:
+            claimed = jwt.decode(header.split(" ", 1)[-1], options={"verify_signature": False}).get("aud")
+            claimed_list = claimed if isinstance(claimed, list) else [claimed]
+            audience = next((a for a in audiences if a in claimed_list), audience)
+        except jwt.PyJWTError:
+            pass
+    try:
+        return ctx.verifier.verify(header, audience)
+    except AuthenticationError as exc:
+        AUTH_FAILURES.labels(route).inc()
+        log.warning("auth_rejected", route=route, reason=str(exc))
+        raise Unauthorized() from None
+
+
+def require_admin(request: Request) -> None:
+    ctx = ctx_of(request)
+    if ctx.settings.dev_mode:
+        return
+    token = ctx.settings.admin_token
+    header = request.headers.get("authorization") or ""
+    import hmac
+
+    if token is None or not hmac.compare_digest(header.encode(), f"Bearer {token.get_secret_value()}".encode()):
+        raise Unauthorized()
+
+
+@router.get("/cds-services", response_model=Discovery, tags=["CDS Hooks"], summary="CDS Hooks discovery")
+def discovery(request: Request) -> Response:
+    """The four services with prefetch templates generated from the mappings. Public: it holds no patient data."""
+    return json_response(ctx_of(request).discovery)
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body over {limit} bytes")
+    body = await request.body()
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body over {limit} bytes")
+    if not body:
+        raise BadRequest("empty request body")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("request body is not valid JSON") from None
+
+
+@router.post(
+    "/cds-services/{service_id}",
+    tags=["CDS Hooks"],
+    summary="Call a CDS service",
+    responses={200: {"model": CdsResponse}, **ERRORS},
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CdsRequest"}}}}},
+)
+async def call_service(service_id: str, request: Request, background: BackgroundTasks) -> Response:
+    started = time.perf_counter()
+    ctx = ctx_of(request)
+    request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+    caller = VerifiedCaller.unauthenticated()
+    data_path = "none"
+    status = 200
+    n_cards = 0
+    try:
+        if service_id not in {s["id"] for s in ctx.discovery["services"]}:
+            raise NotFound(f"unknown CDS service {service_id!r}")
+        caller = authenticate(request, "service")
+        body = await _read_json(request, ctx.settings.max_hook_request_bytes)
+        answer = await ctx.hooks.answer(service_id, body, datetime.now(UTC))
+        data_path = answer.data_path
+        n_cards = len(answer.cards)
+        for card in answer.cards:
+            CARDS.labels(service_id, card["source"]["topic"]["code"]).inc()
+        if answer.cards:
+            background.add_task(_record_issued, ctx, service_id, answer.patient_ref, answer.cards)
+        return json_response(answer.response)
+    except ServiceError as exc:
+        status = exc.status_code
+        if status == 412:
+            HOOK_412.labels(service_id).inc()
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        if status == 200:
+            HOOK_LATENCY.labels(service_id, data_path).observe(elapsed)
+        log.info(
+            "cds_hook",
+            request_id=request_id,
+            service=service_id,
+            status=status,
+            data_path=data_path,
+            cards=n_cards,
+            ms=round(elapsed * 1000, 2),
+            authenticated=caller.authenticated,
+            issuer=caller.iss,
+            **({"dev_mode": "UNAUTHENTICATED CALL ACCEPTED (development mode)"} if not caller.authenticated else {}),
+        )
+
+
+def _record_issued(ctx: AppContext, service_id: str, patient_ref: str, cards: list[dict[str, Any]]) -> None:
+    try:
+        with session_scope(ctx.sessions) as session:
+            repo = IssuedCardRepository(session)
+            for card in cards:
+                repo.record(
+                    card_uuid=card["uuid"],
+                    service_id=service_id,
+                    patient_ref=patient_ref,
+                    topic=card["source"]["topic"]["code"],
+                    rule_id=card["detail"].rsplit("Rule `", 1)[-1].split("`", 1)[0],
+                )
+    except Exception as exc:  # noqa: BLE001 - the audit trail must never break the answer already sent
+        log.warning("issued_cards_not_recorded", service=service_id, error=type(exc).__name__)
+
+
+@router.post(
+    "/cds-services/{service_id}/feedback",
+    tags=["CDS Hooks"],
+    summary="Feedback on cards",
+    responses={200: {"description": "Recorded (idempotent)"}, **ERRORS},
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/FeedbackRequest"}}}}},
+)
+async def feedback(service_id: str, request: Request) -> Response:
+    ctx = ctx_of(request)
+    if service_id not in {s["id"] for s in ctx.discovery["services"]}:
+        raise NotFound(f"unknown CDS service {service_id!r}")
+    authenticate(request, "feedback")
+    raw = await _read_json(request, 1_000_000)
+    try:
+        parsed = FeedbackRequest.model_validate(raw)
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})[:5]
+        raise BadRequest(f"invalid feedback: {', '.join(fields)}") from None
+    items = []
+    for item in parsed.feedback:
+        try:
+            ts = datetime.fromisoformat(item.outcomeTimestamp)
+        except ValueError:
+            raise BadRequest("invalid feedback: outcomeTimestamp is not a date-time") from None
+        items.append((item, ts if ts.tzinfo else ts.replace(tzinfo=UTC)))
+    created = 0
+    with session_scope(ctx.sessions) as session:
+        repo = CardFeedbackRepository(session)
+        for item, ts in items:
+            created += repo.record_feedback(
+                service_id=service_id,
+                card_uuid=item.card,
+                outcome=item.outcome,
+                outcome_timestamp=ts,
+                override_reason=item.overrideReason.model_dump(exclude_none=True) if item.overrideReason else None,
+                accepted_suggestions=[s.model_dump() for s in item.acceptedSuggestions] if item.acceptedSuggestions else None,
+                user_comment=item.overrideReason.userComment if item.overrideReason else None,
+            )
+    for item, _ in items:
+        FEEDBACK.labels(service_id, item.outcome).inc()
+    log.info("cds_feedback", service=service_id, items=len(items), new=created)
+    return Response(status_code=200)
+
+
+@router.get("/cds-services/{service_id}/feedback", tags=["Audit"], summary="Read card feedback back (audit; admin token)", responses={401: {"model": OperationOutcome}})
+def feedback_audit(
+    service_id: str,
+    request: Request,
+    card: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    require_admin(request)
+    ctx = ctx_of(request)
+    with session_scope(ctx.sessions) as session:
+        rows = CardFeedbackRepository(session).list_feedback(service_id=service_id, card_uuid=card, limit=limit)
+        data = [
+            {
+                "service": r.service_id,
+                "card": r.card_uuid,
+                "outcome": r.outcome,
+                "outcomeTimestamp": r.outcome_timestamp.isoformat(),
+                "overrideReason": r.override_reason,
+                "acceptedSuggestions": r.accepted_suggestions,
+                "receivedAt": r.received_at.isoformat(),
+            }
+            for r in rows
+        ]
+    return json_response({"feedback": data})
+
+
+__all__ = ["CdsRequest", "router"]

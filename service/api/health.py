@@ -1,0 +1,27 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+router = APIRouter(tags=["Operations"])
+
+
+@router.get("/healthz", summary="Liveness: the process is up")
+def healthz() -> Response:
+    return Response(orjson.dumps({"status": "ok"}), media_type="application/json")
+
+
+@router.get("/readyz", summary="Readiness: database, broker and mappings")
+async def readyz(request: Request) -> Response:
+    result = await run_in_threadpool(request.app.state.ctx.readiness)
+    return Response(orjson.dumps(result), status_code=200 if result["status"] == "ready" else 503, media_type="application/json")
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,85 @@
+"""Everything a request needs, built once from Settings at start-up (and refused on a bad mapping file)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.cds.discovery import discovery_document
+from service.cds.thresholds import Thresholds
+from service.config import Settings
+from service.db.session import check_database, make_engine, make_session_factory
+from service.fhir.hook_fetch import HookFetcher
+from service.security import JwtVerifier, build_verifier
+from service.terminology.catalog import Catalog
+from service.terminology.checks import check_catalog_for_rules
+from service.terminology.loader import load_catalog
+from service.usecases.evaluate_hook import HookService
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    catalog: Catalog
+    thresholds: Thresholds
+    verifier: JwtVerifier
+    hooks: HookService
+    engine: Engine
+    sessions: sessionmaker[Session]
+    discovery: dict[str, Any]
+    _ready_cache: tuple[float, dict[str, Any]] | None = field(default=None, repr=False)
+
+    def readiness(self) -> dict[str, Any]:
+        """Database, broker and mappings checks; cached for one second so probes cannot hammer dependencies."""
+        now = time.monotonic()
+        if self._ready_cache is not None and now - self._ready_cache[0] < 1.0:
+            return self._ready_cache[1]
+        from service.broker import check_broker
+
+        checks = {
+            "database": check_database(self.engine),
+            "broker": check_broker(self.settings.effective_broker_url),
+            "mappings": bool(self.catalog.observations),
+        }
+        result = {
+            "status": "ready" if all(checks.values()) else "unready",
+            "checks": checks,
+            "mappings_version": self.catalog.version,
+            "rules_version": self.thresholds.rules_version(),
+            "dev_mode": self.settings.dev_mode,
+        }
+        if self.settings.dev_mode:
+            result["warning"] = "development mode: unsigned CDS Hooks calls are accepted and fhirServer is not restricted"
+        self._ready_cache = (now, result)
+        return result
+
+
+def build_context(settings: Settings) -> AppContext:
+    catalog = load_catalog(settings.mappings_dir)
+    check_catalog_for_rules(catalog)
+    thresholds = settings.effective_thresholds()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.effective_database_url, settings.db_pool_size)
+    fetcher = HookFetcher(timeout_s=settings.fhir_timeout_s, max_pages=settings.fhir_max_pages)
+    hooks = HookService(
+        catalog=catalog,
+        thresholds=thresholds,
+        topic_system=settings.topic_system,
+        fetcher=fetcher,
+        fhir_server_allowlist=settings.fhir_server_allowlist,
+        dev_mode=settings.dev_mode,
+    )
+    return AppContext(
+        settings=settings,
+        catalog=catalog,
+        thresholds=thresholds,
+        verifier=build_verifier(settings),
+        hooks=hooks,
+        engine=engine,
+        sessions=make_session_factory(engine),
+        discovery=discovery_document(catalog),
+    )

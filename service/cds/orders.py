@@ -1,0 +1,124 @@
+"""order-select / order-sign: the ``medication-order-risk`` card (CONTRACT "Cards").
+
+Fires when an order under review adds warfarin, a calcium-based binder, vitamin D therapy or IV
+calcium/phosphate for a patient in a renal context (R1/R2) or with established calciphylaxis.
+Suggestions: remove the draft order (``delete``), and where the mappings name a standard alternative
+(a non-calcium binder for a calcium-based one) replace the drug in the draft order (``update``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from service.cds.cards import CardContext, evidence_table, make_card, stable_uuid
+from service.cds.extract import is_intravenous
+from service.cds.fhirutil import codings, resource_ref
+from service.cds.grouping import resolve_medication
+from service.cds.model import Evidence
+from service.cds.rules import RULE_IDS, Outcome, condition_evidence
+from service.terminology.catalog import Catalog
+
+ORDER_RISK_FEATURES = {
+    "vka": "warfarin (vitamin K antagonist)",
+    "calcium_binder": "a calcium-based phosphate binder",
+    "vitamin_d_therapy": "vitamin D therapy",
+    "iv_calcium": "intravenous calcium",
+    "iv_phosphate": "intravenous phosphate",
+}
+
+
+def draft_medication_requests(draft_orders: Any, selections: list[str] | None) -> list[dict[str, Any]]:
+    """MedicationRequests of ``context.draftOrders`` (a Bundle, its ``type`` optional as the Sandbox sends it);
+    restricted to ``selections`` (``MedicationRequest/id``) when given (order-select)."""
+    if not isinstance(draft_orders, dict):
+        return []
+    entries = draft_orders.get("entry") if draft_orders.get("resourceType") == "Bundle" else [{"resource": draft_orders}]
+    out = []
+    for entry in entries if isinstance(entries, list) else []:
+        res = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(res, dict) or res.get("resourceType") != "MedicationRequest":
+            continue
+        if selections is not None and resource_ref(res) not in selections:
+            continue
+        out.append(res)
+    return out
+
+
+def _order_features(order: dict[str, Any], catalog: Catalog) -> tuple[set[str], dict[str, Any] | None]:
+    concept = order.get("medicationCodeableConcept")
+    if concept is None:
+        med = resolve_medication(order.get("medicationReference"), {}, order.get("contained"))
+        concept = med.get("code") if med else None
+    for c in codings(concept):
+        match = catalog.medication(c.get("system"), c["code"])
+        if match is None or not match.features:
+            continue
+        features = set(match.features) & ORDER_RISK_FEATURES.keys()
+        if features & {"iv_calcium", "iv_phosphate"} and not (match.entry.parenteral or is_intravenous(catalog, order)):
+            features -= {"iv_calcium", "iv_phosphate"}
+        return features, c
+    return set(), None
+
+
+def order_risk_cards(
+    orders: list[dict[str, Any]], outcome: Outcome, ctx: CardContext, catalog: Catalog
+) -> list[dict[str, Any]]:
+    renal = outcome.renal in ("R1", "R2")
+    established = bool(outcome.established)
+    if not (renal or established):
+        return []
+    why: list[Evidence] = [*outcome.renal_evidence] if renal else []
+    why += [condition_evidence(c) for c in outcome.established]
+    setting = "established calciphylaxis" if established else f"renal context {outcome.renal}"
+    cards = []
+    for order in orders:
+        features, coding = _order_features(order, catalog)
+        if not features or coding is None:
+            continue
+        ref = resource_ref(order) or "MedicationRequest/(draft)"
+        drug = coding.get("display") or ORDER_RISK_FEATURES[sorted(features)[0]]
+        kinds = ", ".join(ORDER_RISK_FEATURES[f] for f in sorted(features))
+        suggestions: list[dict[str, Any]] = []
+        for feature in sorted(features):
+            alt = catalog.order_alternatives.get(feature)
+            if alt is None:
+                continue
+            updated = copy.deepcopy(order)
+            updated["medicationCodeableConcept"] = {"coding": [{"system": alt.system, "code": alt.code, "display": alt.label}], "text": alt.label}
+            updated.pop("medicationReference", None)
+            updated.pop("dosageInstruction", None)  # the dose of the alternative must be chosen by the prescriber
+            suggestions.append(
+                {
+                    "label": f"Replace with {alt.label} (set the dose)",
+                    "uuid": stable_uuid(ctx, RULE_IDS["order"], ref, "replace", feature),
+                    "actions": [{"type": "update", "description": f"Replace the draft order with {alt.label}. {alt.rationale}.", "resource": updated}],
+                }
+            )
+        suggestions.append(
+            {
+                "label": "Remove this draft order",
+                "uuid": stable_uuid(ctx, RULE_IDS["order"], ref, "delete"),
+                "actions": [{"type": "delete", "description": f"Remove the draft order for {drug}", "resourceId": ref}],
+            }
+        )
+        body = (
+            f"**The order for {drug} adds {kinds}** in a patient with {setting}. "
+            + ("Vitamin K antagonists, calcium-based binders and vitamin D are case-control risk factors for calciphylaxis. " if features - {"iv_calcium", "iv_phosphate"} else "")
+            + ("Intravenous calcium or phosphate can cause extravasation calcinosis: monitor the IV site. " if features & {"iv_calcium", "iv_phosphate"} else "")
+            + "\n\n"
+            + evidence_table([("Order under review", Evidence(label=drug, value=order.get("status") or "draft", reference=ref, code=f"{coding.get('system')}|{coding['code']}"))] + [("Why it matters", e) for e in why])
+        )
+        card = make_card(
+            ctx,
+            topic="medication-order-risk",
+            rule_id=RULE_IDS["order"],
+            indicator="warning",
+            summary=f"Order adds {kinds.split(',')[0]} for a patient with {setting}"[:139],
+            body=body,
+            suggestions=suggestions,
+            uuid_parts=(ref, ",".join(sorted(features))),
+        )
+        card["selectionBehavior"] = "at-most-one"
+        cards.append(card)
+    return cards

@@ -1,0 +1,73 @@
+"""The FastAPI application: create_app(settings) wires routers, CORS and the single error handler."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.api import cds_hooks, health, patients
+from service.api.handlers import install_handlers
+from service.api.models import CdsRequest, FeedbackRequest
+from service.api.state import build_context
+from service.config import Settings, get_settings
+from service.logging import configure_logging, get_logger
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    ctx = build_context(settings)  # refuses to start on a bad mapping file
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log = get_logger()
+        log.info("startup", mappings_version=ctx.catalog.version, rules_version=ctx.thresholds.rules_version(), dev_mode=settings.dev_mode)
+        if settings.dev_mode:
+            log.warning("development_mode", detail="unsigned CDS Hooks calls are accepted; never use in production")
+        # Objects built at start-up live for the process: keep them out of the collector's way (tail latency).
+        gc.collect()
+        gc.freeze()
+        yield
+        await ctx.hooks.fetcher.aclose()
+        ctx.verifier.close()
+        ctx.engine.dispose()
+
+    app = FastAPI(
+        title="calcinosis-cds",
+        version="0.1.0",
+        description="CDS Hooks 2.0 services flagging calciphylaxis and metastatic calcification risk, and the FHIR subscription receiver.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "PUT", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+        max_age=600,
+    )
+    install_handlers(app)
+    app.include_router(cds_hooks.router)
+    app.include_router(patients.router)
+    app.include_router(health.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (CdsRequest, FeedbackRequest):
+                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(model_schema.pop("$defs", {}))
+                components[model.__name__] = model_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

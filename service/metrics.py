@@ -1,0 +1,22 @@
+"""Prometheus metrics of the API and the workers. Labels carry service ids, paths and outcomes, never patient data."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+HOOK_LATENCY = Histogram(
+    "cds_hook_request_seconds",
+    "CDS Hooks service call latency",
+    ["service", "data_path"],  # data_path: prefetch | fallback | stored
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+HOOK_412 = Counter("cds_hook_precondition_failed_total", "CDS Hooks calls answered 412 (data unobtainable)", ["service"])
+CARDS = Counter("cds_cards_total", "Cards returned, by topic", ["service", "topic"])
+FEEDBACK = Counter("cds_feedback_total", "Card feedback received", ["service", "outcome"])
+AUTH_FAILURES = Counter("cds_auth_failures_total", "Rejected CDS Hooks calls (401)", ["route"])
+HTTP_LATENCY = Histogram("http_request_seconds", "HTTP request latency by route template", ["method", "route", "status"])
+NOTIFICATIONS = Counter("fhir_notifications_total", "Inbound FHIR notifications", ["form", "result"])
+EVALUATIONS = Counter("evaluations_total", "Patient evaluations performed", ["trigger"])
+WRITEBACKS = Counter("writebacks_total", "RiskAssessment write-backs", ["result"])
+TASKS = Counter("worker_tasks_total", "Worker task outcomes", ["task", "result"])
+TASK_LATENCY = Histogram("worker_task_seconds", "Worker task latency", ["task"])

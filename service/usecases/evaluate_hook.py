@@ -1,0 +1,181 @@
+"""Answer a CDS Hooks service call: validate the request, resolve prefetch (fetching what is missing),
+evaluate with the pure core, and shape the cards for the hook.
+
+CDS Hooks 2.0 semantics: an absent prefetch key or one holding an OperationOutcome is fetched from
+``fhirServer``; ``null`` means "no data"; data the rules need that cannot be had → 412; no advice → 200
+with an empty card list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from service.cds.cards import CardContext
+from service.cds.discovery import REQUIRED_KEYS, SERVICES_BY_ID, prefetch_templates, render_template
+from service.cds.engine import Evaluation, evaluate_patient
+from service.cds.grouping import flatten, group_by_patient
+from service.cds.orders import draft_medication_requests, order_risk_cards
+from service.cds.thresholds import Thresholds
+from service.errors import BadRequest, NotFound, PrefetchUnavailable
+from service.fhir.hook_fetch import FetchRefused, HookFetcher, check_fhir_server
+from service.terminology.catalog import Catalog
+
+ORDER_HOOKS = frozenset({"order-select", "order-sign"})
+
+
+@dataclass
+class HookAnswer:
+    response: dict[str, Any]
+    service_id: str
+    patient_ref: str
+    data_path: str  # "prefetch" | "fallback"
+    evaluation: Evaluation
+    cards: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise BadRequest(message)
+
+
+class HookService:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        thresholds: Thresholds,
+        topic_system: str,
+        fetcher: HookFetcher,
+        fhir_server_allowlist: list[str],
+        dev_mode: bool,
+    ) -> None:
+        self.catalog = catalog
+        self.thresholds = thresholds
+        self.topic_system = topic_system
+        self.fetcher = fetcher
+        self.allowlist = fhir_server_allowlist
+        self.dev_mode = dev_mode
+        self.templates = prefetch_templates(catalog)
+
+    def validate(self, service_id: str, body: Any) -> tuple[str, dict[str, Any]]:
+        service = SERVICES_BY_ID.get(service_id)
+        if service is None:
+            raise NotFound(f"unknown CDS service {service_id!r}")
+        _require(isinstance(body, dict), "the request body must be a JSON object")
+        hook = body.get("hook")
+        _require(isinstance(hook, str) and bool(hook), "'hook' is required")
+        _require(hook == service.hook, f"hook {hook!r} does not match service {service_id!r} ({service.hook})")
+        _require(isinstance(body.get("hookInstance"), str) and bool(body.get("hookInstance")), "'hookInstance' is required")
+        context = body.get("context")
+        _require(isinstance(context, dict), "'context' must be an object")
+        patient_id = context.get("patientId")
+        _require(isinstance(patient_id, str) and bool(patient_id) and "/" not in patient_id, "'context.patientId' is required")
+        if hook in ORDER_HOOKS:
+            _require(isinstance(context.get("draftOrders"), dict), "'context.draftOrders' must be a Bundle")
+        if hook == "order-select":
+            sel = context.get("selections")
+            _require(isinstance(sel, list) and all(isinstance(s, str) for s in sel), "'context.selections' must be a list of references")
+        _require(body.get("prefetch") is None or isinstance(body.get("prefetch"), dict), "'prefetch' must be an object")
+        server = body.get("fhirServer")
+        _require(server is None or isinstance(server, str), "'fhirServer' must be a string")
+        auth = body.get("fhirAuthorization")
+        if auth is not None:
+            _require(isinstance(auth, dict) and isinstance(auth.get("access_token"), str), "'fhirAuthorization.access_token' is required")
+            _require(isinstance(server, str), "'fhirServer' is required with 'fhirAuthorization'")
+        return hook, context
+
+    async def answer(self, service_id: str, body: Any, now: datetime) -> HookAnswer:
+        hook, context = self.validate(service_id, body)
+        patient_ref = f"Patient/{context['patientId']}"
+        prefetch: dict[str, Any] = body.get("prefetch") or {}
+        resources: list[Any] = []
+        to_fetch: dict[str, str] = {}
+        for key, template in self.templates.items():
+            if key in prefetch:
+                value = prefetch[key]
+                if value is None:
+                    continue  # the EHR says: no data
+                _require(isinstance(value, dict) and isinstance(value.get("resourceType"), str), f"prefetch {key!r} is not a FHIR resource")
+                if value["resourceType"] == "OperationOutcome":
+                    to_fetch[key] = template  # the EHR failed to prefetch: try ourselves
+                else:
+                    resources.append(value)
+            else:
+                to_fetch[key] = template
+        notes: list[str] = []
+        data_path = "prefetch"
+        if to_fetch:
+            data_path = "fallback"
+            await self._fetch_missing(body, context, to_fetch, resources, notes)
+        aliases: dict[str, str] = {}
+        flat = flatten(resources, aliases)
+        groups = group_by_patient(flat)
+        evaluation = evaluate_patient(
+            groups.patients.get(patient_ref, []),
+            patient_ref=patient_ref,
+            catalog=self.catalog,
+            thresholds=self.thresholds,
+            now=now,
+            medications=groups.medications,
+            topic_system=self.topic_system,
+        )
+        evaluation.assessment.notes.extend(notes)
+        cards = self.cards_for(hook, context, evaluation)
+        return HookAnswer({"cards": cards}, service_id, patient_ref, data_path, evaluation, cards, notes)
+
+    async def _fetch_missing(
+        self, body: dict[str, Any], context: dict[str, Any], to_fetch: dict[str, str], resources: list[Any], notes: list[str]
+    ) -> None:
+        server = body.get("fhirServer")
+        required_missing = sorted(REQUIRED_KEYS & to_fetch.keys())
+        if not isinstance(server, str):
+            if required_missing:
+                raise PrefetchUnavailable(f"prefetch lacks {', '.join(required_missing)} and no fhirServer was given")
+            notes.extend(f"prefetch {k} not provided" for k in sorted(to_fetch))
+            return
+        try:
+            check_fhir_server(server, self.allowlist, self.dev_mode)
+        except FetchRefused as exc:
+            if required_missing:
+                raise PrefetchUnavailable(f"{exc}: cannot fetch {', '.join(required_missing)}") from None
+            notes.extend(f"prefetch {k} not provided ({exc})" for k in sorted(to_fetch))
+            return
+        queries: dict[str, str] = {}
+        for key, template in to_fetch.items():
+            query = render_template(template, context)
+            if query is None:
+                if key in REQUIRED_KEYS:
+                    raise PrefetchUnavailable(f"prefetch {key}: template tokens missing from context")
+                continue
+            queries[key] = query
+        token = (body.get("fhirAuthorization") or {}).get("access_token")
+        results = await self.fetcher.fetch_all(server, token, queries)
+        failed = sorted(k for k, r in results.items() if r.error is not None and k in REQUIRED_KEYS)
+        if failed:
+            reasons = "; ".join(f"{k}: {results[k].error}" for k in failed)
+            raise PrefetchUnavailable(f"could not fetch from fhirServer ({reasons})")
+        for key, result in results.items():
+            if result.error is not None:
+                notes.append(f"{key} could not be fetched ({result.error}); evaluated without it")
+            resources.extend(result.resources)
+
+    def cards_for(self, hook: str, context: dict[str, Any], evaluation: Evaluation) -> list[dict[str, Any]]:
+        if hook not in ORDER_HOOKS:
+            return evaluation.assessment.cards
+        a = evaluation.assessment
+        ctx = CardContext(
+            patient=a.patient,
+            rules_version=a.rules_version,
+            mappings_version=a.mappings_version,
+            topic_system=self.topic_system,
+            inputs_hash=a.inputs_hash,
+        )
+        selections = context.get("selections") if hook == "order-select" else None
+        orders = draft_medication_requests(context.get("draftOrders"), selections)
+        order_cards = order_risk_cards(orders, evaluation.outcome, ctx, self.catalog)
+        if hook == "order-select":
+            return order_cards
+        return [*order_cards, *a.cards]
