@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.cds.thresholds import Thresholds
 
@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     environment: Literal["local", "test", "production"] = "local"
     host: str = "127.0.0.1"
     port: int = 8080
-    public_base_urls: list[str] = Field(
+    public_base_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Base URLs the service is reached at (for the JWT aud check behind proxies). "
         "Empty: the URL of the request as received.",
@@ -85,8 +85,8 @@ class Settings(BaseSettings):
     jwks_cache_s: int = 3600
     jwks_timeout_s: float = Field(5.0, description="HTTP timeout when fetching an issuer's JWK Set")
     jwks_min_refetch_s: int = Field(30, description="Least time between JWK Set refetches per issuer (unknown kid, failures)")
-    fhir_server_allowlist: list[str] = Field(default_factory=list, description="Allowed fhirServer base URL prefixes")
-    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    fhir_server_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Allowed fhirServer base URL prefixes")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     admin_token: SecretStr | None = Field(None, description="Bearer token for audit and assessment reads (feedback, /patients/...)")
     max_hook_request_bytes: int = 20_000_000
 
@@ -128,9 +128,16 @@ class Settings(BaseSettings):
     @field_validator("public_base_urls", "fhir_server_allowlist", "cors_origins", mode="before")
     @classmethod
     def _split_csv(cls, v: Any) -> Any:
-        if isinstance(v, str) and not v.strip().startswith("["):
+        if isinstance(v, str):
+            if v.strip().startswith("["):
+                return json.loads(v)
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
+
+    @field_validator("thresholds_file", "smart_private_key_file", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
 
     @model_validator(mode="after")
     def _safe(self) -> Settings:
