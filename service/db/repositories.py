@@ -1,0 +1,1002 @@
+"""All SQL of the service. Repositories take the caller's session and never commit.
+
+Every write that can race with another process is a single atomic statement (INSERT ... ON CONFLICT,
+conditional UPDATE ... RETURNING) that behaves the same on SQLite and PostgreSQL, so no repository relies
+on a read-then-write inside one transaction. Where a row must be read and then changed (subscription event
+numbering), the row is taken with a write first (INSERT ... ON CONFLICT DO NOTHING, which holds SQLite's
+write lock) and then ``SELECT ... FOR UPDATE`` (PostgreSQL's row lock).
+
+Timestamps default to :func:`service.db.base.utcnow`; every method that stamps time takes ``now`` so tests
+(and use cases with an injected clock) control it. Messages and exceptions name ids only, never payloads.
+
+JSON columns are replaced, never mutated in place (mutation is not tracked).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, false, func, or_, select, true, update
+from sqlalchemy.dialects.postgresql import Insert as PgInsert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import KeyedColumnElement
+
+from service.db.base import Base, utcnow
+from service.db.models import (
+    DEDUP_KEY_LEN,
+    CardFeedback,
+    Evaluation,
+    EventStatus,
+    FeedbackOutcome,
+    InboundEvent,
+    IssuedCard,
+    PatientEvaluationQueue,
+    PatientResource,
+    SubscriptionState,
+    Writeback,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_LEN = 2000
+MAX_REPORTED_GAP = 10_000
+_INT64_MAX = 2**63 - 1
+
+_UNHANDLED = (EventStatus.RECEIVED.value, EventStatus.QUEUED.value, EventStatus.PROCESSING.value)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _insert(session: Session, model: type[Base]) -> PgInsert | SqliteInsert:
+    """The dialect's INSERT construct (both support ON CONFLICT and RETURNING)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return pg_insert(model)
+    if dialect == "sqlite":
+        return sqlite_insert(model)
+    raise RuntimeError(f"unsupported database dialect: {dialect}")
+
+
+def _now(now: datetime | None) -> datetime:
+    return utcnow() if now is None else now
+
+
+def _cutoff(older_than: datetime | timedelta, now: datetime | None) -> datetime:
+    """A cutoff instant: a datetime as given, or ``now - older_than`` for a timedelta."""
+    if isinstance(older_than, timedelta):
+        return _now(now) - older_than
+    return older_than
+
+
+def _error_text(error: str | BaseException | None) -> str | None:
+    if error is None:
+        return None
+    text = type(error).__name__ if isinstance(error, BaseException) else error
+    return text[:MAX_ERROR_LEN]
+
+
+def version_number(version_id: str | None) -> int | None:
+    """``versionId`` as an integer when it is a plain non-negative decimal that fits in BIGINT, else None."""
+    if version_id is None:
+        return None
+    v = version_id.strip()
+    if not v.isascii() or not v.isdigit():
+        return None
+    n = int(v)
+    return n if n <= _INT64_MAX else None
+
+
+def _newer(
+    incoming: dict[str, KeyedColumnElement[Any]], stored: dict[str, KeyedColumnElement[Any]], *, strict: bool
+) -> ColumnElement[bool]:
+    """SQL: is the incoming version newer than the stored one (``strict``) or at least as new (not strict)?
+
+    Numeric versionIds are compared when both are numeric; otherwise lastUpdated when both are known;
+    otherwise two opaque versionIds count as newer only when they differ. With nothing to compare, the
+    incoming version wins (last arrival wins).
+    """
+    inum, snum = incoming["version_num"], stored["version_num"]
+    ilu, slu = incoming["last_updated"], stored["last_updated"]
+    ivid, svid = incoming["version_id"], stored["version_id"]
+    return case(
+        (and_(inum.is_not(None), snum.is_not(None)), (inum > snum) if strict else (inum >= snum)),
+        (and_(ilu.is_not(None), slu.is_not(None)), (ilu > slu) if strict else (ilu >= slu)),
+        (and_(ivid.is_not(None), svid.is_not(None)), (ivid != svid) if strict else true()),
+        else_=true(),
+    )
+
+
+def _cols(obj: Any, names: Iterable[str]) -> dict[str, KeyedColumnElement[Any]]:
+    return {name: getattr(obj, name) for name in names}
+
+
+_VERSION_COLS = ("version_num", "last_updated", "version_id")
+
+
+# ------------------------------------------------------------------------------------- the ledger
+
+
+class InboundEventRepository:
+    """``inbound_events``: the idempotency ledger of everything received or polled."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def create_if_absent(
+        self,
+        *,
+        dedup_key: str,
+        kind: str,
+        subscription: str | None = None,
+        event_number: int | None = None,
+        resource_type: str | None = None,
+        resource_id: str | None = None,
+        version_id: str | None = None,
+        patient_ref: str | None = None,
+        payload: dict[str, Any] | None = None,
+        status: str = EventStatus.RECEIVED,
+        now: datetime | None = None,
+    ) -> tuple[InboundEvent, bool]:
+        """Insert the event unless ``dedup_key`` exists; returns ``(event, created)``. Race-free."""
+        if not dedup_key or len(dedup_key) > DEDUP_KEY_LEN:
+            raise ValueError(f"dedup_key must be 1..{DEDUP_KEY_LEN} characters")
+        status = EventStatus(status).value
+        ts = _now(now)
+        stmt = (
+            _insert(self.session, InboundEvent)
+            .values(
+                dedup_key=dedup_key,
+                kind=kind,
+                subscription=subscription,
+                event_number=event_number,
+                resource_type=resource_type,
+                resource_id=resource_id,
+                version_id=version_id,
+                patient_ref=patient_ref,
+                payload=payload,
+                status=status,
+                attempts=0,
+                received_at=ts,
+                updated_at=ts,
+            )
+            .on_conflict_do_nothing(index_elements=[InboundEvent.dedup_key])
+            .returning(InboundEvent.id)
+        )
+        created = self.session.execute(stmt).first() is not None
+        event = self.session.scalars(
+            select(InboundEvent).where(InboundEvent.dedup_key == dedup_key).execution_options(populate_existing=True)
+        ).one()
+        return event, created
+
+    def get(self, event_id: int) -> InboundEvent | None:
+        return self.session.scalars(
+            select(InboundEvent).where(InboundEvent.id == event_id).execution_options(populate_existing=True)
+        ).one_or_none()
+
+    def get_by_dedup_key(self, dedup_key: str) -> InboundEvent | None:
+        return self.session.scalars(
+            select(InboundEvent).where(InboundEvent.dedup_key == dedup_key).execution_options(populate_existing=True)
+        ).one_or_none()
+
+    def mark_status(
+        self,
+        event_id: int,
+        status: str,
+        error: str | BaseException | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> bool:
+        """Set the status (``handled`` stamps ``handled_at``); ``error`` is stored truncated (ids only, no PHI;
+        an exception is stored as its class name). Returns whether the event exists."""
+        status = EventStatus(status).value
+        ts = _now(now)
+        values: dict[str, Any] = {"status": status, "updated_at": ts}
+        if status == EventStatus.HANDLED:
+            values["handled_at"] = ts
+        if error is not None:
+            values["last_error"] = _error_text(error)
+        stmt = (
+            update(InboundEvent)
+            .where(InboundEvent.id == event_id)
+            .values(**values)
+            .returning(InboundEvent.id)
+            .execution_options(synchronize_session="fetch")
+        )
+        return self.session.execute(stmt).first() is not None
+
+    def claim_for_processing(
+        self,
+        event_id: int,
+        *,
+        stale_after: timedelta = timedelta(minutes=10),
+        allow_failed: bool = False,
+        now: datetime | None = None,
+    ) -> bool:
+        """Atomically move the event to ``processing`` (and count the attempt); True for exactly one caller.
+
+        Claimable: ``received`` and ``queued`` (and ``failed`` with ``allow_failed``), and ``processing`` rows
+        not touched for ``stale_after`` (a killed worker's event). Under concurrency the losing session's
+        UPDATE re-checks the condition after the winner commits (PostgreSQL) or waits for the write lock
+        (SQLite), and matches nothing.
+        """
+        ts = _now(now)
+        claimable = [EventStatus.RECEIVED.value, EventStatus.QUEUED.value]
+        if allow_failed:
+            claimable.append(EventStatus.FAILED.value)
+        stmt = (
+            update(InboundEvent)
+            .where(
+                InboundEvent.id == event_id,
+                or_(
+                    InboundEvent.status.in_(claimable),
+                    and_(InboundEvent.status == EventStatus.PROCESSING.value, InboundEvent.updated_at < ts - stale_after),
+                ),
+            )
+            .values(status=EventStatus.PROCESSING.value, attempts=InboundEvent.attempts + 1, updated_at=ts)
+            .returning(InboundEvent.id)
+            .execution_options(synchronize_session="fetch")
+        )
+        return self.session.execute(stmt).first() is not None
+
+    def stale_unhandled(
+        self, older_than: datetime | timedelta, limit: int = 100, *, now: datetime | None = None
+    ) -> list[InboundEvent]:
+        """Events still received/queued/processing and untouched since the cutoff (oldest first), for the sweeper."""
+        cutoff = _cutoff(older_than, now)
+        stmt = (
+            select(InboundEvent)
+            .where(InboundEvent.status.in_(_UNHANDLED), InboundEvent.updated_at < cutoff)
+            .order_by(InboundEvent.updated_at, InboundEvent.id)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
+    def list_failed(self, limit: int = 100) -> list[InboundEvent]:
+        """Failed events, most recently failed first."""
+        stmt = (
+            select(InboundEvent)
+            .where(InboundEvent.status == EventStatus.FAILED.value)
+            .order_by(InboundEvent.updated_at.desc(), InboundEvent.id.desc())
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
+    def replay_failed(
+        self, event_ids: Iterable[int] | None = None, *, all_failed: bool = False, now: datetime | None = None
+    ) -> list[int]:
+        """Put failed events back to ``queued`` (attempts reset, last_error kept); returns their ids."""
+        if event_ids is None and not all_failed:
+            raise ValueError("pass event_ids or all_failed=True")
+        conditions: list[ColumnElement[bool]] = [InboundEvent.status == EventStatus.FAILED.value]
+        if event_ids is not None:
+            ids = list(event_ids)
+            if not ids:
+                return []
+            conditions.append(InboundEvent.id.in_(ids))
+        stmt = (
+            update(InboundEvent)
+            .where(*conditions)
+            .values(status=EventStatus.QUEUED.value, attempts=0, handled_at=None, updated_at=_now(now))
+            .returning(InboundEvent.id)
+            .execution_options(synchronize_session="fetch")
+        )
+        return sorted(self.session.scalars(stmt).all())
+
+    def reset_for_replay(
+        self, event_ids: Iterable[int] | None = None, *, all_failed: bool = False, now: datetime | None = None
+    ) -> int:
+        """Like :meth:`replay_failed`, returning how many events were reset."""
+        return len(self.replay_failed(event_ids, all_failed=all_failed, now=now))
+
+    def counts_by_status(self) -> dict[str, int]:
+        """Number of events per status (every status present, zero included)."""
+        counts = {s.value: 0 for s in EventStatus}
+        rows = self.session.execute(select(InboundEvent.status, func.count()).group_by(InboundEvent.status))
+        for status, n in rows:
+            counts[status] = int(n)
+        return counts
+
+
+# ---------------------------------------------------------------------------- patient resources
+
+
+class PatientResourceRepository:
+    """``patient_resources``: the current version of each resource of a monitored patient."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def upsert(
+        self,
+        *,
+        resource_type: str,
+        resource_id: str,
+        patient_ref: str,
+        content: dict[str, Any],
+        version_id: str | None = None,
+        last_updated: datetime | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Store the resource only if it is NEWER than the stored one (see :func:`_newer`); returns whether it
+        was written. A late older version never overwrites; a newer version revives a tombstone."""
+        stmt = _insert(self.session, PatientResource).values(
+            resource_type=resource_type,
+            resource_id=resource_id,
+            patient_ref=patient_ref,
+            version_id=version_id,
+            version_num=version_number(version_id),
+            last_updated=last_updated,
+            content=content,
+            deleted=False,
+            updated_at=_now(now),
+        )
+        ex = stmt.excluded
+        upsert = stmt.on_conflict_do_update(
+            index_elements=[PatientResource.resource_type, PatientResource.resource_id],
+            set_={
+                "patient_ref": ex.patient_ref,
+                "version_id": ex.version_id,
+                "version_num": ex.version_num,
+                "last_updated": ex.last_updated,
+                "content": ex.content,
+                "deleted": false(),
+                "updated_at": ex.updated_at,
+            },
+            where=_newer(_cols(ex, _VERSION_COLS), _cols(PatientResource, _VERSION_COLS), strict=True),
+        ).returning(PatientResource.id)
+        return self.session.execute(upsert).first() is not None
+
+    def mark_deleted(
+        self,
+        *,
+        resource_type: str,
+        resource_id: str,
+        patient_ref: str | None = None,
+        version_id: str | None = None,
+        last_updated: datetime | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Turn the resource into a tombstone (content cleared); returns whether a row was written.
+
+        With a version or lastUpdated, the deletion applies unless the stored version is newer (a deletion of
+        the current version applies). Without either it applies to a live row and keeps the stored version, so
+        a late older update still cannot revive it. An unknown resource gets a tombstone row, which guards
+        against an older version arriving after the deletion.
+        """
+        has_version = version_id is not None or last_updated is not None
+        stmt = _insert(self.session, PatientResource).values(
+            resource_type=resource_type,
+            resource_id=resource_id,
+            patient_ref=patient_ref,
+            version_id=version_id,
+            version_num=version_number(version_id),
+            last_updated=last_updated,
+            content=None,
+            deleted=True,
+            updated_at=_now(now),
+        )
+        ex = stmt.excluded
+        set_: dict[str, Any] = {
+            "patient_ref": func.coalesce(PatientResource.patient_ref, ex.patient_ref),
+            "content": None,
+            "deleted": true(),
+            "updated_at": ex.updated_at,
+        }
+        where: ColumnElement[bool]
+        if has_version:
+            if version_id is not None:
+                set_["version_id"] = ex.version_id
+                set_["version_num"] = ex.version_num
+            if last_updated is not None:
+                set_["last_updated"] = ex.last_updated
+            where = and_(
+                _newer(_cols(ex, _VERSION_COLS), _cols(PatientResource, _VERSION_COLS), strict=False),
+                or_(
+                    PatientResource.deleted == false(),
+                    _newer(_cols(ex, _VERSION_COLS), _cols(PatientResource, _VERSION_COLS), strict=True),
+                ),
+            )
+        else:
+            where = PatientResource.deleted == false()
+        tombstone = stmt.on_conflict_do_update(
+            index_elements=[PatientResource.resource_type, PatientResource.resource_id], set_=set_, where=where
+        ).returning(PatientResource.id)
+        return self.session.execute(tombstone).first() is not None
+
+    def get(self, resource_type: str, resource_id: str) -> PatientResource | None:
+        stmt = (
+            select(PatientResource)
+            .where(PatientResource.resource_type == resource_type, PatientResource.resource_id == resource_id)
+            .execution_options(populate_existing=True)
+        )
+        return self.session.scalars(stmt).one_or_none()
+
+    def list_for_patient(
+        self, patient_ref: str, *, resource_types: Sequence[str] | None = None, include_deleted: bool = False
+    ) -> list[PatientResource]:
+        """The patient's stored resources (live only unless ``include_deleted``), by type then id."""
+        stmt = select(PatientResource).where(PatientResource.patient_ref == patient_ref)
+        if resource_types is not None:
+            stmt = stmt.where(PatientResource.resource_type.in_(list(resource_types)))
+        if not include_deleted:
+            stmt = stmt.where(PatientResource.deleted == false())
+        stmt = stmt.order_by(PatientResource.resource_type, PatientResource.resource_id)
+        return list(self.session.scalars(stmt.execution_options(populate_existing=True)))
+
+    def patients(self) -> list[str]:
+        """Every patient with at least one live stored resource."""
+        stmt = (
+            select(PatientResource.patient_ref)
+            .where(PatientResource.deleted == false(), PatientResource.patient_ref.is_not(None))
+            .distinct()
+            .order_by(PatientResource.patient_ref)
+        )
+        return [ref for ref in self.session.scalars(stmt) if ref is not None]
+
+
+# ---------------------------------------------------------------------------- evaluation queue
+
+
+class EvaluationQueueRepository:
+    """``patient_evaluation_queue``: coalesces many changes of one patient into few evaluations.
+
+    Protocol: ``mark_dirty`` after storing a change (enqueue an evaluation only when it returns True);
+    the task calls ``claim`` (None: nothing to do), evaluates, then ``finish(generation)``; when that
+    returns True a change arrived meanwhile and the evaluation must run again.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def mark_dirty(self, patient_ref: str, *, now: datetime | None = None) -> bool:
+        """Record a change; True when the patient was not already dirty (the caller should enqueue)."""
+        ts = _now(now)
+        pq = PatientEvaluationQueue
+        inserted = self.session.execute(
+            _insert(self.session, pq)
+            .values(patient_ref=patient_ref, dirty_since=ts, requested_at=ts, generation=1)
+            .on_conflict_do_nothing(index_elements=[pq.patient_ref])
+            .returning(pq.patient_ref)
+        ).first()
+        if inserted is not None:
+            return True
+        # Either transition clean → dirty (True) or bump the generation of a dirty row (False). Each UPDATE is
+        # conditional, so a finish() between the two cannot make the mark disappear: retry until one matches.
+        for _ in range(10):
+            became_dirty = self.session.execute(
+                update(pq)
+                .where(pq.patient_ref == patient_ref, pq.dirty_since.is_(None))
+                .values(dirty_since=ts, requested_at=ts, generation=pq.generation + 1)
+                .returning(pq.patient_ref)
+                .execution_options(synchronize_session="fetch")
+            ).first()
+            if became_dirty is not None:
+                return True
+            still_dirty = self.session.execute(
+                update(pq)
+                .where(pq.patient_ref == patient_ref, pq.dirty_since.is_not(None))
+                .values(requested_at=ts, generation=pq.generation + 1)
+                .returning(pq.patient_ref)
+                .execution_options(synchronize_session="fetch")
+            ).first()
+            if still_dirty is not None:
+                return False
+        raise RuntimeError("mark_dirty: the queue row kept changing; retry the transaction")
+
+    def claim(self, patient_ref: str, *, now: datetime | None = None) -> int | None:
+        """Start an evaluation of a dirty patient: returns the generation to pass to :meth:`finish`, or None
+        when the patient is not dirty (another evaluation already covered the change)."""
+        pq = PatientEvaluationQueue
+        row = self.session.execute(
+            update(pq)
+            .where(pq.patient_ref == patient_ref, pq.dirty_since.is_not(None))
+            .values(last_started_at=_now(now))
+            .returning(pq.generation)
+            .execution_options(synchronize_session="fetch")
+        ).first()
+        return None if row is None else int(row[0])
+
+    def finish(self, patient_ref: str, generation: int, *, now: datetime | None = None) -> bool:
+        """End an evaluation; clears dirty only if no mark happened since the claim. Returns True when the
+        patient is still dirty (marked meanwhile) and must be evaluated again."""
+        ts = _now(now)
+        pq = PatientEvaluationQueue
+        done = self.session.execute(
+            update(pq)
+            .where(pq.patient_ref == patient_ref, pq.generation == generation)
+            .values(dirty_since=None, last_finished_at=ts)
+            .returning(pq.patient_ref)
+            .execution_options(synchronize_session="fetch")
+        ).first()
+        if done is not None:
+            return False
+        rerun = self.session.execute(
+            update(pq)
+            .where(pq.patient_ref == patient_ref, pq.dirty_since.is_not(None))
+            .values(last_finished_at=ts)
+            .returning(pq.patient_ref)
+            .execution_options(synchronize_session="fetch")
+        ).first()
+        return rerun is not None
+
+    def get(self, patient_ref: str) -> PatientEvaluationQueue | None:
+        stmt = (
+            select(PatientEvaluationQueue)
+            .where(PatientEvaluationQueue.patient_ref == patient_ref)
+            .execution_options(populate_existing=True)
+        )
+        return self.session.scalars(stmt).one_or_none()
+
+    def stale_dirty(self, older_than: datetime | timedelta, limit: int = 100, *, now: datetime | None = None) -> list[str]:
+        """Patients dirty since before the cutoff with no evaluation started since (a lost task or a killed
+        worker), oldest first: the sweeper enqueues them again."""
+        cutoff = _cutoff(older_than, now)
+        pq = PatientEvaluationQueue
+        stmt = (
+            select(pq.patient_ref)
+            .where(
+                pq.dirty_since.is_not(None),
+                pq.dirty_since < cutoff,
+                or_(pq.last_started_at.is_(None), pq.last_started_at < cutoff),
+            )
+            .order_by(pq.dirty_since, pq.patient_ref)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
+
+# ---------------------------------------------------------------------------------- evaluations
+
+
+class EvaluationRepository:
+    """``evaluations``: the stored assessments (audit trail and CDS Hooks reuse)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def record(
+        self,
+        *,
+        patient_ref: str,
+        evaluated_at: datetime,
+        inputs_hash: str,
+        inputs: list[dict[str, Any]],
+        rules_version: str,
+        mappings_version: str,
+        calciphylaxis_tier: str,
+        metastatic_tier: str,
+        renal_context: str | None,
+        assessment: dict[str, Any],
+        now: datetime | None = None,
+    ) -> Evaluation:
+        evaluation = Evaluation(
+            patient_ref=patient_ref,
+            evaluated_at=evaluated_at,
+            inputs_hash=inputs_hash,
+            inputs=inputs,
+            rules_version=rules_version,
+            mappings_version=mappings_version,
+            calciphylaxis_tier=calciphylaxis_tier,
+            metastatic_tier=metastatic_tier,
+            renal_context=renal_context,
+            assessment=assessment,
+            created_at=_now(now),
+        )
+        self.session.add(evaluation)
+        self.session.flush()
+        return evaluation
+
+    def get(self, evaluation_id: int) -> Evaluation | None:
+        return self.session.get(Evaluation, evaluation_id)
+
+    def latest_for(self, patient_ref: str) -> Evaluation | None:
+        stmt = (
+            select(Evaluation)
+            .where(Evaluation.patient_ref == patient_ref)
+            .order_by(Evaluation.evaluated_at.desc(), Evaluation.id.desc())
+            .limit(1)
+        )
+        return self.session.scalars(stmt).first()
+
+    def find_fresh(
+        self,
+        patient_ref: str,
+        inputs_hash: str,
+        rules_version: str,
+        mappings_version: str,
+        newer_than: datetime,
+    ) -> Evaluation | None:
+        """The latest evaluation of the same inputs with the same rules and mappings, evaluated at or after
+        ``newer_than`` (None: evaluate again)."""
+        stmt = (
+            select(Evaluation)
+            .where(
+                Evaluation.patient_ref == patient_ref,
+                Evaluation.inputs_hash == inputs_hash,
+                Evaluation.rules_version == rules_version,
+                Evaluation.mappings_version == mappings_version,
+                Evaluation.evaluated_at >= newer_than,
+            )
+            .order_by(Evaluation.evaluated_at.desc(), Evaluation.id.desc())
+            .limit(1)
+        )
+        return self.session.scalars(stmt).first()
+
+    def count_for(self, patient_ref: str) -> int:
+        stmt = select(func.count()).select_from(Evaluation).where(Evaluation.patient_ref == patient_ref)
+        return int(self.session.scalar(stmt) or 0)
+
+    def list_for(self, patient_ref: str, limit: int = 20) -> list[Evaluation]:
+        """The patient's evaluations, newest first."""
+        stmt = (
+            select(Evaluation)
+            .where(Evaluation.patient_ref == patient_ref)
+            .order_by(Evaluation.evaluated_at.desc(), Evaluation.id.desc())
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
+
+# ----------------------------------------------------------------------------------- writebacks
+
+
+class WritebackRepository:
+    """``writebacks``: what was last written to the EHR per (patient, flag)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, patient_ref: str, flag: str) -> Writeback | None:
+        stmt = (
+            select(Writeback)
+            .where(Writeback.patient_ref == patient_ref, Writeback.flag == flag)
+            .execution_options(populate_existing=True)
+        )
+        return self.session.scalars(stmt).one_or_none()
+
+    def upsert(
+        self,
+        *,
+        patient_ref: str,
+        flag: str,
+        identifier_system: str,
+        identifier_value: str,
+        basis_hash: str,
+        tier: str,
+        fhir_id: str | None = None,
+        fhir_version: str | None = None,
+        written_at: datetime | None = None,
+    ) -> Writeback:
+        stmt = _insert(self.session, Writeback).values(
+            patient_ref=patient_ref,
+            flag=flag,
+            identifier_system=identifier_system,
+            identifier_value=identifier_value,
+            basis_hash=basis_hash,
+            tier=tier,
+            fhir_id=fhir_id,
+            fhir_version=fhir_version,
+            written_at=_now(written_at),
+        )
+        ex = stmt.excluded
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Writeback.patient_ref, Writeback.flag],
+            set_={
+                "identifier_system": ex.identifier_system,
+                "identifier_value": ex.identifier_value,
+                "basis_hash": ex.basis_hash,
+                "tier": ex.tier,
+                "fhir_id": ex.fhir_id,
+                "fhir_version": ex.fhir_version,
+                "written_at": ex.written_at,
+            },
+        )
+        self.session.execute(stmt)
+        written = self.get(patient_ref, flag)
+        assert written is not None  # just written in this transaction
+        return written
+
+
+# --------------------------------------------------------------------------- cards and feedback
+
+
+class IssuedCardRepository:
+    """``issued_cards``: cards returned to the EHR, for joining feedback in audits."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def record(
+        self,
+        *,
+        card_uuid: str,
+        service_id: str,
+        patient_ref: str,
+        topic: str | None = None,
+        rule_id: str | None = None,
+        issued_at: datetime | None = None,
+    ) -> bool:
+        """Store the card unless its uuid is known; returns whether it was created."""
+        stmt = (
+            _insert(self.session, IssuedCard)
+            .values(
+                card_uuid=card_uuid,
+                service_id=service_id,
+                patient_ref=patient_ref,
+                topic=topic,
+                rule_id=rule_id,
+                issued_at=_now(issued_at),
+            )
+            .on_conflict_do_nothing(index_elements=[IssuedCard.card_uuid])
+            .returning(IssuedCard.card_uuid)
+        )
+        return self.session.execute(stmt).first() is not None
+
+    def get(self, card_uuid: str) -> IssuedCard | None:
+        return self.session.get(IssuedCard, card_uuid)
+
+    def list_for_patient(self, patient_ref: str, limit: int = 100) -> list[IssuedCard]:
+        stmt = (
+            select(IssuedCard)
+            .where(IssuedCard.patient_ref == patient_ref)
+            .order_by(IssuedCard.issued_at.desc(), IssuedCard.card_uuid)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
+
+class CardFeedbackRepository:
+    """``card_feedback``: CDS Hooks feedback; the same (service, card, outcome) is stored once."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def record_feedback(
+        self,
+        *,
+        service_id: str,
+        card_uuid: str,
+        outcome: str,
+        outcome_timestamp: datetime,
+        override_reason: dict[str, Any] | None = None,
+        accepted_suggestions: list[dict[str, Any]] | None = None,
+        user_comment: str | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Store the feedback; False when this outcome for this card was already recorded."""
+        outcome = FeedbackOutcome(outcome).value
+        stmt = (
+            _insert(self.session, CardFeedback)
+            .values(
+                service_id=service_id,
+                card_uuid=card_uuid,
+                outcome=outcome,
+                outcome_timestamp=outcome_timestamp,
+                override_reason=override_reason,
+                accepted_suggestions=accepted_suggestions,
+                user_comment=user_comment,
+                received_at=_now(now),
+            )
+            .on_conflict_do_nothing(index_elements=[CardFeedback.service_id, CardFeedback.card_uuid, CardFeedback.outcome])
+            .returning(CardFeedback.id)
+        )
+        return self.session.execute(stmt).first() is not None
+
+    def list_feedback(
+        self,
+        service_id: str | None = None,
+        card_uuid: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[CardFeedback]:
+        """Feedback, newest received first, optionally filtered by service, card and received time."""
+        stmt = select(CardFeedback)
+        if service_id is not None:
+            stmt = stmt.where(CardFeedback.service_id == service_id)
+        if card_uuid is not None:
+            stmt = stmt.where(CardFeedback.card_uuid == card_uuid)
+        if since is not None:
+            stmt = stmt.where(CardFeedback.received_at >= since)
+        stmt = stmt.order_by(CardFeedback.received_at.desc(), CardFeedback.id.desc()).limit(limit)
+        return list(self.session.scalars(stmt))
+
+    def list_feedback_with_cards(
+        self, service_id: str | None = None, since: datetime | None = None, limit: int = 100
+    ) -> list[tuple[CardFeedback, IssuedCard | None]]:
+        """Feedback joined with the issued card it refers to (None when the card is unknown)."""
+        stmt = select(CardFeedback, IssuedCard).outerjoin(IssuedCard, IssuedCard.card_uuid == CardFeedback.card_uuid)
+        if service_id is not None:
+            stmt = stmt.where(CardFeedback.service_id == service_id)
+        if since is not None:
+            stmt = stmt.where(CardFeedback.received_at >= since)
+        stmt = stmt.order_by(CardFeedback.received_at.desc(), CardFeedback.id.desc()).limit(limit)
+        return [(feedback, card) for feedback, card in self.session.execute(stmt).tuples()]
+
+
+# --------------------------------------------------------------------------- subscription state
+
+
+class SubscriptionStateRepository:
+    """``subscription_state``: event numbering (gap detection), liveness and the polling watermark."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def _ensure_row(self, subscription: str, ts: datetime) -> None:
+        self.session.execute(
+            _insert(self.session, SubscriptionState)
+            .values(subscription=subscription, created_at=ts, updated_at=ts)
+            .on_conflict_do_nothing(index_elements=[SubscriptionState.subscription])
+        )
+
+    def _locked(self, subscription: str, ts: datetime) -> SubscriptionState:
+        # The INSERT takes SQLite's write lock for the rest of the transaction; FOR UPDATE locks the
+        # PostgreSQL row. Either way the read-modify-write below is not interleaved with another one.
+        self._ensure_row(subscription, ts)
+        stmt = (
+            select(SubscriptionState)
+            .where(SubscriptionState.subscription == subscription)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        return self.session.scalars(stmt).one()
+
+    def ensure(
+        self,
+        subscription: str,
+        *,
+        topic: str | None = None,
+        criteria: str | None = None,
+        status: str | None = None,
+        now: datetime | None = None,
+    ) -> SubscriptionState:
+        """The subscription's row, created if absent; given topic/criteria/status are stored."""
+        ts = _now(now)
+        state = self._locked(subscription, ts)
+        if topic is not None:
+            state.topic = topic
+        if criteria is not None:
+            state.criteria = criteria
+        if status is not None:
+            state.status = status
+        if topic is not None or criteria is not None or status is not None:
+            state.updated_at = ts
+        self.session.flush()
+        return state
+
+    def get(self, subscription: str) -> SubscriptionState | None:
+        stmt = (
+            select(SubscriptionState)
+            .where(SubscriptionState.subscription == subscription)
+            .execution_options(populate_existing=True)
+        )
+        return self.session.scalars(stmt).one_or_none()
+
+    def list_all(self) -> list[SubscriptionState]:
+        return list(self.session.scalars(select(SubscriptionState).order_by(SubscriptionState.subscription)))
+
+    def set_status(self, subscription: str, status: str, *, now: datetime | None = None) -> None:
+        self.ensure(subscription, status=status, now=now)
+
+    def _advance(self, state: SubscriptionState, highest_seen: int, *, inclusive: bool) -> list[int]:
+        last = state.last_event_number
+        if last is None:
+            state.last_event_number = highest_seen
+            return []
+        if highest_seen <= last:
+            return []
+        stop = highest_seen + 1 if inclusive else highest_seen
+        missing = list(range(last + 1, min(stop, last + 1 + MAX_REPORTED_GAP)))
+        state.last_event_number = highest_seen
+        return missing
+
+    def observe_event_number(self, subscription: str, event_number: int, *, now: datetime | None = None) -> list[int]:
+        """Record a notification's event number; returns the numbers skipped since the highest seen (each gap
+        is reported once, at most ``MAX_REPORTED_GAP`` numbers). The first number seen is the baseline; a
+        late or repeated number reports nothing."""
+        ts = _now(now)
+        state = self._locked(subscription, ts)
+        missing = self._advance(state, event_number, inclusive=False)
+        state.last_notification_at = ts
+        state.updated_at = ts
+        self.session.flush()
+        if missing:
+            log.info("subscription event gap: %d missing", len(missing))
+        return missing
+
+    def observe_events_since_start(self, subscription: str, events_since_start: int, *, now: datetime | None = None) -> list[int]:
+        """Record ``eventsSinceSubscriptionStart`` of a handshake, heartbeat or status: events up to and
+        including that count were sent, so any of them beyond the highest seen are missing."""
+        ts = _now(now)
+        state = self._locked(subscription, ts)
+        missing = self._advance(state, events_since_start, inclusive=True)
+        state.updated_at = ts
+        self.session.flush()
+        return missing
+
+    def touch_heartbeat(self, subscription: str, *, now: datetime | None = None) -> None:
+        ts = _now(now)
+        stmt = _insert(self.session, SubscriptionState).values(
+            subscription=subscription, last_heartbeat_at=ts, created_at=ts, updated_at=ts
+        )
+        ex = stmt.excluded
+        self.session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[SubscriptionState.subscription],
+                set_={"last_heartbeat_at": ex.last_heartbeat_at, "updated_at": ex.updated_at},
+            )
+        )
+
+    def get_watermark(self, subscription: str) -> datetime | None:
+        stmt = select(SubscriptionState.watermark).where(SubscriptionState.subscription == subscription)
+        return self.session.scalar(stmt)
+
+    def set_watermark(self, subscription: str, watermark: datetime, *, now: datetime | None = None) -> bool:
+        """Move the ``_lastUpdated`` polling watermark forward (never back); returns whether it moved."""
+        ts = _now(now)
+        stmt = _insert(self.session, SubscriptionState).values(
+            subscription=subscription, watermark=watermark, created_at=ts, updated_at=ts
+        )
+        ex = stmt.excluded
+        forward = stmt.on_conflict_do_update(
+            index_elements=[SubscriptionState.subscription],
+            set_={"watermark": ex.watermark, "updated_at": ex.updated_at},
+            where=or_(SubscriptionState.watermark.is_(None), SubscriptionState.watermark < ex.watermark),
+        ).returning(SubscriptionState.subscription)
+        return self.session.execute(forward).first() is not None
+
+    def stale_heartbeats(self, older_than: datetime | timedelta, *, now: datetime | None = None) -> list[SubscriptionState]:
+        """Subscriptions (not ``off``) with neither a heartbeat nor a notification since the cutoff, and
+        known for longer than that."""
+        cutoff = _cutoff(older_than, now)
+        s = SubscriptionState
+        stmt = (
+            select(s)
+            .where(
+                or_(s.status.is_(None), s.status != "off"),
+                s.created_at < cutoff,
+                or_(s.last_heartbeat_at.is_(None), s.last_heartbeat_at < cutoff),
+                or_(s.last_notification_at.is_(None), s.last_notification_at < cutoff),
+            )
+            .order_by(s.subscription)
+        )
+        return list(self.session.scalars(stmt))
+
+
+# ------------------------------------------------------------------------------------ all of them
+
+
+class Repositories:
+    """Every repository over one session: ``repos = Repositories(session); repos.ledger.get(1)``."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.ledger = InboundEventRepository(session)
+        self.resources = PatientResourceRepository(session)
+        self.queue = EvaluationQueueRepository(session)
+        self.evaluations = EvaluationRepository(session)
+        self.writebacks = WritebackRepository(session)
+        self.issued_cards = IssuedCardRepository(session)
+        self.feedback = CardFeedbackRepository(session)
+        self.subscriptions = SubscriptionStateRepository(session)
+
+
+__all__ = [
+    "CardFeedbackRepository",
+    "EvaluationQueueRepository",
+    "EvaluationRepository",
+    "InboundEventRepository",
+    "IssuedCardRepository",
+    "PatientResourceRepository",
+    "Repositories",
+    "SubscriptionStateRepository",
+    "WritebackRepository",
+    "version_number",
+]

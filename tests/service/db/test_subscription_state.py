@@ -1,0 +1,101 @@
+"""Subscription bookkeeping: event-number gaps, heartbeats, the polling watermark."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.repositories import MAX_REPORTED_GAP, SubscriptionStateRepository
+from service.db.session import session_scope
+
+SUB = "Subscription/s1"
+
+
+def _observe(factory: sessionmaker[Session], n: int) -> list[int]:
+    with session_scope(factory) as session:
+        return SubscriptionStateRepository(session).observe_event_number(SUB, n)
+
+
+def test_gap_detection(db_session_factory: sessionmaker[Session]) -> None:
+    assert _observe(db_session_factory, 1) == []
+    assert _observe(db_session_factory, 2) == []
+    assert _observe(db_session_factory, 5) == [3, 4]
+    assert _observe(db_session_factory, 3) == []  # late arrival: reported already
+    assert _observe(db_session_factory, 5) == []  # repeated
+    assert _observe(db_session_factory, 6) == []
+    with session_scope(db_session_factory) as session:
+        state = SubscriptionStateRepository(session).get(SUB)
+        assert state is not None and state.last_event_number == 6 and state.last_notification_at is not None
+
+
+def test_events_since_start_reports_unseen_events(db_session_factory: sessionmaker[Session]) -> None:
+    with session_scope(db_session_factory) as session:
+        repo = SubscriptionStateRepository(session)
+        assert repo.observe_events_since_start(SUB, 0) == []  # handshake: baseline
+        assert repo.observe_event_number(SUB, 2) == [1]
+        assert repo.observe_events_since_start(SUB, 4) == [3, 4]  # heartbeat: events 3 and 4 never arrived
+        assert repo.observe_events_since_start(SUB, 4) == []
+        assert repo.observe_event_number(SUB, 4) == []
+
+
+def test_a_huge_gap_is_reported_capped(db_session_factory: sessionmaker[Session]) -> None:
+    assert _observe(db_session_factory, 1) == []
+    missing = _observe(db_session_factory, 10 * MAX_REPORTED_GAP)
+    assert len(missing) == MAX_REPORTED_GAP
+    assert missing[0] == 2
+
+
+def test_concurrent_observations_report_each_gap_once(db_session_factory: sessionmaker[Session]) -> None:
+    assert _observe(db_session_factory, 1) == []
+    numbers = [10, 7, 12, 4]
+    barrier = threading.Barrier(len(numbers))
+
+    def observe(n: int) -> list[int]:
+        barrier.wait()
+        return _observe(db_session_factory, n)
+
+    with ThreadPoolExecutor(len(numbers)) as pool:
+        reported = [m for result in pool.map(observe, numbers) for m in result]
+    assert len(reported) == len(set(reported))  # nothing reported twice
+    # Never-seen numbers are each reported once; a seen number only if its gap was reported first.
+    assert set(range(2, 12)) - {4, 7, 10} <= set(reported) <= set(range(2, 12))
+    with session_scope(db_session_factory) as session:
+        assert SubscriptionStateRepository(session).get(SUB).last_event_number == 12  # type: ignore[union-attr]
+
+
+def test_heartbeats_and_staleness(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
+    with session_scope(db_session_factory) as session:
+        repo = SubscriptionStateRepository(session)
+        repo.ensure("Subscription/quiet", topic="http://example.org/topic", status="active", now=t0)
+        repo.ensure("Subscription/beating", criteria="Observation?code=x", now=t0)
+        repo.touch_heartbeat("Subscription/beating", now=t0 + timedelta(minutes=20))
+        repo.ensure("Subscription/busy", now=t0)
+        repo.observe_event_number("Subscription/busy", 1, now=t0 + timedelta(minutes=20))
+        repo.ensure("Subscription/off", status="off", now=t0)
+        repo.touch_heartbeat("Subscription/new", now=t0 + timedelta(minutes=25))
+    with session_scope(db_session_factory) as session:
+        repo = SubscriptionStateRepository(session)
+        stale = repo.stale_heartbeats(timedelta(minutes=15), now=t0 + timedelta(minutes=30))
+        assert [s.subscription for s in stale] == ["Subscription/quiet"]
+        quiet = repo.get("Subscription/quiet")
+        assert quiet is not None and quiet.topic == "http://example.org/topic" and quiet.status == "active"
+        beating = repo.get("Subscription/beating")
+        assert beating is not None and beating.last_heartbeat_at == t0 + timedelta(minutes=20)
+        assert beating.criteria == "Observation?code=x"
+        repo.set_status("Subscription/quiet", "error")
+        assert repo.get("Subscription/quiet").status == "error"  # type: ignore[union-attr]
+        assert len(repo.list_all()) == 5
+
+
+def test_watermark_only_moves_forward(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
+    with session_scope(db_session_factory) as session:
+        repo = SubscriptionStateRepository(session)
+        assert repo.get_watermark(SUB) is None
+        assert repo.set_watermark(SUB, t0)
+        assert not repo.set_watermark(SUB, t0 - timedelta(minutes=1))
+        assert not repo.set_watermark(SUB, t0)
+        assert repo.set_watermark(SUB, t0 + timedelta(minutes=1))
+        assert repo.get_watermark(SUB) == t0 + timedelta(minutes=1)
