@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     sweeper_interval_s: int = 60
     sweeper_stale_after_s: int = 120
     reconcile_interval_s: int = 300
+    poll_initial_lookback_h: int = Field(24, description="First _lastUpdated search looks back this far (backfill loads history)")
     heartbeat_timeout_s: int = 900
     assessment_fresh_s: int = Field(3600, description="CDS Hooks reuses a stored assessment this recent for the same data")
 

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service.api import cds_hooks, health, patients
+from service.api import cds_hooks, health, notifications, patients
 from service.api.handlers import install_handlers
 from service.api.models import CdsRequest, FeedbackRequest
 from service.api.state import build_context
@@ -34,6 +34,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()
         yield
         await ctx.hooks.fetcher.aclose()
+        close = getattr(ctx.monitor.queue, "close", None)
+        if close is not None:
+            close()
         ctx.verifier.close()
         ctx.engine.dispose()
 
@@ -53,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_handlers(app)
     app.include_router(cds_hooks.router)
+    app.include_router(notifications.router)
     app.include_router(patients.router)
     app.include_router(health.router)
 

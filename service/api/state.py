@@ -13,12 +13,15 @@ from service.cds.discovery import discovery_document
 from service.cds.thresholds import Thresholds
 from service.config import Settings
 from service.db.session import check_database, make_engine, make_session_factory
+from service.fhir.client import client_from_settings
 from service.fhir.hook_fetch import HookFetcher
+from service.queue import CeleryQueue
 from service.security import JwtVerifier, build_verifier
 from service.terminology.catalog import Catalog
 from service.terminology.checks import check_catalog_for_rules
 from service.terminology.loader import load_catalog
 from service.usecases.evaluate_hook import HookService
+from service.usecases.monitor import MonitorContext
 
 
 @dataclass
@@ -31,6 +34,7 @@ class AppContext:
     engine: Engine
     sessions: sessionmaker[Session]
     discovery: dict[str, Any]
+    monitor: MonitorContext
     _ready_cache: tuple[float, dict[str, Any]] | None = field(default=None, repr=False)
 
     def readiness(self) -> dict[str, Any]:
@@ -73,6 +77,15 @@ def build_context(settings: Settings) -> AppContext:
         fhir_server_allowlist=settings.fhir_server_allowlist,
         dev_mode=settings.dev_mode,
     )
+    sessions = make_session_factory(engine)
+    monitor = MonitorContext(
+        settings=settings,
+        catalog=catalog,
+        thresholds=thresholds,
+        sessions=sessions,
+        queue=CeleryQueue(settings.effective_broker_url),
+        fhir_client=(lambda: client_from_settings(settings)) if settings.fhir_base_url else None,
+    )
     return AppContext(
         settings=settings,
         catalog=catalog,
@@ -80,6 +93,7 @@ def build_context(settings: Settings) -> AppContext:
         verifier=build_verifier(settings),
         hooks=hooks,
         engine=engine,
-        sessions=make_session_factory(engine),
+        sessions=sessions,
         discovery=discovery_document(catalog),
+        monitor=monitor,
     )

@@ -1,0 +1,108 @@
+"""POST /fhir/notifications: the FHIR subscription receiver (forms documented in the README).
+
+Accepted: R4 rest-hook with an empty body; R4 rest-hook with a resource payload (also HAPI's
+``PUT {endpoint}/{Type}/{id}``, and DELETE there); R5 Backport notification Bundles (handshake, heartbeat,
+event-notification, query-status, query-event; empty, id-only and full-resource payloads); a bare resource
+with ``X-Medplum-*`` headers signed with ``X-Signature``. Authenticated by the channel header's shared
+secret or the HMAC; anything else 401. Every accepted event is in the ledger before the 2xx.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from service.api.cds_hooks import ctx_of, json_response
+from service.api.models import OperationOutcome
+from service.errors import BadRequest, PayloadTooLarge, Unauthorized, Unavailable
+from service.fhir.notifications import (
+    BackportNotification,
+    EmptyPing,
+    InvalidNotification,
+    NotificationTooLarge,
+    parse_notification,
+    verify_medplum_signature,
+    verify_shared_secret,
+)
+from service.logging import get_logger
+from service.metrics import NOTIFICATIONS
+from service.usecases import monitor
+
+router = APIRouter(tags=["FHIR subscriptions"])
+log = get_logger("calcinosis-cds.notifications")
+RESPONSES = {code: {"model": OperationOutcome} for code in (400, 401, 413, 503)}
+
+
+def _authenticate(request: Request, body: bytes) -> str:
+    settings = ctx_of(request).settings
+    headers = request.headers
+    if "x-signature" in headers and settings.medplum_hmac_secret is not None:
+        if verify_medplum_signature(body, headers, settings.medplum_hmac_secret):
+            return "medplum"
+        raise Unauthorized()
+    if settings.subscription_secret is not None:
+        if verify_shared_secret(headers, settings):
+            return "shared-secret"
+        raise Unauthorized()
+    if settings.medplum_hmac_secret is None and settings.dev_mode:
+        return "development-mode"
+    raise Unauthorized()
+
+
+async def _receive(request: Request, path: str | None) -> Response:
+    ctx = ctx_of(request)
+    limit = ctx.settings.max_notification_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        NOTIFICATIONS.labels("unknown", "too-large").inc()
+        raise PayloadTooLarge(f"notification over {limit} bytes")
+    body = await request.body()
+    if len(body) > limit:
+        NOTIFICATIONS.labels("unknown", "too-large").inc()
+        raise PayloadTooLarge(f"notification over {limit} bytes")
+    auth = _authenticate(request, body)
+    try:
+        notifications = parse_notification(body, request.headers, method=request.method, path=path)
+    except NotificationTooLarge as exc:
+        raise PayloadTooLarge(exc.reason) from None
+    except InvalidNotification as exc:
+        NOTIFICATIONS.labels("unknown", "invalid").inc()
+        raise BadRequest(f"invalid notification: {exc.reason}") from None
+    form = _form(notifications, request)
+    try:
+        summary = await run_in_threadpool(monitor.receive, ctx.monitor, notifications, form)
+    except SQLAlchemyError as exc:
+        log.error("ledger_unavailable", error=type(exc).__name__)
+        raise Unavailable("the event ledger is unavailable; retry") from None
+    except Exception as exc:  # noqa: BLE001 - the broker: rows are committed, the sweeper and a redelivery resend them
+        log.error("broker_unavailable", error=type(exc).__name__)
+        raise Unavailable("the task queue is unavailable; retry") from None
+    log.info("notification", form=form, auth=auth, accepted=summary.accepted, duplicates=summary.duplicates)
+    return json_response({"accepted": summary.accepted, "duplicates": summary.duplicates})
+
+
+def _form(notifications: list[object], request: Request) -> str:
+    if any(isinstance(n, BackportNotification) for n in notifications):
+        return "backport"
+    if any(isinstance(n, EmptyPing) for n in notifications):
+        return "r4-empty"
+    if "x-medplum-subscription" in request.headers or "x-signature" in request.headers:
+        return "medplum"
+    return "r4-resource"
+
+
+@router.post("/fhir/notifications", summary="Receive a FHIR subscription notification", responses=RESPONSES)
+async def notifications(request: Request) -> Response:
+    return await _receive(request, None)
+
+
+@router.api_route(
+    "/fhir/notifications/{resource_type}/{resource_id}",
+    methods=["PUT", "POST", "DELETE"],
+    summary="Receive an R4 rest-hook payload as HAPI sends it (PUT {endpoint}/{Type}/{id})",
+    responses=RESPONSES,
+)
+async def notifications_resource(resource_type: str, resource_id: str, request: Request) -> Response:
+    return await _receive(request, f"{resource_type}/{resource_id}")

@@ -1,0 +1,78 @@
+"""The task-queue port, and enqueue-after-commit.
+
+The service sends tasks by name (``send_task``) and never imports the ``workers`` package. Jobs
+collected during a transaction are sent only after it commits and dropped on rollback, so a worker
+never looks for a row that is not there yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.session import session_scope
+
+#: Task name prefix → queue (CONTRACT/issue: queues for ingest, evaluate and write-back).
+QUEUES = {"cds.ingest": "ingest", "cds.maintenance": "ingest", "cds.evaluate": "evaluate", "cds.writeback": "writeback"}
+TASK_PROCESS_EVENT = "cds.ingest.process_event"
+TASK_EVALUATE = "cds.evaluate.patient"
+TASK_WRITEBACK = "cds.writeback.evaluation"
+TASK_SWEEP = "cds.maintenance.sweep"
+TASK_RECONCILE = "cds.maintenance.reconcile"
+
+
+def queue_for(task_name: str) -> str:
+    return QUEUES[task_name.rsplit(".", 1)[0]]
+
+
+class TaskQueue(Protocol):
+    def send(self, name: str, args: list[Any], countdown: float | None = None) -> None: ...
+
+
+class CeleryQueue:
+    """Producer side of Celery: a minimal app on the same broker, sending by task name."""
+
+    def __init__(self, broker_url: str) -> None:
+        from celery import Celery
+
+        self.app = Celery("calcinosis-cds-producer", broker=broker_url, set_as_current=False)
+        self.app.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=False,
+                             broker_connection_max_retries=1, broker_transport_options={"max_retries": 1})
+
+    def send(self, name: str, args: list[Any], countdown: float | None = None) -> None:
+        self.app.send_task(name, args=args, countdown=countdown, queue=queue_for(name))
+
+    def close(self) -> None:
+        self.app.close()
+
+
+class MemoryQueue:
+    """Records sent jobs (for tests and the offline CLI); sends nothing."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[Any], float | None]] = []
+
+    def send(self, name: str, args: list[Any], countdown: float | None = None) -> None:
+        self.sent.append((name, list(args), countdown))
+
+
+@dataclass
+class Jobs:
+    items: list[tuple[str, list[Any], float | None]] = field(default_factory=list)
+
+    def add(self, name: str, *args: Any, countdown: float | None = None) -> None:
+        self.items.append((name, list(args), countdown))
+
+
+@contextmanager
+def unit_of_work(sessions: sessionmaker[Session], queue: TaskQueue) -> Iterator[tuple[Session, Jobs]]:
+    """A transaction whose jobs are sent after commit (and never if it rolls back)."""
+    jobs = Jobs()
+    with session_scope(sessions) as session:
+        yield session, jobs
+    for name, args, countdown in jobs.items:
+        queue.send(name, args, countdown)

@@ -1,0 +1,45 @@
+"""The Celery app, built from the same Settings as the API (CDS_BROKER_URL; embedded default: SQLite transport)."""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from service.config import get_settings
+from service.queue import QUEUES, TASK_RECONCILE, TASK_SWEEP
+
+settings = get_settings()
+settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+app = Celery("calcinosis-cds", broker=settings.effective_broker_url, include=["workers.tasks"])
+transport_options: dict[str, object] = {}
+if settings.effective_broker_url.startswith(("redis://", "rediss://")):
+    # Unacked messages return to the queue after this long (a worker killed mid-task; acks_late).
+    transport_options = {"visibility_timeout": max(settings.sweeper_stale_after_s * 2, 60)}
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue="ingest",
+    task_routes={f"{prefix}.*": {"queue": queue} for prefix, queue in QUEUES.items()},
+    broker_transport_options=transport_options,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    worker_send_task_events=False,
+    beat_schedule={
+        "sweep": {"task": TASK_SWEEP, "schedule": float(settings.sweeper_interval_s)},
+        "reconcile": {"task": TASK_RECONCILE, "schedule": float(settings.reconcile_interval_s)},
+    },
+    timezone="UTC",
+)
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: object) -> None:
+    """Each forked worker process opens its own database connections."""
+    from workers import context
+
+    context.reset()
