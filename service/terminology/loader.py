@@ -29,8 +29,9 @@ from service.terminology.schema import (
     MedicationsFile,
     ObservationEntry,
     ObservationsFile,
-    OrderSet,
+    OrderAlternative,
     OrderAlternativesFile,
+    OrderSet,
     OrderSetsFile,
     ProcedureEntry,
     ProceduresFile,
@@ -247,12 +248,18 @@ def load_catalog(directory: Path | str | None = None) -> Catalog:
     routes: dict[tuple[str, str], str] = {}
     route_patterns: list[str] = []
     order_sets: dict[str, OrderSet] = {}
-    alternatives: dict[str, Any] = {}
+    alternatives: dict[str, OrderAlternative] = {}
+    alternative_where: dict[str, tuple[Path, int | None]] = {}
     order_set_where: dict[str, tuple[Path, int | None]] = {}
 
     for path, model, data, lines in parsed:
         if isinstance(model, OrderAlternativesFile):
-            alternatives.update(model.alternatives)
+            for feature_name, alt in model.alternatives.items():
+                line = _line_of(data, ["alternatives", feature_name], lines)
+                if feature_name in alternatives:
+                    raise _fail(path, line, f"duplicate order alternative for {feature_name}")
+                alternatives[feature_name] = alt
+                alternative_where[feature_name] = (path, line)
             continue
         if isinstance(model, OrderSetsFile):
             for name, os_ in model.order_sets.items():
@@ -349,11 +356,12 @@ def load_catalog(directory: Path | str | None = None) -> Catalog:
                 raise _fail(path, line, f"order set {name}: LOINC {code} is not in an observations file")
 
     for feature, alt in alternatives.items():
+        path, line = alternative_where[feature]
         if feature not in features:
-            raise MappingError(f"order_alternatives: unknown feature {feature!r}")
+            raise _fail(path, line, f"order alternative for unknown feature {feature!r} (not in features.yaml)")
         target = medications.get((alt.system, alt.code))
         if target is None:
-            raise MappingError(f"order_alternatives: {feature}: {alt.system}|{alt.code} is not in a medications file")
+            raise _fail(path, line, f"order alternative for {feature}: {alt.system}|{alt.code} is not in a medications file")
     dotless = {(s, _dotless(c)): e for (s, c), e in conditions.items() if s == SYSTEMS["icd10cm"]}
     return Catalog(
         version=digest.hexdigest()[:16],

@@ -167,7 +167,9 @@ class OrderAlternative(_Strict):
 
 class OrderAlternativesFile(_Strict):
     kind: Literal["order_alternatives"]
-    alternatives: dict[str, OrderAlternative] = Field(description="feature of the ordered drug → a safer product to propose instead")
+    alternatives: dict[str, OrderAlternative] = Field(
+        description="feature of the ordered drug → a safer product to propose instead"
+    )
 
 
 class FeatureDef(_Strict):
