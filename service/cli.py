@@ -187,6 +187,232 @@ def beat() -> None:
     _exec_celery(["beat", "-l", "INFO", "-s", str(schedule)])
 
 
+def _monitor_context(offline: bool = False) -> Any:
+    """Settings, catalog, database and queue for the operator commands (never imports the workers package)."""
+    from service.db.session import make_engine, make_session_factory
+    from service.fhir.client import client_from_settings
+    from service.queue import CeleryQueue, MemoryQueue
+    from service.usecases.monitor import MonitorContext
+
+    settings, catalog, thresholds = _load_context()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.effective_database_url, settings.db_pool_size)
+    return MonitorContext(
+        settings=settings,
+        catalog=catalog,
+        thresholds=thresholds,
+        sessions=make_session_factory(engine),
+        queue=MemoryQueue() if offline else CeleryQueue(settings.effective_broker_url),
+        fhir_client=(lambda: client_from_settings(settings)) if settings.fhir_base_url else None,
+    )
+
+
+events_app = typer.Typer(help="The inbound event ledger: counts, failed events, replay.", invoke_without_command=True)
+app.add_typer(events_app, name="events")
+
+
+@events_app.callback()
+def events(
+    ctx: typer.Context,
+    failed: Annotated[bool, typer.Option("--failed", help="List failed events")] = False,
+    limit: Annotated[int, typer.Option(help="Rows to show")] = 50,
+) -> None:
+    """Show ledger counts by status, or the failed events (ids and reasons only)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.db.repositories import Repositories
+    from service.db.session import session_scope
+
+    mctx = _monitor_context(offline=True)
+    console = Console(highlight=False)
+    with session_scope(mctx.sessions) as session:
+        repos = Repositories(session)
+        if not failed:
+            counts = repos.ledger.counts_by_status()
+            for status, n in sorted(counts.items()):
+                console.print(f"{status:<12} {n}")
+            if not counts:
+                console.print("no events")
+            return
+        rows = repos.ledger.list_failed(limit)
+        table = Table("id", "kind", "resource", "attempts", "error", "received")
+        for e in rows:
+            resource = f"{e.resource_type}/{e.resource_id}" if e.resource_type and e.resource_id else (e.subscription or "")
+            table.add_row(str(e.id), e.kind, resource, str(e.attempts), e.last_error or "", e.received_at.isoformat())
+        console.print(table if rows else "no failed events")
+
+
+@events_app.command("replay")
+def events_replay(
+    ids: Annotated[list[int] | None, typer.Argument(help="Event ids to replay")] = None,
+    all_failed: Annotated[bool, typer.Option("--all", help="Replay every failed event")] = False,
+) -> None:
+    """Put failed events back on the queue (they are processed again from the ledger)."""
+    from service.usecases.monitor import replay_failed
+
+    if not ids and not all_failed:
+        fail("give event ids or --all")
+    mctx = _monitor_context()
+    try:
+        replayed = replay_failed(mctx, None if all_failed else list(ids or []))
+    except Exception as exc:  # noqa: BLE001 - broker down: one line for the operator
+        fail(f"could not enqueue: {type(exc).__name__}")
+    typer.echo(f"replayed {len(replayed)} event(s): {' '.join(map(str, replayed))}".rstrip(": "))
+
+
+subs_app = typer.Typer(help="FHIR Subscriptions on the monitored server.")
+app.add_typer(subs_app, name="subscriptions")
+
+
+def _endpoint(settings: Any, endpoint: str | None) -> str:
+    if endpoint:
+        return endpoint
+    if settings.public_base_urls:
+        return settings.public_base_urls[0].rstrip("/") + "/fhir/notifications"
+    fail("give --endpoint or set CDS_PUBLIC_BASE_URLS")
+    raise AssertionError
+
+
+def _channel_header(settings: Any) -> str | None:
+    if settings.subscription_secret is None:
+        return None
+    secret = settings.subscription_secret.get_secret_value()
+    if settings.subscription_header.lower() == "authorization":
+        return f"Authorization: Bearer {secret}"
+    return f"{settings.subscription_header}: {secret}"
+
+
+@subs_app.command("create")
+def subscriptions_create(
+    endpoint: Annotated[str | None, typer.Option(help="Receiver URL (default: first CDS_PUBLIC_BASE_URLS + /fhir/notifications)")] = None,
+    topic: Annotated[str | None, typer.Option(help="Backport SubscriptionTopic canonical URL (topic-based subscription)")] = None,
+    filter_: Annotated[list[str] | None, typer.Option("--filter", help="Backport filter criteria (repeatable)")] = None,
+) -> None:
+    """Create R4 criteria Subscriptions (default) or one Backport topic-based Subscription, with the channel secret."""
+    from service.db.repositories import Repositories
+    from service.db.session import session_scope
+    from service.fhir.errors import FhirError
+    from service.usecases.subscriptions import backport_subscription, r4_subscriptions
+
+    mctx = _monitor_context(offline=True)
+    settings = mctx.settings
+    if mctx.fhir_client is None:
+        fail("set CDS_FHIR_BASE_URL to the FHIR server to subscribe to")
+    url = _endpoint(settings, endpoint)
+    header = _channel_header(settings)
+    if header is None and not settings.dev_mode:
+        fail("set CDS_SUBSCRIPTION_SECRET: the receiver refuses unauthenticated notifications")
+    resources = (
+        [backport_subscription(topic, url, header, settings.heartbeat_timeout_s // 2, filter_)] if topic else r4_subscriptions(mctx.catalog, url, header)
+    )
+    try:
+        with mctx.client() as client:
+            created = [client.create("Subscription", r) for r in resources]
+    except FhirError as exc:
+        fail(f"FHIR server refused: {exc}")
+    with session_scope(mctx.sessions) as session:
+        repos = Repositories(session)
+        for sub in created:
+            ref = f"Subscription/{sub.get('id')}"
+            repos.subscriptions.ensure(ref, topic=topic, criteria=sub.get("criteria"), status=sub.get("status"))
+            typer.echo(f"{ref}\t{sub.get('status')}\t{(sub.get('criteria') or '')[:60]}")
+
+
+@subs_app.command("list")
+def subscriptions_list(endpoint: Annotated[str | None, typer.Option(help="Only those delivering to this URL")] = None) -> None:
+    """Subscriptions on the FHIR server (id, status, criteria, endpoint)."""
+    from service.fhir.errors import FhirError
+
+    mctx = _monitor_context(offline=True)
+    if mctx.fhir_client is None:
+        fail("set CDS_FHIR_BASE_URL")
+    try:
+        with mctx.client() as client:
+            subs = list(client.search("Subscription", []))
+    except FhirError as exc:
+        fail(f"FHIR server refused: {exc}")
+    for sub in subs:
+        channel = sub.get("channel") or {}
+        if endpoint and channel.get("endpoint") != endpoint:
+            continue
+        typer.echo(f"Subscription/{sub.get('id')}\t{sub.get('status')}\t{(sub.get('criteria') or '')[:60]}\t{channel.get('endpoint')}")
+
+
+@subs_app.command("status")
+def subscriptions_status() -> None:
+    """What the service knows of each subscription: last event number, last heartbeat, watermark."""
+    from service.db.repositories import Repositories
+    from service.db.session import session_scope
+
+    mctx = _monitor_context(offline=True)
+    with session_scope(mctx.sessions) as session:
+        rows = Repositories(session).subscriptions.list_all()
+        for r in rows:
+            typer.echo(
+                f"{r.subscription}\tstatus={r.status}\tlast_event={r.last_event_number}\t"
+                f"heartbeat={r.last_heartbeat_at.isoformat() if r.last_heartbeat_at else '-'}\t"
+                f"watermark={r.watermark.isoformat() if r.watermark else '-'}"
+            )
+        if not rows:
+            typer.echo("no subscriptions known")
+
+
+@app.command()
+def backfill(
+    paths: Annotated[list[Path] | None, typer.Argument(help="NDJSON/JSON files or directories to load")] = None,
+    export: Annotated[bool, typer.Option("--export", help="Bulk Data $export from CDS_FHIR_BASE_URL")] = False,
+    group: Annotated[str | None, typer.Option(help="Group id for a group-level $export")] = None,
+    patient: Annotated[list[str] | None, typer.Option("--patient", help="Search these patients' resources (repeatable)")] = None,
+    evaluate_now: Annotated[bool, typer.Option("--evaluate-now", help="Evaluate in this process instead of queueing")] = False,
+) -> None:
+    """Load a cohort through the same ledger and per-patient state as notifications, then evaluate it."""
+    from itertools import chain
+
+    from service.fhir.errors import FhirError
+    from service.usecases.monitor import MONITORED_TYPES, backfill as run_backfill, evaluate_patient_state
+
+    mctx = _monitor_context(offline=evaluate_now)
+    sources: list[Any] = []
+    try:
+        for path in paths or []:
+            sources.append(_flat(read_path(path)))
+        if export or patient:
+            if mctx.fhir_client is None:
+                fail("set CDS_FHIR_BASE_URL for --export or --patient")
+            client = mctx.client()
+            if export:
+                sources.append(client.bulk_export(group_id=group, patient_level=group is None, types=list(MONITORED_TYPES)))
+            for pid in patient or []:
+                sources.append(client.read("Patient", pid) for _ in (0,))
+                for rtype in MONITORED_TYPES[1:]:
+                    sources.append(client.search(rtype, [("patient", pid)]))
+        if not sources:
+            fail("give paths, --export or --patient")
+        counts = run_backfill(mctx, chain.from_iterable(sources))
+    except InputError as exc:
+        fail(str(exc))
+    except FhirError as exc:
+        fail(f"FHIR server: {exc}")
+    if evaluate_now:
+        from service.queue import TASK_EVALUATE
+
+        pending = [args[0] for name, args, _ in mctx.queue.sent if name == TASK_EVALUATE]
+        for patient_ref in pending:
+            evaluate_patient_state(mctx, patient_ref)
+        counts["evaluated"] = len(pending)
+    typer.echo(" ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+def _flat(items: Any) -> Any:
+    from service.cds.grouping import flatten
+
+    for item in items:
+        yield from flatten([item], {})
+
+
 def main() -> None:
     try:
         app()
