@@ -20,7 +20,9 @@ from service.security import JwtVerifier, build_verifier
 from service.terminology.catalog import Catalog
 from service.terminology.checks import check_catalog_for_rules
 from service.terminology.loader import load_catalog
-from service.usecases.evaluate_hook import HookService
+from service.db.repositories import EvaluationRepository
+from service.db.session import session_scope
+from service.usecases.evaluate_hook import HookService, StoredAssessment
 from service.usecases.monitor import MonitorContext
 
 
@@ -69,7 +71,18 @@ def build_context(settings: Settings) -> AppContext:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_database_url, settings.db_pool_size)
     fetcher = HookFetcher(timeout_s=settings.fhir_timeout_s, max_pages=settings.fhir_max_pages)
+    sessions = make_session_factory(engine)
+
+    def stored(patient_ref: str) -> StoredAssessment | None:
+        with session_scope(sessions) as session:
+            row = EvaluationRepository(session).latest_for(patient_ref)
+            if row is None:
+                return None
+            return StoredAssessment(row.evaluated_at, row.rules_version, row.mappings_version, row.assessment)
+
     hooks = HookService(
+        stored=stored,
+        stored_fresh_s=settings.assessment_fresh_s,
         catalog=catalog,
         thresholds=thresholds,
         topic_system=settings.topic_system,
@@ -77,7 +90,6 @@ def build_context(settings: Settings) -> AppContext:
         fhir_server_allowlist=settings.fhir_server_allowlist,
         dev_mode=settings.dev_mode,
     )
-    sessions = make_session_factory(engine)
     monitor = MonitorContext(
         settings=settings,
         catalog=catalog,

@@ -8,9 +8,12 @@ with an empty card list.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
+
+from starlette.concurrency import run_in_threadpool
 
 from service.cds.cards import CardContext
 from service.cds.discovery import REQUIRED_KEYS, SERVICES_BY_ID, prefetch_templates, render_template
@@ -25,13 +28,26 @@ from service.terminology.catalog import Catalog
 ORDER_HOOKS = frozenset({"order-select", "order-sign"})
 
 
+@dataclass(frozen=True)
+class StoredAssessment:
+    evaluated_at: datetime
+    rules_version: str
+    mappings_version: str
+    assessment: dict[str, Any]
+
+
+#: Port: the latest stored assessment of a patient (from background monitoring), or None.
+StoredLookup = Callable[[str], StoredAssessment | None]
+KNOWN_HOOKS = frozenset({"patient-view", "encounter-start", "encounter-discharge", "order-select", "order-sign", "appointment-book"})
+
+
 @dataclass
 class HookAnswer:
     response: dict[str, Any]
     service_id: str
     patient_ref: str
-    data_path: str  # "prefetch" | "fallback"
-    evaluation: Evaluation
+    data_path: str  # "prefetch" | "fallback" | "stored"
+    evaluation: Evaluation | None
     cards: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -51,7 +67,11 @@ class HookService:
         fetcher: HookFetcher,
         fhir_server_allowlist: list[str],
         dev_mode: bool,
+        stored: StoredLookup | None = None,
+        stored_fresh_s: int = 3600,
     ) -> None:
+        self.stored = stored
+        self.stored_fresh_s = stored_fresh_s
         self.catalog = catalog
         self.thresholds = thresholds
         self.topic_system = topic_system
@@ -67,7 +87,9 @@ class HookService:
         _require(isinstance(body, dict), "the request body must be a JSON object")
         hook = body.get("hook")
         _require(isinstance(hook, str) and bool(hook), "'hook' is required")
-        _require(hook == service.hook, f"hook {hook!r} does not match service {service_id!r} ({service.hook})")
+        # Name the hook only when it is a known one: an arbitrary string from the body is never echoed.
+        named = f"hook {hook!r}" if hook in KNOWN_HOOKS else "the hook"
+        _require(hook == service.hook, f"{named} does not match service {service_id!r} ({service.hook})")
         _require(isinstance(body.get("hookInstance"), str) and bool(body.get("hookInstance")), "'hookInstance' is required")
         context = body.get("context")
         _require(isinstance(context, dict), "'context' must be an object")
@@ -109,7 +131,13 @@ class HookService:
         data_path = "prefetch"
         if to_fetch:
             data_path = "fallback"
-            await self._fetch_missing(body, context, to_fetch, resources, notes)
+            try:
+                await self._fetch_missing(body, context, to_fetch, resources, notes)
+            except PrefetchUnavailable:
+                answer = await self._from_stored(hook, service_id, patient_ref, now)
+                if answer is None:
+                    raise
+                return answer
         aliases: dict[str, str] = {}
         flat = flatten(resources, aliases)
         groups = group_by_patient(flat)
@@ -161,6 +189,23 @@ class HookService:
             if result.error is not None:
                 notes.append(f"{key} could not be fetched ({result.error}); evaluated without it")
             resources.extend(result.resources)
+
+    async def _from_stored(self, hook: str, service_id: str, patient_ref: str, now: datetime) -> HookAnswer | None:
+        """The data cannot be had from the EHR, but background monitoring has a fresh assessment of the patient
+        made with the same rules and mappings: answer from it (patient-view/encounter-start only: order checks
+        need the draft orders evaluated against current facts)."""
+        if self.stored is None or hook in ORDER_HOOKS:
+            return None
+        stored = await run_in_threadpool(self.stored, patient_ref)
+        if (
+            stored is None
+            or now - stored.evaluated_at > timedelta(seconds=self.stored_fresh_s)
+            or stored.rules_version != self.thresholds.rules_version()
+            or stored.mappings_version != self.catalog.version
+        ):
+            return None
+        cards = list(stored.assessment.get("cards") or [])
+        return HookAnswer({"cards": cards}, service_id, patient_ref, "stored", None, cards, ["answered from the stored assessment"])
 
     def cards_for(self, hook: str, context: dict[str, Any], evaluation: Evaluation) -> list[dict[str, Any]]:
         if hook not in ORDER_HOOKS:
