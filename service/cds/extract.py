@@ -169,6 +169,12 @@ class _Extractor:
             self.exclude(ref, "effective time in the future")
             return
         analyte = entry.analyte
+        cutoff = self.cutoffs[analyte]
+        if cutoff is not None and effective < cutoff:
+            # Stale: never used for tiering; only the newest stale value is kept, to show as "last known".
+            prev = self.stale.get(analyte)
+            if prev is not None and prev.effective >= effective:
+                return
         try:
             value = self.catalog.convert(raw, unit, analyte)
         except UnitConversionError as exc:
@@ -189,11 +195,8 @@ class _Extractor:
             ref_high=ref_high,
             ref_low=ref_low,
         )
-        cutoff = self.cutoffs[analyte]
         if cutoff is not None and effective < cutoff:
-            prev = self.stale.get(analyte)
-            if prev is None or prev.effective < effective:
-                self.stale[analyte] = lab
+            self.stale[analyte] = lab
             return
         self.pending_validation.append((res, lab))
 

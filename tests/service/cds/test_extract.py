@@ -10,10 +10,10 @@ from tests.builders import (
     CA_MOL,
     LOINC,
     NOW,
-    P,
     PATIENT,
     RXNORM,
     SNOMED,
+    P,
     bundle,
     condition,
     med_request,
@@ -229,3 +229,14 @@ def test_condition_matches_snomed_system(catalog) -> None:
     c = condition("46177005", SNOMED)
     assert facts(catalog, c).conditions[0].feature == "esrd_or_ckd5"
     assert LOINC  # builders' constants are shared
+
+
+def test_patient_validated_on_the_elements_used(run) -> None:
+    bad = patient()
+    bad["gender"] = {"not": "a code"}
+    ev = run(bad)
+    assert ev.assessment.patient_resource_present is False
+    assert any(e.reference == "Patient/p1" and e.reason.startswith("invalid FHIR Patient") for e in ev.assessment.excluded)
+    narrative = patient()
+    narrative["text"] = {"status": "generated", "div": "<p>not validated: never read by the rules</p>"}
+    assert run(narrative).assessment.patient_resource_present is True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.builders import ALB, CA, ICA, P, RXNORM, condition, esrd, med_request, med_statement, obs, renal_panel
+from tests.builders import ALB, CA, ICA, RXNORM, P, condition, esrd, med_request, med_statement, obs, renal_panel
 
 
 def test_ca_and_p_30_hours_apart_product_with_lag(run) -> None:

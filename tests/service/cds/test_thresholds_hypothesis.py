@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.cds.rules import rnd
-from tests.builders import ALB, CA, CA_MOL, P, P_MOL, esrd, obs
+from tests.builders import ALB, CA, CA_MOL, P_MOL, P, esrd, obs
 
 CA_MMOL_TO_MG = Decimal("4.0078")
 P_MMOL_TO_MG = Decimal("3.0974")
