@@ -45,6 +45,7 @@ typecheck: $(STAMP)
 test: $(STAMP) lint-helm lint-compose
 	bash scripts/ensure-services.sh
 	$(MAKE) lint
+	$(MAKE) typecheck
 	$(PY) -m pytest -q -p no:cacheprovider
 
 evaluate: $(STAMP)

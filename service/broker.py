@@ -26,6 +26,6 @@ def check_broker(url: str, timeout_s: float = 1.0) -> bool:
                 engine.dispose()
         if url.startswith(("memory://",)):
             return True
-    except (OSError, SQLAlchemyError, Exception):  # noqa: BLE001 - any failure means "not ready"
+    except (OSError, SQLAlchemyError, Exception):
         return False
     return False

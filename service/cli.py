@@ -156,7 +156,7 @@ def migrate() -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         revision = upgrade_to_head(settings.effective_database_url)
-    except Exception as exc:  # noqa: BLE001 - one line, no traceback, for operators
+    except Exception as exc:
         fail(f"migration failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     typer.echo(f"database at revision {revision}")
 
@@ -258,7 +258,7 @@ def events_replay(
     mctx = _monitor_context()
     try:
         replayed = replay_failed(mctx, None if all_failed else list(ids or []))
-    except Exception as exc:  # noqa: BLE001 - broker down: one line for the operator
+    except Exception as exc:
         fail(f"could not enqueue: {type(exc).__name__}")
     typer.echo(f"replayed {len(replayed)} event(s): {' '.join(map(str, replayed))}".rstrip(": "))
 
@@ -372,7 +372,8 @@ def backfill(
     from itertools import chain
 
     from service.fhir.errors import FhirError
-    from service.usecases.monitor import MONITORED_TYPES, backfill as run_backfill, evaluate_patient_state
+    from service.usecases.monitor import MONITORED_TYPES, evaluate_patient_state
+    from service.usecases.monitor import backfill as run_backfill
 
     mctx = _monitor_context(offline=evaluate_now)
     sources: list[Any] = []

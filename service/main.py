@@ -70,8 +70,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema
+            _document_served_media_types(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+_OUTCOME_REF = "#/components/schemas/OperationOutcome"
+
+
+def _document_served_media_types(schema: dict[str, Any]) -> None:
+    """Make the document say what is served: errors are ``application/fhir+json`` OperationOutcomes, request
+    validation fails with 400 (never FastAPI's 422), and ``/metrics`` is Prometheus text."""
+    for path, item in schema.get("paths", {}).items():
+        for operation in item.values():
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", {"description": "Invalid request", "content": {"application/json": {"schema": {"$ref": _OUTCOME_REF}}}})
+            for response in responses.values():
+                content = response.get("content", {})
+                if content.get("application/json", {}).get("schema", {}).get("$ref") == _OUTCOME_REF:
+                    content["application/fhir+json"] = content.pop("application/json")
+            if path == "/metrics" and "200" in responses:
+                responses["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}

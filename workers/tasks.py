@@ -55,7 +55,7 @@ def process_event(self: Task, event_id: int) -> str:
             Repositories(session).ledger.mark_status(event_id, EventStatus.QUEUED, error=f"retrying: {type(exc).__name__}")
         TASKS.labels(TASK_PROCESS_EVENT, "retry").inc()
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from None
-    except Exception as exc:  # noqa: BLE001 - a poison message: keep it, visible and replayable
+    except Exception as exc:
         monitor.mark_failed(ctx, event_id, exc)
         TASKS.labels(TASK_PROCESS_EVENT, "failed").inc()
         log.error("event_failed", event_id=event_id, error=type(exc).__name__)
@@ -66,7 +66,7 @@ def process_event(self: Task, event_id: int) -> str:
 def evaluate_patient(self: Task, patient_ref: str) -> int | None:
     ctx = context.get()
     try:
-        return _run(self, TASK_EVALUATE, monitor.evaluate_patient_state, ctx, patient_ref)  # type: ignore[no-any-return]
+        return _run(self, TASK_EVALUATE, monitor.evaluate_patient_state, ctx, patient_ref)
     except TRANSIENT as exc:
         if self.request.retries >= ctx.settings.task_max_retries:
             TASKS.labels(TASK_EVALUATE, "failed").inc()
@@ -79,7 +79,7 @@ def evaluate_patient(self: Task, patient_ref: str) -> int | None:
 def write_back(self: Task, evaluation_id: int) -> dict[str, str]:
     ctx = context.get()
     try:
-        return _run(self, TASK_WRITEBACK, monitor.write_back, ctx, evaluation_id)  # type: ignore[no-any-return]
+        return _run(self, TASK_WRITEBACK, monitor.write_back, ctx, evaluation_id)
     except TRANSIENT as exc:
         if self.request.retries >= ctx.settings.task_max_retries:
             TASKS.labels(TASK_WRITEBACK, "failed").inc()

@@ -13,7 +13,17 @@ from fastapi import APIRouter, BackgroundTasks, Query, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from service.api.models import CdsRequest, CdsResponse, Discovery, FeedbackRequest, OperationOutcome
+from service.api.models import (
+    AcceptedSuggestion,
+    CdsRequest,
+    CdsResponse,
+    Coding,
+    Discovery,
+    FeedbackItem,
+    FeedbackRequest,
+    OperationOutcome,
+    OverrideReason,
+)
 from service.api.state import AppContext
 from service.db.repositories import CardFeedbackRepository, IssuedCardRepository
 from service.db.session import session_scope
@@ -23,12 +33,20 @@ from service.metrics import AUTH_FAILURES, CARDS, FEEDBACK, HOOK_412, HOOK_LATEN
 from service.security import AuthenticationError, VerifiedCaller
 
 router = APIRouter()
+_FEEDBACK_FIELDS = frozenset(
+    name for model in (FeedbackRequest, FeedbackItem, OverrideReason, AcceptedSuggestion, Coding) for name in model.model_fields
+)
 log = get_logger("calcinosis-cds.hooks")
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": OperationOutcome} for code in (400, 401, 404, 412, 413)}
 
 
+def _loc_part(part: Any) -> str:
+    return str(part) if isinstance(part, int) or part in _FEEDBACK_FIELDS else "(unknown member)"
+
+
 def ctx_of(request: Request) -> AppContext:
-    return request.app.state.ctx  # type: ignore[no-any-return]
+    ctx: AppContext = request.app.state.ctx
+    return ctx
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -65,9 +83,9 @@ def authenticate(request: Request, route: str) -> VerifiedCaller:
 
 def require_admin(request: Request) -> None:
     ctx = ctx_of(request)
-    if ctx.settings.dev_mode:
-        return
     token = ctx.settings.admin_token
+    if ctx.settings.dev_mode and token is None:
+        return  # development mode without a configured token: open; a configured token is always required
     header = request.headers.get("authorization") or ""
     import hmac
 
@@ -159,7 +177,7 @@ def _record_issued(ctx: AppContext, service_id: str, patient_ref: str, cards: li
                     topic=card["source"]["topic"]["code"],
                     rule_id=card["detail"].rsplit("Rule `", 1)[-1].split("`", 1)[0],
                 )
-    except Exception as exc:  # noqa: BLE001 - the audit trail must never break the answer already sent
+    except Exception as exc:
         log.warning("issued_cards_not_recorded", service=service_id, error=type(exc).__name__)
 
 
@@ -179,7 +197,8 @@ async def feedback(service_id: str, request: Request) -> Response:
     try:
         parsed = FeedbackRequest.model_validate(raw)
     except ValidationError as exc:
-        fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})[:5]
+        # Member names from the body are echoed only when they are the model's own (never an unknown key).
+        fields = sorted({".".join(_loc_part(p) for p in e["loc"]) for e in exc.errors()})[:5]
         raise BadRequest(f"invalid feedback: {', '.join(fields)}") from None
     items = []
     for item in parsed.feedback:

@@ -9,6 +9,9 @@ secret or the HMAC; anything else 401. Every accepted event is in the ledger bef
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from fastapi import APIRouter, Request
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
@@ -32,7 +35,7 @@ from service.usecases import monitor
 
 router = APIRouter(tags=["FHIR subscriptions"])
 log = get_logger("calcinosis-cds.notifications")
-RESPONSES = {code: {"model": OperationOutcome} for code in (400, 401, 413, 503)}
+RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": OperationOutcome} for code in (400, 401, 413, 503)}
 
 
 def _authenticate(request: Request, body: bytes) -> str:
@@ -76,14 +79,14 @@ async def _receive(request: Request, path: str | None) -> Response:
     except SQLAlchemyError as exc:
         log.error("ledger_unavailable", error=type(exc).__name__)
         raise Unavailable("the event ledger is unavailable; retry") from None
-    except Exception as exc:  # noqa: BLE001 - the broker: rows are committed, the sweeper and a redelivery resend them
+    except Exception as exc:
         log.error("broker_unavailable", error=type(exc).__name__)
         raise Unavailable("the task queue is unavailable; retry") from None
     log.info("notification", form=form, auth=auth, accepted=summary.accepted, duplicates=summary.duplicates)
     return json_response({"accepted": summary.accepted, "duplicates": summary.duplicates})
 
 
-def _form(notifications: list[object], request: Request) -> str:
+def _form(notifications: Sequence[object], request: Request) -> str:
     if any(isinstance(n, BackportNotification) for n in notifications):
         return "backport"
     if any(isinstance(n, EmptyPing) for n in notifications):

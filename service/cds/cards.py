@@ -206,7 +206,7 @@ def _missing_section(outcome: Outcome) -> str:
         return ""
     lines = ["**Incomplete data** — no valid result in the window for: " + ", ".join(outcome.missing) + "."]
     for lab in outcome.stale.values():
-        lines.append(f"- last known (stale): {lab.label} {fmt(lab.value)} {lab.unit} on {iso(lab.effective)[:10]} ({lab.source.reference})")
+        lines.append(f"- last known (stale): {lab.label} {fmt(lab.value)} {lab.unit} on {(iso(lab.effective) or '')[:10]} ({lab.source.reference})")
     return "\n".join(lines)
 
 
@@ -316,7 +316,7 @@ def render_cards(outcome: Outcome, ctx: CardContext, catalog: Catalog, *, card_f
             topic, indicator = "severe-hypercalcemia", "critical"
             summary = f"URGENT: severe hypercalcemia, corrected calcium {value} mg/dL (≥ 14)"
             lead = "**Severe hypercalcemia** (corrected calcium ≥ 14 mg/dL) is a medical emergency."
-            orders: list[str] = []
+            workup: list[str] = []
         else:
             topic, indicator = "moderate-hypercalcemia", "warning"
             summary = f"Moderate hypercalcemia: corrected calcium {value} mg/dL (12 to < 14)"
@@ -324,7 +324,7 @@ def render_cards(outcome: Outcome, ctx: CardContext, catalog: Catalog, *, card_f
                 "**Moderate hypercalcemia** (corrected calcium 12 to < 14 mg/dL). PTH, PTHrP, 25-OH and 1,25-(OH)₂ "
                 "vitamin D separate PTH-mediated, malignancy-related, granulomatous and vitamin-D causes."
             )
-            orders = [o for o in outcome.orders if o in ("pth", "pthrp", "vitamin_d_25oh", "vitamin_d_1_25")]
+            workup = [o for o in outcome.orders if o in ("pth", "pthrp", "vitamin_d_25oh", "vitamin_d_1_25")]
         body = f"{lead}\n\nMeasured and corrected values:\n\n{evidence_table(rows)}"
         cards.append(
             make_card(
@@ -334,7 +334,7 @@ def render_cards(outcome: Outcome, ctx: CardContext, catalog: Catalog, *, card_f
                 indicator=indicator,
                 summary=summary,
                 body=body,
-                suggestions=order_suggestions(ctx, catalog, orders),
+                suggestions=order_suggestions(ctx, catalog, workup),
             )
         )
 

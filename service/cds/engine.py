@@ -68,9 +68,9 @@ def evaluate_patient(
         evaluated_at=now_iso,
         rules_version=rules_version,
         mappings_version=catalog.version,
-        renal_context=outcome.renal,  # type: ignore[arg-type]
+        renal_context=outcome.renal,
         calciphylaxis=Calciphylaxis(
-            tier=outcome.calciphylaxis_tier,  # type: ignore[arg-type]
+            tier=outcome.calciphylaxis_tier,
             incomplete_data=outcome.incomplete,
             major_factors=[f.id for f in outcome.majors],
             minor_factors=[f.id for f in outcome.minors],
@@ -79,7 +79,7 @@ def evaluate_patient(
             explanation=outcome.explanations["calciphylaxis"],
         ),
         metastatic_calcification=MetastaticCalcification(
-            tier=outcome.metastatic_tier,  # type: ignore[arg-type]
+            tier=outcome.metastatic_tier,
             ca_x_p=None
             if outcome.product is None
             else CaXP(

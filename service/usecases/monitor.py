@@ -230,8 +230,11 @@ def process_event(ctx: MonitorContext, event_id: int) -> str:
             return "missing"
         if event.kind == "deletion":
             apply_deletion(repos, jobs, str(event.resource_type), str(event.resource_id), ctx.settings)
-        elif event.kind == "backport-event":
+        elif event.kind == "backport-event" and event.resource_type and event.resource_id:
             _fetch_focus(ctx, repos, jobs, event.resource_type, event.resource_id)
+        elif event.kind == "backport-event":  # an ``empty`` payload only says "event n happened": find out what
+            number = event.event_number
+            _recover_gap(ctx, repos, jobs, event.subscription or POLL_SUBSCRIPTION, [number, number] if number is not None else [])
         elif event.kind in ("empty-ping", "poll"):
             fetch_changes_since_watermark(ctx, repos, jobs, event.subscription or POLL_SUBSCRIPTION)
         elif event.kind == "recovery":
@@ -298,22 +301,29 @@ def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs
 
 
 def _recover_gap(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str, span: list[int]) -> None:
-    """Missing Backport events: ask ``$events`` for them; if the server cannot, search ``_lastUpdated``."""
+    """Missing Backport events (or events sent with an ``empty`` payload): ask ``$events`` for them with their
+    focus; if the server cannot, or does not name every focus, search ``_lastUpdated``."""
     sub_id = subscription.rstrip("/").split("/")[-1]
     if span and sub_id:
         try:
             with ctx.client() as client:
                 bundle = client.operation(
                     "events", resource_type="Subscription", resource_id=sub_id,
-                    params=[("eventsSinceNumber", str(span[0])), ("eventsUntilNumber", str(span[-1]))],
+                    params=[("eventsSinceNumber", str(span[0])), ("eventsUntilNumber", str(span[-1])), ("content", "id-only")],
                 )
             from orjson import dumps
 
+            unresolved = set(range(span[0], span[-1] + 1))
             for n in parse_notification(dumps(bundle)):
                 if isinstance(n, BackportNotification):
                     for ev in n.events:
+                        if ev.resource is None and not (ev.focus_type and ev.focus_id):
+                            continue  # still no focus: left to the search below
                         _apply_event(ctx, repos, jobs, ev)
-            return
+                        unresolved.discard(ev.event_number)
+            if not unresolved:
+                return
+            log.info("events_operation_incomplete", subscription=subscription, unresolved=len(unresolved))
         except (FhirPermanentError, FhirNotFound, ValueError) as exc:
             log.info("events_operation_unavailable", subscription=subscription, error=type(exc).__name__)
     fetch_changes_since_watermark(ctx, repos, jobs, subscription)
@@ -341,7 +351,7 @@ def evaluate_patient_state(ctx: MonitorContext, patient_ref: str, now: datetime 
         if generation is None:
             return None
         rows = repos.resources.list_for_patient(patient_ref)
-        resources = [r.content for r in rows]
+        resources = [r.content for r in rows if r.content is not None]
         evaluation = evaluate_patient(
             resources, patient_ref=patient_ref, catalog=ctx.catalog, thresholds=ctx.thresholds, now=now,
             topic_system=ctx.settings.topic_system,
