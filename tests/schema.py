@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from referencing import Registry, Resource
 SCHEMA_PATH = Path(__file__).resolve().parent / "data" / "cds-hooks-2.0.1.schema.json"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _validator(definition: str) -> Draft202012Validator:
     schema = json.loads(SCHEMA_PATH.read_text())
     registry = Registry().with_resource(schema["$id"], Resource.from_contents(schema))

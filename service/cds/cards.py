@@ -234,7 +234,7 @@ def render_cards(outcome: Outcome, ctx: CardContext, catalog: Catalog, *, card_f
         )
         n = len(outcome.modifiable)
         summary = "Established calciphylaxis" + (f": {n} modifiable factor(s) still present" if n else "")
-        cards.append(make_card(ctx, topic="established-calciphylaxis", rule_id=RULE_IDS["established"], indicator="warning" if n else "info", summary=summary, body=body))
+        cards.append(make_card(ctx, topic="established-calciphylaxis", rule_id=RULE_IDS["established"], indicator="info", summary=summary, body=body))  # §2.3: an INFO card
 
     # --- calciphylaxis risk (§2.3)
     renal = outcome.renal in ("R1", "R2")
