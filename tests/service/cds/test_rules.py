@@ -193,6 +193,7 @@ def test_established_calciphylaxis_suppresses_tier_and_lists_modifiable(run) -> 
     assert ev.assessment.calciphylaxis.tier == "established"
     card = next(c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "established-calciphylaxis")
     assert "2 modifiable" in card["summary"]
+    assert card["indicator"] == "info"  # REFERENCE §2.3: an INFO card
     assert not [c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "calciphylaxis-risk"]
 
 
