@@ -112,13 +112,6 @@ class _Extractor:
         self.inputs[ref] = version_of(res)
         return ref
 
-    def invalid(self, res: dict[str, Any], ref: str) -> bool:
-        error = validation_error(res)
-        if error is not None:
-            self.exclude(ref, error)
-            return True
-        return False
-
     # ------------------------------------------------------------------ Observation
     def observation(self, res: dict[str, Any]) -> None:
         # Hot path: most Observations in a record are not ours, so the code lookup comes first and is tight.
@@ -272,8 +265,7 @@ class _Extractor:
         if entry.requires_text and entry.requires_text.lower() not in text.lower():
             self.exclude(ref, f"{entry.code} counts as {entry.feature} only when its text says '{entry.requires_text}'")
             return
-        if self.invalid(res, ref):
-            return
+        self.unvalidated[ref] = res  # validated when a rule consults the fact
         self.conditions.append(
             ConditionFact(
                 feature=entry.feature,
@@ -324,8 +316,7 @@ class _Extractor:
             current = status in _MED_STATEMENT_CURRENT or overlaps
         else:
             current = status == "in-progress" or overlaps
-        if self.invalid(res, ref):
-            return
+        self.unvalidated[ref] = res  # validated when a rule consults the fact
         last = max((d for d in (start, stop) if d is not None), default=None)
         self.medication_facts.append(
             MedicationFact(
@@ -371,8 +362,7 @@ class _Extractor:
         if performed > self.now:
             self.exclude(ref, "performed time in the future")
             return
-        if self.invalid(res, ref):
-            return
+        self.unvalidated[ref] = res  # validated when a rule consults the fact
         self.procedures.append(
             ProcedureFact(
                 feature=entry.feature,

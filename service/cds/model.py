@@ -99,13 +99,13 @@ class CaseFacts:
     excluded: list[Excluded] = field(default_factory=list)
     ignored: dict[str, int] = field(default_factory=dict)
     inputs: dict[str, str | None] = field(default_factory=dict)  # reference → version of every resource read
-    #: Lab resources awaiting structural validation, by reference (validated only when a rule consults them).
+    #: Resources awaiting structural validation, by reference (validated only when a rule consults them).
     unvalidated: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     _valid: dict[str, bool] = field(default_factory=dict, repr=False)
 
-    def usable(self, lab: LabValue) -> bool:
-        """Validate a lab's resource the first time a rule consults it; an invalid one is excluded and skipped."""
-        ref = lab.source.reference
+    def usable(self, fact: LabValue | ConditionFact | MedicationFact | ProcedureFact) -> bool:
+        """Validate a fact's resource the first time a rule consults it; an invalid one is excluded and skipped."""
+        ref = fact.source.reference
         known = self._valid.get(ref)
         if known is not None:
             return known

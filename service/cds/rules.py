@@ -10,6 +10,7 @@ The tiers are expert-opinion rules, not validated probabilities (§2.6).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -236,7 +237,7 @@ class _Ctx:
             self.by_feature.setdefault(c.feature, []).append(c)
 
     def conditions(self, *features: str) -> list[ConditionFact]:
-        return [c for f in features for c in self.by_feature.get(f, ())]
+        return [c for f in features for c in self.by_feature.get(f, ()) if self.f.usable(c)]
 
     def latest(self, analyte: str, days: int | None) -> LabValue | None:
         for lab in self.f.labs.get(analyte, ()):
@@ -247,8 +248,9 @@ class _Ctx:
     def in_window(self, analyte: str, days: int) -> list[LabValue]:
         return [lab for lab in self.f.labs.get(analyte, ()) if within(lab.effective, self.now, days) and self.f.usable(lab)]
 
-    def meds(self, feature: str) -> list[MedicationFact]:
-        return [m for m in self.f.medications if feature in m.features]
+    def meds(self, feature: str, relevant: Callable[[MedicationFact], bool] | None = None) -> list[MedicationFact]:
+        """Medication facts of a feature that pass the rule's own filter first, then structural validation."""
+        return [m for m in self.f.medications if feature in m.features and (relevant is None or relevant(m)) and self.f.usable(m)]
 
 
 # --------------------------------------------------------------------------- §2.2 renal context
@@ -256,7 +258,10 @@ def renal_context(ctx: _Ctx) -> tuple[str, list[Evidence]]:
     t = ctx.t
     r2: list[Evidence] = [condition_evidence(c) for c in ctx.conditions(*RENAL_R2_CONDITIONS)]
     for p in ctx.f.procedures:
-        if p.feature == "dialysis" and within(p.performed, ctx.now, t.window_dialysis_procedure_days):
+        recent_dialysis = p.feature == "dialysis" and within(p.performed, ctx.now, t.window_dialysis_procedure_days)
+        if not (recent_dialysis or p.feature == "kidney_transplant_procedure") or not ctx.f.usable(p):
+            continue
+        if recent_dialysis:
             r2.append(
                 Evidence(
                     label=p.source.display,
@@ -420,6 +425,10 @@ def phosphate_high(ctx: _Ctx, renal: str, age: int | None, mineral_days: int) ->
 
 
 # --------------------------------------------------------------------------- §2.3 calciphylaxis
+def _current(m: MedicationFact) -> bool:
+    return m.current
+
+
 def _vka_counts(m: MedicationFact, now: datetime, days: int) -> bool:
     if m.current:
         return True
@@ -453,7 +462,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
 
     # ---- major factors
     majors: list[Factor] = []
-    vkas = [m for m in ctx.meds("vka") if _vka_counts(m, now, t.window_vka_stop_days)]
+    vkas = ctx.meds("vka", lambda m: _vka_counts(m, now, t.window_vka_stop_days))
     if vkas:
         majors.append(Factor(id="M1", label=MAJOR_LABELS["M1"].format(days=t.window_vka_stop_days), evidence=[medication_evidence(m) for m in vkas]))
     m2: list[Evidence] = []
@@ -499,12 +508,12 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
     minor("diabetes", [condition_evidence(c) for c in ctx.conditions("diabetes")])
     minor(
         "systemic_corticosteroid",
-        [medication_evidence(m) for m in ctx.meds("systemic_corticosteroid") if m.current]
+        [medication_evidence(m) for m in ctx.meds("systemic_corticosteroid", _current)]
         + [condition_evidence(c) for c in ctx.conditions("long_term_steroid_use")],
     )
     minor("liver_disease", [condition_evidence(c) for c in ctx.conditions("liver_disease")])
-    minor("calcium_binder", [medication_evidence(m) for m in ctx.meds("calcium_binder") if m.current])
-    minor("vitamin_d_therapy", [medication_evidence(m) for m in ctx.meds("vitamin_d_therapy") if m.current])
+    minor("calcium_binder", [medication_evidence(m) for m in ctx.meds("calcium_binder", _current)])
+    minor("vitamin_d_therapy", [medication_evidence(m) for m in ctx.meds("vitamin_d_therapy", _current)])
     if albumin is not None and t.albumin_major_below <= rnd(albumin.value, 2) < t.albumin_minor_below:
         minor("albumin_3_0_to_3_49", [lab_evidence(albumin, threshold=f"{fmt(t.albumin_major_below)}–<{fmt(t.albumin_minor_below)} g/dL")])
     if alp is not None:
@@ -559,8 +568,8 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
         tier = "established"
         explanation = "calciphylaxis is on the problem list: risk tiering does not apply"
         modifiable.extend(medication_evidence(m, note="vitamin K antagonist") for m in vkas)
-        modifiable.extend(medication_evidence(m, note="calcium-based binder") for m in ctx.meds("calcium_binder") if m.current)
-        modifiable.extend(medication_evidence(m, note="vitamin D therapy") for m in ctx.meds("vitamin_d_therapy") if m.current)
+        modifiable.extend(medication_evidence(m, note="calcium-based binder") for m in ctx.meds("calcium_binder", _current))
+        modifiable.extend(medication_evidence(m, note="vitamin D therapy") for m in ctx.meds("vitamin_d_therapy", _current))
         if product is not None and product.value > t.caxp_high_above:
             modifiable.append(_product_evidence(product, f"> {fmt(t.caxp_high_above)} mg²/dL²"))
         incomplete = False
@@ -573,11 +582,10 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
         found = ctx.conditions(feature)
         if found:
             predisposing.append(Factor(id=feature, label=catalog.features[feature].display, evidence=[condition_evidence(c) for c in found]))
-    iv = [
-        m
-        for m in (*ctx.meds("iv_calcium"), *ctx.meds("iv_phosphate"))
-        if m.intravenous and (m.current or within(m.last_activity, now, t.window_iv_mineral_days))
-    ]
+    def iv_recent(m: MedicationFact) -> bool:
+        return m.intravenous and (m.current or within(m.last_activity, now, t.window_iv_mineral_days))
+
+    iv = [*ctx.meds("iv_calcium", iv_recent), *ctx.meds("iv_phosphate", iv_recent)]
     if iv:
         predisposing.append(Factor(id="iv_mineral", label="Current IV calcium or phosphate", evidence=[medication_evidence(m) for m in iv]))
     pred = bool(predisposing)

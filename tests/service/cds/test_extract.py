@@ -240,3 +240,27 @@ def test_patient_validated_on_the_elements_used(run) -> None:
     narrative = patient()
     narrative["text"] = {"status": "generated", "div": "<p>not validated: never read by the rules</p>"}
     assert run(narrative).assessment.patient_resource_present is True
+
+
+def test_invalid_medication_record_is_excluded_when_consulted(run) -> None:
+    bad = med_request("11289")
+    bad["subject"] = {"reference": PATIENT, "display": ["x"]}
+    good = med_request("11289", authored_days=10)
+    ev = run(bad, good)
+    factor = next(f for f in ev.assessment.calciphylaxis.factors if f.id == "M1") if "M1" in ev.assessment.calciphylaxis.major_factors else None
+    assert ev.assessment.calciphylaxis.tier == "none"  # R0, one minor at most: but the VKA itself is evidence
+    assert any(e.reference == f"MedicationRequest/{bad['id']}" and e.reason.startswith("invalid FHIR") for e in ev.assessment.excluded)
+    assert factor is None or all(e.reference != f"MedicationRequest/{bad['id']}" for e in factor.evidence)
+
+
+def test_irrelevant_medication_records_are_not_validated(catalog) -> None:
+    old = med_request("11289", status="completed", authored_days=400)
+    old["subject"] = {"reference": PATIENT, "display": ["x"]}  # invalid, but a stop 400 days ago is never consulted
+    from tests.builders import esrd, renal_panel
+
+    ev = extract_facts([esrd(), *renal_panel(), old], patient_ref=PATIENT, catalog=catalog, thresholds=Thresholds(), now=NOW)
+    from service.cds.rules import assess
+
+    outcome = assess(ev, Thresholds(), NOW, catalog)
+    assert "M1" not in [f.id for f in outcome.majors]
+    assert not any(e.reference == f"MedicationRequest/{old['id']}" for e in ev.excluded)
