@@ -14,8 +14,13 @@ settings.data_dir.mkdir(parents=True, exist_ok=True)
 app = Celery("calcinosis-cds", broker=settings.effective_broker_url, include=["workers.tasks"])
 transport_options: dict[str, object] = {}
 if settings.effective_broker_url.startswith(("redis://", "rediss://")):
-    # Unacked messages return to the queue after this long (a worker killed mid-task; acks_late).
-    transport_options = {"visibility_timeout": max(settings.sweeper_stale_after_s * 2, 60)}
+    # Unacked messages return to the queue after this long (a worker killed mid-task; acks_late). It must exceed
+    # the longest retry countdown (backoff cap x 1.5 jitter), or Redis hands a waiting retry to a second worker.
+    transport_options = {
+        "visibility_timeout": max(settings.sweeper_stale_after_s * 2, int(settings.task_retry_backoff_max_s * 1.5) + 60, 60)
+    }
+    # kombu's Redis transport, guarded so that losing Redis does not crash the worker (see workers/redis_transport.py).
+    app.conf.broker_transport = "workers.redis_transport:Transport"
 app.conf.update(
     task_serializer="json",
     accept_content=["json"],

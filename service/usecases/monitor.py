@@ -13,6 +13,7 @@ Tasks take ids and re-read state, so running any of them twice changes nothing.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,8 @@ from service.cds.rules import REQUIRED_ANALYTES
 from service.cds.thresholds import Thresholds
 from service.config import Settings
 from service.db.models import EventStatus
-from service.db.repositories import Repositories
+from service.db.repositories import LedgerEntry, Repositories, ResourceVersion
+from service.db.session import session_scope
 from service.fhir.client import FhirClient
 from service.fhir.errors import FhirNotFound, FhirPermanentError
 from service.fhir.notifications import (
@@ -92,20 +94,32 @@ def patient_of(resource: dict[str, Any]) -> str | None:
 
 def apply_resource(repos: Repositories, jobs: Jobs, resource: dict[str, Any], settings: Settings) -> bool:
     """Version-guarded upsert of one resource; marks its patient dirty (enqueueing an evaluation on the first mark)."""
-    rtype, rid = resource.get("resourceType"), resource.get("id")
-    if not isinstance(rtype, str) or not isinstance(rid, str) or rtype not in MONITORED_TYPES:
-        return False
-    patient = patient_of(resource)
-    changed = repos.resources.upsert(
-        resource_type=rtype,
-        resource_id=rid,
-        patient_ref=patient or "",
-        content=resource,
-        version_id=version_of(resource),
-        last_updated=last_updated_of(resource),
-    )
-    if changed and patient:
-        mark_dirty(repos, jobs, patient, settings)
+    return apply_resources(repos, jobs, [resource], settings)[0]
+
+
+def apply_resources(repos: Repositories, jobs: Jobs, resources: list[dict[str, Any]], settings: Settings) -> list[bool]:
+    """:func:`apply_resource` for many resources in one transaction: one multi-row version-guarded upsert (the
+    same outcome as applying them one by one, in order), then one mark per changed patient counting its
+    changes (the same as one mark per change: nobody sees the transaction in between). Returns, per resource,
+    whether it was stored."""
+    versions: list[ResourceVersion] = []
+    targets: list[tuple[int, str | None]] = []
+    for i, resource in enumerate(resources):
+        rtype, rid = resource.get("resourceType"), resource.get("id")
+        if not isinstance(rtype, str) or not isinstance(rid, str) or rtype not in MONITORED_TYPES:
+            continue
+        patient = patient_of(resource)
+        versions.append(ResourceVersion(rtype, rid, patient or "", resource, version_of(resource), last_updated_of(resource)))
+        targets.append((i, patient))
+    changed = [False] * len(resources)
+    marks: dict[str, int] = {}
+    for (i, patient), written in zip(targets, repos.resources.upsert_many(versions), strict=True):
+        changed[i] = written
+        if written and patient:
+            marks[patient] = marks.get(patient, 0) + 1
+    if marks:
+        for patient_ref in repos.queue.mark_dirty_many(marks):
+            jobs.add(TASK_EVALUATE, patient_ref, countdown=settings.coalesce_window_s)
     return changed
 
 
@@ -127,81 +141,236 @@ def mark_dirty(repos: Repositories, jobs: Jobs, patient_ref: str, settings: Sett
 
 
 def receive(ctx: MonitorContext, notifications: list[Any], form: str) -> ReceiveSummary:
-    """Record every event in the ledger (one transaction), apply full resources, enqueue the rest after commit."""
-    summary = ReceiveSummary()
-    requeue: list[int] = []
-    with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
+    """Record every event in the ledger, apply full resources, enqueue the rest after commit; returns when the
+    events are committed (a duplicate is counted, not redone).
+
+    Group commit: concurrent calls in one process share one transaction (see :class:`_GroupCommit`); if that
+    transaction fails, each call is retried in a transaction of its own, so a bad notification fails only its
+    own request. Full resources are written in batches: one ledger INSERT, one version-guarded upsert of the
+    new ones and one mark per patient for all the consecutive full resources of the group."""
+    request = _Receipt(notifications, form)
+    _GroupCommit.of(ctx).submit(ctx, request)
+    if request.error is not None:
+        raise request.error
+    NOTIFICATIONS.labels(form, "accepted").inc(request.summary.accepted)
+    NOTIFICATIONS.labels(form, "duplicate").inc(request.summary.duplicates)
+    return request.summary
+
+
+@dataclass(eq=False)
+class _Receipt:
+    """One receive() call: its notifications, and what happened to them."""
+
+    notifications: list[Any]
+    form: str
+    summary: ReceiveSummary = field(default_factory=ReceiveSummary)
+    requeue: list[int] = field(default_factory=list)
+    error: BaseException | None = None
+    finished: bool = False
+    wake: threading.Event = field(default_factory=threading.Event)
+
+    def reset(self) -> None:
+        self.summary, self.requeue = ReceiveSummary(), []
+
+
+class _GroupCommit:
+    """Leader/follower group commit of receive() calls (one instance per MonitorContext).
+
+    A call queues its receipt; if no transaction is running it leads: it takes every queued receipt, writes
+    them in one transaction, sends their jobs after the commit, marks them finished, and hands the lead to
+    the oldest receipt still queued. The others wait until finished. Nothing is answered before its commit,
+    and there is no added delay: a group is whatever arrived while the previous transaction ran.
+    """
+
+    _created = threading.Lock()
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queue: list[_Receipt] = []
+        self.busy = False
+
+    @classmethod
+    def of(cls, ctx: MonitorContext) -> _GroupCommit:
+        group = getattr(ctx, "_group_commit", None)
+        if group is None:
+            with cls._created:
+                group = getattr(ctx, "_group_commit", None)
+                if group is None:
+                    group = cls()
+                    setattr(ctx, "_group_commit", group)  # noqa: B010 - one per context, not a dataclass field
+        return group
+
+    def submit(self, ctx: MonitorContext, receipt: _Receipt) -> None:
+        with self.lock:
+            self.queue.append(receipt)
+            lead = not self.busy
+            self.busy = True
+        if not lead:
+            receipt.wake.wait()  # finished, or handed the lead
+            if receipt.finished:
+                return
+        while True:
+            with self.lock:
+                batch, self.queue = self.queue, []
+            if batch:
+                _commit_receipts(ctx, batch)
+            with self.lock:
+                if receipt.finished:
+                    if self.queue:
+                        self.queue[0].wake.set()  # the next leader (busy stays True)
+                    else:
+                        self.busy = False
+                    return
+
+
+def _commit_receipts(ctx: MonitorContext, batch: list[_Receipt]) -> None:
+    """One transaction for the batch; if it fails before its commit, one transaction per receipt."""
+    try:
+        if len(batch) > 1:
+            try:
+                _receive_transaction(ctx, batch)
+                return
+            except _NotSent as exc:  # committed, but the broker failed: every receipt gets the error
+                for receipt in batch:
+                    receipt.error = exc.__cause__
+                return
+            except Exception:  # rolled back: retry each receipt on its own
+                for receipt in batch:
+                    receipt.reset()
+        for receipt in batch:
+            try:
+                _receive_transaction(ctx, [receipt])
+            except _NotSent as exc:
+                receipt.error = exc.__cause__
+            except Exception as exc:  # answered by the caller (5xx)
+                receipt.error = exc
+    finally:
+        for receipt in batch:
+            receipt.finished = True
+            receipt.wake.set()
+
+
+class _NotSent(Exception):
+    """The transaction committed but sending its jobs failed (``__cause__``)."""
+
+
+def _receive_transaction(ctx: MonitorContext, batch: list[_Receipt]) -> None:
+    jobs = Jobs()
+    with session_scope(ctx.sessions) as session:
         repos = Repositories(session)
-        for n in notifications:
-            if isinstance(n, ResourceChanged):
-                _receive_resource(repos, jobs, n, summary, requeue, ctx.settings)
-            elif isinstance(n, ResourceDeleted):
-                _record(repos, jobs, summary, requeue, dedup_key=dedup_key(n), kind="deletion", resource_type=n.resource_type,
-                        resource_id=n.id, subscription=n.subscription_id)
-            elif isinstance(n, EmptyPing):
-                bucket = int(_now().timestamp() // 5)  # pings within 5 s share one fetch
-                _record(repos, jobs, summary, requeue, dedup_key=f"ping:{n.subscription_id or POLL_SUBSCRIPTION}:{bucket}",
-                        kind="empty-ping", subscription=n.subscription_id or POLL_SUBSCRIPTION)
-            elif isinstance(n, BackportNotification):
-                _receive_backport(repos, jobs, n, summary, requeue, ctx.settings)
-        for event_id in requeue:
-            jobs.add(TASK_PROCESS_EVENT, event_id)
-    NOTIFICATIONS.labels(form, "accepted").inc(summary.accepted)
-    NOTIFICATIONS.labels(form, "duplicate").inc(summary.duplicates)
-    return summary
+        pending = _Pending()
+        for receipt in batch:
+            summary, requeue = receipt.summary, receipt.requeue
+            for n in receipt.notifications:
+                if isinstance(n, ResourceChanged):
+                    _receive_resource(repos, jobs, n, summary, requeue, ctx.settings, pending=pending)
+                    continue
+                pending.write(repos, jobs, ctx.settings)
+                if isinstance(n, ResourceDeleted):
+                    _record(repos, jobs, summary, requeue, dedup_key=dedup_key(n), kind="deletion", resource_type=n.resource_type,
+                            resource_id=n.id, subscription=n.subscription_id)
+                elif isinstance(n, EmptyPing):
+                    _receive_ping(repos, jobs, summary, requeue, n.subscription_id or POLL_SUBSCRIPTION)
+                elif isinstance(n, BackportNotification):
+                    _receive_backport(repos, jobs, n, summary, requeue, ctx.settings, pending=pending)
+                    pending.write(repos, jobs, ctx.settings)
+        pending.write(repos, jobs, ctx.settings)
+        for receipt in batch:
+            for event_id in receipt.requeue:
+                jobs.add(TASK_PROCESS_EVENT, event_id)
+    try:
+        for name, args, countdown in jobs.items:
+            ctx.queue.send(name, args, countdown)
+    except Exception as exc:  # committed: the sweeper and a redelivery resend the jobs
+        raise _NotSent() from exc
+
+
+def _receive_ping(repos: Repositories, jobs: Jobs, summary: ReceiveSummary, requeue: list[int], subscription: str) -> None:
+    """Pings within 5 s share one fetch, but only while it has not started: a fetch that started (or finished)
+    may have searched before the change this ping announces, so the ping then chains a fetch of its own."""
+    key = base = f"ping:{subscription}:{int(_now().timestamp() // 5)}"
+    for _ in range(100):
+        existing = repos.ledger.get_by_dedup_key(key)
+        if existing is None or existing.status in (EventStatus.QUEUED, EventStatus.RECEIVED):
+            break
+        key = f"{base}:after:{existing.id}"
+    _record(repos, jobs, summary, requeue, dedup_key=key, kind="empty-ping", subscription=subscription)
+
+
+def _count(summary: ReceiveSummary, requeue: list[int], event_id: int, status: str, created: bool) -> None:
+    if created:
+        summary.accepted += 1
+        summary.events.append(event_id)
+    else:
+        summary.duplicates += 1
+        # A redelivery of something still waiting (e.g. the broker was down when we first answered): send it again.
+        if status in (EventStatus.QUEUED, EventStatus.RECEIVED):
+            requeue.append(event_id)
+
+
+@dataclass
+class _Pending:
+    """Full resources received and not yet written: their ledger rows, the resource to apply when new, and
+    the summary they count in."""
+
+    entries: list[LedgerEntry] = field(default_factory=list)
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    owners: list[tuple[ReceiveSummary, list[int]]] = field(default_factory=list)
+
+    def add(self, entry: LedgerEntry, resource: dict[str, Any], summary: ReceiveSummary, requeue: list[int]) -> None:
+        self.entries.append(entry)
+        self.resources.append(resource)
+        self.owners.append((summary, requeue))
+
+    def write(self, repos: Repositories, jobs: Jobs, settings: Settings) -> None:
+        """Ledger rows first (duplicates: no work), then the new resources (as ``_record`` + ``apply_resource``)."""
+        if not self.entries:
+            return
+        results = repos.ledger.create_many_if_absent(self.entries)
+        new: list[dict[str, Any]] = []
+        for result, resource, (summary, requeue) in zip(results, self.resources, self.owners, strict=True):
+            _count(summary, requeue, result.id, result.status, result.created)
+            if result.created:
+                new.append(resource)
+        self.entries, self.resources, self.owners = [], [], []
+        apply_resources(repos, jobs, new, settings)
 
 
 def _record(repos: Repositories, jobs: Jobs, summary: ReceiveSummary, requeue: list[int], *, dedup_key: str, kind: str,
             status: str = EventStatus.QUEUED, **fields: Any) -> tuple[int, bool]:
-    event, created = repos.ledger.create_if_absent(dedup_key=dedup_key, kind=kind, status=status, **fields)
-    if created:
-        summary.accepted += 1
-        summary.events.append(event.id)
-        if status == EventStatus.QUEUED:
-            jobs.add(TASK_PROCESS_EVENT, event.id)
-    else:
-        summary.duplicates += 1
-        # A redelivery of something still waiting (e.g. the broker was down when we first answered): send it again.
-        if event.status in (EventStatus.QUEUED, EventStatus.RECEIVED):
-            requeue.append(event.id)
-    return event.id, created
+    event_id, stored_status, created = repos.ledger.create_many_if_absent([LedgerEntry(dedup_key, kind, status, **fields)])[0]
+    _count(summary, requeue, event_id, stored_status, created)
+    if created and status == EventStatus.QUEUED:
+        jobs.add(TASK_PROCESS_EVENT, event_id)
+    return event_id, created
 
 
 def _receive_resource(repos: Repositories, jobs: Jobs, n: ResourceChanged, summary: ReceiveSummary, requeue: list[int],
-                      settings: Settings, subscription: str | None = None) -> None:
-    patient = patient_of(n.resource)
-    _, created = _record(repos, jobs, summary, requeue, dedup_key=dedup_key(n), kind="resource", status=EventStatus.HANDLED,
-                         subscription=subscription or n.subscription_id, resource_type=n.resource_type, resource_id=n.id,
-                         version_id=n.version_id, patient_ref=patient)
-    if created:
-        apply_resource(repos, jobs, n.resource, settings)
+                      settings: Settings, subscription: str | None = None, *, pending: _Pending | None = None) -> None:
+    entry = LedgerEntry(dedup_key(n), "resource", EventStatus.HANDLED, subscription=subscription or n.subscription_id,
+                        resource_type=n.resource_type, resource_id=n.id, version_id=n.version_id, patient_ref=patient_of(n.resource))
+    batch = pending if pending is not None else _Pending()
+    batch.add(entry, n.resource, summary, requeue)
+    if pending is None:
+        batch.write(repos, jobs, settings)
 
 
 def _receive_backport(repos: Repositories, jobs: Jobs, n: BackportNotification, summary: ReceiveSummary, requeue: list[int],
-                      settings: Settings) -> None:
+                      settings: Settings, *, pending: _Pending | None = None) -> None:
     sub = n.subscription
     repos.subscriptions.ensure(sub, topic=n.topic, status=n.status)
     repos.subscriptions.touch_heartbeat(sub)
+    batch = pending if pending is not None else _Pending()
     missing: list[int] = []
-    if n.type in ("handshake", "heartbeat", "query-status"):
-        if n.events_since_start is not None and n.type != "handshake":
-            missing = repos.subscriptions.observe_events_since_start(sub, n.events_since_start)
+    if n.type in ("heartbeat", "query-status") and n.events_since_start is not None:
+        missing = repos.subscriptions.observe_events_since_start(sub, n.events_since_start)
     for ev in n.events:
         missing.extend(repos.subscriptions.observe_event_number(sub, ev.event_number))
         key = f"{sub}#{ev.event_number}"
         if ev.resource is not None:
-            changed = ResourceChanged(
-                resource_type=str(ev.resource.get("resourceType")),
-                id=str(ev.resource.get("id")),
-                version_id=version_of(ev.resource),
-                last_updated=(ev.resource.get("meta") or {}).get("lastUpdated"),
-                resource=ev.resource,
-            )
-            _, created = _record(repos, jobs, summary, requeue, dedup_key=key, kind="backport-event", status=EventStatus.HANDLED,
-                                 subscription=sub, event_number=ev.event_number, resource_type=changed.resource_type,
-                                 resource_id=changed.id, version_id=changed.version_id, patient_ref=patient_of(ev.resource))
-            if created:
-                apply_resource(repos, jobs, ev.resource, settings)
+            batch.add(LedgerEntry(key, "backport-event", EventStatus.HANDLED, subscription=sub, event_number=ev.event_number,
+                                  resource_type=str(ev.resource.get("resourceType")), resource_id=str(ev.resource.get("id")),
+                                  version_id=version_of(ev.resource), patient_ref=patient_of(ev.resource)), ev.resource, summary, requeue)
         else:
             _record(repos, jobs, summary, requeue, dedup_key=key, kind="backport-event", subscription=sub,
                     event_number=ev.event_number, resource_type=ev.focus_type, resource_id=ev.focus_id,
@@ -211,6 +380,8 @@ def _receive_backport(repos: Repositories, jobs: Jobs, n: BackportNotification, 
         log.warning("event_gap", subscription=sub, missing=len(missing), first=missing[0], last=missing[-1])
         _record(repos, jobs, summary, requeue, dedup_key=f"{sub}#gap#{missing[0]}-{missing[-1]}", kind="recovery",
                 subscription=sub, payload={"missing": [missing[0], missing[-1]]})
+    if pending is None:
+        batch.write(repos, jobs, settings)
 
 
 # --------------------------------------------------------------------------- worker: one ledger event
@@ -350,14 +521,13 @@ def evaluate_patient_state(ctx: MonitorContext, patient_ref: str, now: datetime 
         generation = repos.queue.claim(patient_ref)
         if generation is None:
             return None
-        rows = repos.resources.list_for_patient(patient_ref)
-        resources = [r.content for r in rows if r.content is not None]
+        resources = [c for c in repos.resources.contents_for_patient(patient_ref) if c is not None]
         evaluation = evaluate_patient(
             resources, patient_ref=patient_ref, catalog=ctx.catalog, thresholds=ctx.thresholds, now=now,
             topic_system=ctx.settings.topic_system,
         )
         a = evaluation.assessment
-        latest = repos.evaluations.latest_for(patient_ref)
+        latest = repos.evaluations.latest_summary_for(patient_ref)
         same = (
             latest is not None
             and latest.inputs_hash == a.inputs_hash
@@ -369,14 +539,12 @@ def evaluate_patient_state(ctx: MonitorContext, patient_ref: str, now: datetime 
         if not same:
             document = a.model_dump(mode="json")
             document["risk_assessments"] = evaluation.risk_assessments
-            row = repos.evaluations.record(
+            evaluation_id = repos.evaluations.add(
                 patient_ref=patient_ref, evaluated_at=now, inputs_hash=a.inputs_hash, inputs=[dict(i) for i in a.inputs],
                 rules_version=a.rules_version, mappings_version=a.mappings_version,
                 calciphylaxis_tier=a.calciphylaxis.tier, metastatic_tier=a.metastatic_calcification.tier,
                 renal_context=a.renal_context, assessment=document,
             )
-            session.flush()
-            evaluation_id = row.id
             EVALUATIONS.labels("monitor").inc()
             if ctx.settings.writeback_enabled:
                 jobs.add(TASK_WRITEBACK, evaluation_id)
@@ -508,29 +676,34 @@ def replay_failed(ctx: MonitorContext, event_ids: list[int] | None) -> list[int]
 
 
 def backfill(ctx: MonitorContext, resources: Iterable[dict[str, Any]], batch: int = 500) -> dict[str, int]:
-    """Load resources (search paging, Bulk $export or NDJSON) through the same ledger and state as notifications."""
+    """Load resources (search paging, Bulk $export or NDJSON) through the same ledger and state as notifications:
+    per chunk of ``batch`` resources one transaction with one ledger INSERT, one upsert of the new resources
+    and one mark per patient."""
     counts = {"resources": 0, "new": 0, "duplicates": 0}
     iterator: Iterator[dict[str, Any]] = iter(resources)
     while True:
         chunk = [r for _, r in zip(range(batch), iterator, strict=False)]
         if not chunk:
             break
+        entries: list[LedgerEntry] = []
+        accepted: list[dict[str, Any]] = []
+        for resource in chunk:
+            rtype, rid = resource.get("resourceType"), resource.get("id")
+            if not isinstance(rtype, str) or not isinstance(rid, str) or rtype not in MONITORED_TYPES:
+                continue
+            counts["resources"] += 1
+            changed = ResourceChanged(resource_type=rtype, id=rid, version_id=version_of(resource),
+                                      last_updated=(resource.get("meta") or {}).get("lastUpdated"), resource=resource)
+            entries.append(LedgerEntry(dedup_key(changed), "backfill", EventStatus.HANDLED, resource_type=rtype, resource_id=rid,
+                                       version_id=changed.version_id, patient_ref=patient_of(resource)))
+            accepted.append(resource)
+        if not entries:
+            continue
         with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
             repos = Repositories(session)
-            for resource in chunk:
-                rtype, rid = resource.get("resourceType"), resource.get("id")
-                if not isinstance(rtype, str) or not isinstance(rid, str) or rtype not in MONITORED_TYPES:
-                    continue
-                counts["resources"] += 1
-                changed = ResourceChanged(resource_type=rtype, id=rid, version_id=version_of(resource),
-                                          last_updated=(resource.get("meta") or {}).get("lastUpdated"), resource=resource)
-                _, created = repos.ledger.create_if_absent(
-                    dedup_key=dedup_key(changed), kind="backfill", status=EventStatus.HANDLED, resource_type=rtype,
-                    resource_id=rid, version_id=changed.version_id, patient_ref=patient_of(resource),
-                )
-                if created:
-                    counts["new"] += 1
-                    apply_resource(repos, jobs, resource, ctx.settings)
-                else:
-                    counts["duplicates"] += 1
+            results = repos.ledger.create_many_if_absent(entries)
+            new = [resource for resource, result in zip(accepted, results, strict=True) if result.created]
+            counts["new"] += len(new)
+            counts["duplicates"] += len(results) - len(new)
+            apply_resources(repos, jobs, new, ctx.settings)
     return counts
