@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -59,6 +60,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(notifications.router)
     app.include_router(patients.router)
     app.include_router(health.router)
+    if os.environ.get("CDS_BENCH_FLOOR_ROUTE") == "1":  # bench/cds_hooks.py only; never on by default
+        from service.api import bench_floor
+
+        app.include_router(bench_floor.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -226,7 +226,12 @@ async def feedback(service_id: str, request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.get("/cds-services/{service_id}/feedback", tags=["Audit"], summary="Read card feedback back (audit; admin token)", responses={401: {"model": OperationOutcome}})
+@router.get(
+    "/cds-services/{service_id}/feedback",
+    tags=["Audit"],
+    summary="Read card feedback back (audit; admin token)",
+    responses={401: {"model": OperationOutcome}},
+)
 def feedback_audit(
     service_id: str,
     request: Request,

@@ -15,7 +15,16 @@ from service.logging import get_logger
 
 log = get_logger("calcinosis-cds.api")
 
-_STATUS_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported", 412: "incomplete", 413: "too-costly", 415: "not-supported"}
+_STATUS_CODES = {
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    412: "incomplete",
+    413: "too-costly",
+    415: "not-supported",
+}
 
 
 def operation_outcome(status: int, diagnostics: str | None, code: str | None = None) -> Response:

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.cds.discovery import discovery_document
 from service.cds.thresholds import Thresholds
 from service.config import Settings
-from service.db.session import check_database, make_engine, make_session_factory
+from service.db.repositories import EvaluationRepository
+from service.db.session import check_database, make_engine, make_session_factory, session_scope
 from service.fhir.client import client_from_settings
 from service.fhir.hook_fetch import HookFetcher
 from service.queue import CeleryQueue
@@ -20,8 +21,6 @@ from service.security import JwtVerifier, build_verifier
 from service.terminology.catalog import Catalog
 from service.terminology.checks import check_catalog_for_rules
 from service.terminology.loader import load_catalog
-from service.db.repositories import EvaluationRepository
-from service.db.session import session_scope
 from service.usecases.evaluate_hook import HookService, StoredAssessment
 from service.usecases.monitor import MonitorContext
 

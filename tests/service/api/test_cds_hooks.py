@@ -1,0 +1,393 @@
+"""The CDS Hooks routes driven the way an EHR (or the CDS Hooks Sandbox) drives them.
+
+Most calls go through FastAPI's TestClient; the prefetch fallback goes over real HTTP to a fake FHIR
+server, since that is where the service's own HTTP client (timeouts, headers, failures) is exercised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from service.cds.discovery import MAX_TEMPLATE_LENGTH
+from tests import builders as b
+from tests.fakes.fhir_server import FailureRule, FakeFhirServer
+from tests.schema import assert_valid
+from tests.service.api.conftest import FHIR_TOKEN, TESTSERVER
+from tests.service.api.support import (
+    CALCIUM_ACETATE,
+    ENCOUNTER,
+    ORDER_SELECT,
+    ORDER_SIGN,
+    RISK,
+    SEVELAMER,
+    WARFARIN,
+    Issuer,
+    PatientData,
+    closed_port_url,
+    draft_order,
+    empty_elements,
+    high_risk_dialysis_patient,
+    hook_request,
+    non_renal_patient,
+    sandbox_draft_orders,
+    serve_in_thread,
+    topics,
+)
+
+EXPECTED_SERVICES = {
+    "calcinosis-risk": "patient-view",
+    "calcinosis-encounter": "encounter-start",
+    "calcinosis-order-select": "order-select",
+    "calcinosis-order-sign": "order-sign",
+}
+REQUIRED = ("observations", "conditions", "medicationRequests")
+
+
+def call(client: TestClient, service: str, body: Any, **kwargs: Any) -> httpx.Response:
+    return client.post(f"/cds-services/{service}", json=body, **kwargs)
+
+
+def ok_cards(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    document = response.json()
+    assert_valid(document, "CDSResponse")
+    assert empty_elements(document) == [], "responses never carry null, empty arrays or empty strings"
+    return document
+
+
+def assert_operation_outcome(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    document = response.json()
+    assert document["resourceType"] == "OperationOutcome"
+    assert document["issue"] and document["issue"][0]["severity"] in ("error", "fatal")
+    return document
+
+
+def fake_holds(srv: FakeFhirServer, data: PatientData) -> None:
+    srv.put_all(data.resources())
+
+
+# --- discovery ----------------------------------------------------------------------------------
+def test_discovery_lists_the_four_services_with_short_prefetch_templates(signed_client: TestClient) -> None:
+    response = signed_client.get("/cds-services")
+    assert response.status_code == 200
+    document = response.json()
+    assert_valid(document, "DiscoveryResponse")
+    assert {s["id"]: s["hook"] for s in document["services"]} == EXPECTED_SERVICES
+    for service in document["services"]:
+        assert service["description"] and service["title"]
+        assert service["usageRequirements"]
+        prefetch = service["prefetch"]
+        assert set(REQUIRED) <= prefetch.keys()
+        for key, template in prefetch.items():
+            assert len(template) < MAX_TEMPLATE_LENGTH, key
+            assert "{{context.patientId}}" in template
+    assert empty_elements(document) == []
+
+
+def test_discovery_accepts_the_sandbox_jwt_and_a_preflight(signed_client: TestClient, issuer: Issuer) -> None:
+    # The Sandbox sends a JWT and an Origin on discovery too; discovery is public, so both are fine.
+    headers = {"Origin": "https://sandbox.cds-hooks.org", **issuer.bearer(f"{TESTSERVER}/cds-services")}
+    response = signed_client.get("/cds-services", headers=headers)
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] in ("*", "https://sandbox.cds-hooks.org")
+
+
+# --- full prefetch ------------------------------------------------------------------------------
+def test_full_prefetch_high_risk_dialysis_patient_gets_a_calciphylaxis_warning(dev_client: TestClient) -> None:
+    patient = high_risk_dialysis_patient()
+    document = ok_cards(call(dev_client, RISK, hook_request(RISK, patient.pid, prefetch=patient.prefetch())))
+    cards = {c["source"]["topic"]["code"]: c for c in document["cards"]}
+    assert "calciphylaxis-risk" in cards
+    card = cards["calciphylaxis-risk"]
+    assert card["indicator"] == "warning"
+    assert "HIGH" in card["summary"].upper()
+    assert card["uuid"] and card["overrideReasons"]
+    assert "M1" in card["detail"] and "M3" in card["detail"]
+
+
+def test_full_prefetch_at_encounter_start(dev_client: TestClient) -> None:
+    patient = high_risk_dialysis_patient()
+    body = hook_request(ENCOUNTER, patient.pid, prefetch=patient.prefetch(), encounterId="enc-1")
+    document = ok_cards(call(dev_client, ENCOUNTER, body))
+    assert "calciphylaxis-risk" in topics(document)
+
+
+def test_full_prefetch_low_risk_patient_gets_no_card(dev_client: TestClient) -> None:
+    patient = non_renal_patient()
+    document = ok_cards(call(dev_client, RISK, hook_request(RISK, patient.pid, prefetch=patient.prefetch())))
+    assert document == {"cards": []}
+
+
+def test_full_prefetch_with_the_same_card_twice_is_stable(dev_client: TestClient) -> None:
+    patient = high_risk_dialysis_patient()
+    first = ok_cards(call(dev_client, RISK, hook_request(RISK, patient.pid, prefetch=patient.prefetch())))
+    second = ok_cards(call(dev_client, RISK, hook_request(RISK, patient.pid, prefetch=patient.prefetch())))
+    assert [c["uuid"] for c in first["cards"]] == [c["uuid"] for c in second["cards"]]
+
+
+# --- prefetch fallback over real HTTP -----------------------------------------------------------
+def test_partial_prefetch_fetches_the_missing_keys_with_the_ehr_token(dev_client: TestClient, fhir: FakeFhirServer) -> None:
+    patient = high_risk_dialysis_patient()
+    fake_holds(fhir, patient)
+    prefetch = {"patient": patient.patient, "observations": patient.prefetch()["observations"]}
+    body = hook_request(RISK, patient.pid, prefetch=prefetch, fhir_server=fhir.base_url, token=FHIR_TOKEN)
+    document = ok_cards(call(dev_client, RISK, body))
+    card = next(c for c in document["cards"] if c["source"]["topic"]["code"] == "calciphylaxis-risk")
+    assert card["indicator"] == "warning"  # ESRD and warfarin came from the FHIR server
+
+    seen = fhir.requests
+    assert seen, "the service did not call the FHIR server"
+    assert all(r.headers.get("authorization") == f"Bearer {FHIR_TOKEN}" for r in seen)
+    for path in ("/fhir/Condition", "/fhir/MedicationRequest"):
+        queries = [r for r in seen if r.path == path]
+        assert len(queries) == 1, path
+        assert queries[0].param("patient") == patient.pid
+    assert fhir.count(r"/fhir/Observation") == 0, "a key that was prefetched is not fetched again"
+    assert fhir.count(r"/fhir/Patient") == 0
+
+
+def test_null_prefetch_keys_mean_no_data_and_are_not_fetched(dev_client: TestClient, fhir: FakeFhirServer) -> None:
+    patient = high_risk_dialysis_patient()
+    fake_holds(fhir, patient)
+    prefetch = {
+        "patient": patient.patient,
+        "observations": patient.prefetch()["observations"],
+        "conditions": None,
+        "medicationRequests": None,
+        "medicationStatements": None,
+        "medicationAdministrations": None,
+        "procedures": None,
+    }
+    body = hook_request(RISK, patient.pid, prefetch=prefetch, fhir_server=fhir.base_url, token=FHIR_TOKEN)
+    document = ok_cards(call(dev_client, RISK, body))
+    assert fhir.requests == []
+    # Without the ESRD condition and warfarin the patient is no longer in a renal context on warfarin.
+    assert all("R2" not in c["summary"] for c in document["cards"])
+
+
+def test_an_operation_outcome_in_a_prefetch_key_is_refetched(dev_client: TestClient, fhir: FakeFhirServer) -> None:
+    patient = high_risk_dialysis_patient()
+    fake_holds(fhir, patient)
+    prefetch = patient.prefetch()
+    prefetch["conditions"] = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "timeout", "diagnostics": "prefetch timed out"}],
+    }
+    body = hook_request(RISK, patient.pid, prefetch=prefetch, fhir_server=fhir.base_url, token=FHIR_TOKEN)
+    document = ok_cards(call(dev_client, RISK, body))
+    assert "calciphylaxis-risk" in topics(document)
+    assert [r.path for r in fhir.requests] == ["/fhir/Condition"]
+    assert fhir.requests[0].param("patient") == patient.pid
+
+
+def test_unreachable_fhir_server_for_required_keys_is_412(dev_client: TestClient) -> None:
+    patient = high_risk_dialysis_patient()
+    body = hook_request(RISK, patient.pid, prefetch={"patient": patient.patient}, fhir_server=closed_port_url(), token=FHIR_TOKEN)
+    document = assert_operation_outcome(call(dev_client, RISK, body), 412)
+    assert document["issue"][0]["code"] == "incomplete"
+    assert FHIR_TOKEN not in orjson.dumps(document).decode()
+
+
+def test_fhir_server_error_on_a_required_key_is_412(dev_client: TestClient, fhir: FakeFhirServer) -> None:
+    patient = high_risk_dialysis_patient()
+    fake_holds(fhir, patient)
+    fhir.add_rule(FailureRule(status=500, times=None, path=r"^/fhir/Condition"))
+    prefetch = patient.prefetch()
+    del prefetch["conditions"]
+    body = hook_request(RISK, patient.pid, prefetch=prefetch, fhir_server=fhir.base_url, token=FHIR_TOKEN)
+    assert_operation_outcome(call(dev_client, RISK, body), 412)
+    assert fhir.count(r"^/fhir/Condition") >= 1
+
+
+def test_fhir_server_error_on_an_optional_key_still_answers_with_cards(dev_client: TestClient, fhir: FakeFhirServer) -> None:
+    patient = high_risk_dialysis_patient()
+    fake_holds(fhir, patient)
+    fhir.add_rule(FailureRule(status=500, times=None, path=r"^/fhir/Procedure"))
+    prefetch = patient.prefetch()
+    del prefetch["procedures"]
+    body = hook_request(RISK, patient.pid, prefetch=prefetch, fhir_server=fhir.base_url, token=FHIR_TOKEN)
+    document = ok_cards(call(dev_client, RISK, body))
+    assert "calciphylaxis-risk" in topics(document)
+    assert fhir.count(r"^/fhir/Procedure") >= 1
+
+
+def test_missing_required_keys_without_fhir_server_is_412(dev_client: TestClient) -> None:
+    patient = high_risk_dialysis_patient()
+    body = hook_request(RISK, patient.pid, prefetch={"observations": patient.prefetch()["observations"]})
+    assert_operation_outcome(call(dev_client, RISK, body), 412)
+
+
+def test_http_fhir_server_is_refused_outside_development_mode(
+    make_client: Callable[..., TestClient], issuer: Issuer, fhir: FakeFhirServer
+) -> None:
+    # Even on the allowlist: outside development mode the fhirServer must be https (no token over clear text).
+    client = make_client(dev_mode=False, fhir_server_allowlist=[fhir.base_url])
+    patient = high_risk_dialysis_patient()
+    fake_holds(fhir, patient)
+    body = hook_request(RISK, patient.pid, prefetch={"patient": patient.patient}, fhir_server=fhir.base_url, token=FHIR_TOKEN)
+    response = call(client, RISK, body, headers=issuer.bearer(f"{TESTSERVER}/cds-services/{RISK}"))
+    assert_operation_outcome(response, 412)
+    assert fhir.requests == [], "the service never sends the EHR's token to a refused server"
+
+
+def test_fallback_over_real_http_end_to_end(make_app: Callable[..., Any], fhir: FakeFhirServer) -> None:
+    """EHR → service → FHIR server, every hop over a real socket (uvicorn in a thread)."""
+    patient = high_risk_dialysis_patient()
+    fake_holds(fhir, patient)
+    with serve_in_thread(make_app(dev_mode=True)) as origin:
+        body = hook_request(RISK, patient.pid, fhir_server=fhir.base_url, token=FHIR_TOKEN)
+        response = httpx.post(f"{origin}/cds-services/{RISK}", json=body, timeout=15)
+    document = ok_cards(response)
+    assert "calciphylaxis-risk" in topics(document)
+    paths = {r.path for r in fhir.requests}
+    assert {"/fhir/Patient/p1", "/fhir/Observation", "/fhir/Condition", "/fhir/MedicationRequest"} <= paths
+    observation_query = next(r for r in fhir.requests if r.path == "/fhir/Observation")
+    assert observation_query.param("patient") == patient.pid
+    assert "http://loinc.org|" in (observation_query.param("code") or "")
+
+
+# --- malformed calls ------------------------------------------------------------------------------
+MARKER = "ECHO-MARKER-7f3a9c"
+
+
+@pytest.mark.parametrize(
+    ("service", "content", "status"),
+    [
+        pytest.param(RISK, {"hook": f"order-select-{MARKER}", "hookInstance": MARKER, "context": {"patientId": "p1"}}, 400, id="unknown-hook"),
+        pytest.param(RISK, {"hook": "order-select", "hookInstance": MARKER, "context": {"patientId": "p1", "selections": []}}, 400, id="wrong-hook"),
+        pytest.param(ORDER_SIGN, {"hook": "patient-view", "hookInstance": MARKER, "context": {"patientId": "p1"}}, 400, id="wrong-hook-order"),
+        pytest.param("no-such-service", {"hook": "patient-view", "hookInstance": MARKER, "context": {"patientId": "p1"}}, 404, id="unknown-service"),
+        pytest.param(RISK, f'{{"hook": "patient-view", "hookInstance": "{MARKER}", '.encode(), 400, id="malformed-json"),
+        pytest.param(RISK, [MARKER, {"hook": "patient-view"}], 400, id="array-body"),
+        pytest.param(RISK, MARKER, 400, id="string-body"),
+        pytest.param(RISK, {"hook": "patient-view", "hookInstance": "x", "context": {"userId": MARKER}}, 400, id="no-patient-id"),
+        pytest.param(RISK, {"hook": "patient-view", "hookInstance": "x", "context": {"patientId": f"Patient/{MARKER}"}}, 400, id="patient-ref"),
+        pytest.param(RISK, {"hook": "patient-view", "hookInstance": "x", "context": MARKER}, 400, id="context-string"),
+        pytest.param(
+            RISK,
+            {"hook": "patient-view", "hookInstance": "x", "context": {"patientId": "p1"}, "prefetch": {"observations": MARKER}},
+            400,
+            id="prefetch-not-resource",
+        ),
+        pytest.param(
+            ORDER_SELECT,
+            {"hook": "order-select", "hookInstance": "x", "context": {"patientId": "p1", "draftOrders": MARKER, "selections": []}},
+            400,
+            id="draft-orders-string",
+        ),
+        pytest.param(RISK, b"", 400, id="empty-body"),
+    ],
+)
+def test_bad_calls_are_refused_without_echoing_the_body(dev_client: TestClient, service: str, content: Any, status: int) -> None:
+    raw = content if isinstance(content, bytes) else orjson.dumps(content)
+    response = dev_client.post(f"/cds-services/{service}", content=raw, headers={"Content-Type": "application/json"})
+    assert_operation_outcome(response, status)
+    assert MARKER not in response.text
+
+
+def test_oversized_body_is_413(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(dev_mode=True, max_hook_request_bytes=1000)
+    body = hook_request(RISK, "p1", prefetch={"observations": {"resourceType": "Bundle", "entry": [], "id": "x" * 2000}})
+    assert_operation_outcome(call(client, RISK, body), 413)
+
+
+# --- order-select / order-sign -------------------------------------------------------------------
+def order_body(service: str, patient: PatientData, *orders: dict[str, Any], selections: list[str] | None = None) -> dict[str, Any]:
+    context: dict[str, Any] = {"draftOrders": sandbox_draft_orders(*orders)}
+    if service == ORDER_SELECT:
+        context["selections"] = selections if selections is not None else [f"MedicationRequest/{o['id']}" for o in orders]
+    return hook_request(service, patient.pid, prefetch=patient.prefetch(), **context)
+
+
+def test_order_select_warfarin_for_an_esrd_patient(dev_client: TestClient) -> None:
+    patient = high_risk_dialysis_patient()
+    order = draft_order("draft-warfarin", WARFARIN, patient.pid)
+    document = ok_cards(call(dev_client, ORDER_SELECT, order_body(ORDER_SELECT, patient, order)))
+    assert topics(document) == ["medication-order-risk"]
+    card = document["cards"][0]
+    assert card["indicator"] == "warning"
+    assert card["selectionBehavior"] == "at-most-one"
+    delete = [a for s in card["suggestions"] for a in s["actions"] if a["type"] == "delete"]
+    assert delete == [{"type": "delete", "description": delete[0]["description"], "resourceId": "MedicationRequest/draft-warfarin"}]
+
+
+def test_order_select_only_looks_at_the_selected_orders(dev_client: TestClient) -> None:
+    patient = high_risk_dialysis_patient()
+    warfarin = draft_order("draft-warfarin", WARFARIN, patient.pid)
+    other = draft_order("draft-other", SEVELAMER, patient.pid)
+    body = order_body(ORDER_SELECT, patient, warfarin, other, selections=["MedicationRequest/draft-other"])
+    assert ok_cards(call(dev_client, ORDER_SELECT, body)) == {"cards": []}
+
+
+def test_order_select_warfarin_for_a_non_renal_patient_gives_no_card(dev_client: TestClient) -> None:
+    patient = non_renal_patient()
+    order = draft_order("draft-warfarin", WARFARIN, patient.pid)
+    assert ok_cards(call(dev_client, ORDER_SELECT, order_body(ORDER_SELECT, patient, order))) == {"cards": []}
+
+
+def test_order_select_calcium_acetate_suggests_sevelamer(dev_client: TestClient) -> None:
+    patient = high_risk_dialysis_patient()
+    order = draft_order("draft-ca", CALCIUM_ACETATE, patient.pid, display="calcium acetate")
+    document = ok_cards(call(dev_client, ORDER_SELECT, order_body(ORDER_SELECT, patient, order)))
+    assert topics(document) == ["medication-order-risk"]
+    actions = [a for s in document["cards"][0]["suggestions"] for a in s["actions"]]
+    updates = [a for a in actions if a["type"] == "update"]
+    assert len(updates) == 1
+    replaced = updates[0]["resource"]
+    assert replaced["resourceType"] == "MedicationRequest" and replaced["id"] == "draft-ca"
+    assert [(c["system"], c["code"]) for c in replaced["medicationCodeableConcept"]["coding"]] == [(b.RXNORM, SEVELAMER)]
+    assert "dosageInstruction" not in replaced, "the prescriber sets the dose of the alternative"
+    assert any(a["type"] == "delete" and a["resourceId"] == "MedicationRequest/draft-ca" for a in actions)
+
+
+def test_order_sign_returns_order_cards_and_risk_cards(dev_client: TestClient) -> None:
+    patient = high_risk_dialysis_patient()
+    order = draft_order("draft-warfarin", WARFARIN, patient.pid)
+    document = ok_cards(call(dev_client, ORDER_SIGN, order_body(ORDER_SIGN, patient, order)))
+    found = topics(document)
+    assert found[0] == "medication-order-risk"
+    assert "calciphylaxis-risk" in found
+
+
+def test_order_sign_for_a_non_renal_patient_without_risky_orders(dev_client: TestClient) -> None:
+    patient = non_renal_patient()
+    order = draft_order("draft-sev", SEVELAMER, patient.pid)
+    assert ok_cards(call(dev_client, ORDER_SIGN, order_body(ORDER_SIGN, patient, order))) == {"cards": []}
+
+
+def test_order_select_requires_a_draft_orders_bundle(dev_client: TestClient) -> None:
+    patient = high_risk_dialysis_patient()
+    body = hook_request(ORDER_SELECT, patient.pid, prefetch=patient.prefetch(), selections=[])
+    assert_operation_outcome(call(dev_client, ORDER_SELECT, body), 400)
+
+
+# --- CORS -------------------------------------------------------------------------------------------
+def test_cors_preflight_and_response_headers(signed_client: TestClient, issuer: Issuer) -> None:
+    origin = "https://sandbox.cds-hooks.org"
+    preflight = signed_client.options(
+        f"/cds-services/{RISK}",
+        headers={"Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"},
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] in ("*", origin)
+    allowed = {h.strip().lower() for h in preflight.headers["access-control-allow-headers"].split(",")}
+    assert {"authorization", "content-type"} <= allowed
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+
+    patient = high_risk_dialysis_patient()
+    headers = {"Origin": origin, **issuer.bearer(f"{TESTSERVER}/cds-services/{RISK}")}
+    response = call(signed_client, RISK, hook_request(RISK, patient.pid, prefetch=patient.prefetch()), headers=headers)
+    ok_cards(response)
+    assert response.headers["access-control-allow-origin"] in ("*", origin)
+
+    refused = call(signed_client, RISK, hook_request(RISK, patient.pid, prefetch=patient.prefetch()), headers={"Origin": origin})
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] in ("*", origin), "errors must reach the browser too"

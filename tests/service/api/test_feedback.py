@@ -1,0 +1,165 @@
+"""Card feedback (CDS Hooks 2.0 ``POST {service}/feedback``) as the Sandbox sends it, and its audit read."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.schema import assert_valid
+from tests.service.api.conftest import ADMIN_TOKEN, TESTSERVER
+from tests.service.api.support import RISK, Issuer, high_risk_dialysis_patient, hook_request
+
+FEEDBACK_URL = f"{TESTSERVER}/cds-services/{RISK}/feedback"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def sandbox_feedback(card: str, outcome: str = "overridden") -> dict[str, Any]:
+    """Exactly what the CDS Hooks Sandbox posts when a card is dismissed with a reason."""
+    item: dict[str, Any] = {"card": card, "outcome": outcome, "outcomeTimestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
+    if outcome == "overridden":
+        item["overrideReason"] = {
+            "reason": {"code": "not-clinically-relevant", "system": "https://calcinosis-cds.org/fhir/CodeSystem/override-reason"}
+        }
+    return {"feedback": [item]}
+
+
+def send(client: TestClient, issuer: Issuer, document: Any, service: str = RISK) -> httpx.Response:
+    url = f"{TESTSERVER}/cds-services/{service}/feedback"
+    return client.post(f"/cds-services/{service}/feedback", json=document, headers=issuer.bearer(url))
+
+
+def stored(client: TestClient, card: str) -> list[dict[str, Any]]:
+    response = client.get(f"/cds-services/{RISK}/feedback", params={"card": card}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    return response.json()["feedback"]
+
+
+def issued_card(client: TestClient, issuer: Issuer) -> dict[str, Any]:
+    patient = high_risk_dialysis_patient()
+    aud = f"{TESTSERVER}/cds-services/{RISK}"
+    response = client.post(f"/cds-services/{RISK}", json=hook_request(RISK, patient.pid, prefetch=patient.prefetch()), headers=issuer.bearer(aud))
+    assert response.status_code == 200, response.text
+    return response.json()["cards"][0]
+
+
+def test_sandbox_feedback_on_an_issued_card_is_recorded_once(signed_client: TestClient, issuer: Issuer) -> None:
+    card = issued_card(signed_client, issuer)
+    document = sandbox_feedback(card["uuid"])
+    assert_valid(document, "FeedbackRequest")
+    reason = card["overrideReasons"][1]
+    document["feedback"][0]["overrideReason"]["reason"] = {"code": reason["code"], "system": reason["system"]}
+
+    first = send(signed_client, issuer, document)
+    assert first.status_code == 200, first.text
+    again = send(signed_client, issuer, document)  # the Sandbox retries; a browser may double-submit
+    assert again.status_code == 200, again.text
+
+    rows = stored(signed_client, card["uuid"])
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["service"] == RISK and row["card"] == card["uuid"] and row["outcome"] == "overridden"
+    assert row["overrideReason"]["reason"]["code"] == reason["code"]
+
+
+def test_accepted_feedback_with_suggestions(signed_client: TestClient, issuer: Issuer) -> None:
+    card = str(uuid.uuid4())
+    document = {
+        "feedback": [
+            {
+                "card": card,
+                "outcome": "accepted",
+                "outcomeTimestamp": "2026-03-01T10:00:00Z",
+                "acceptedSuggestions": [{"id": str(uuid.uuid4())}],
+            }
+        ]
+    }
+    assert_valid(document, "FeedbackRequest")
+    assert send(signed_client, issuer, document).status_code == 200
+    rows = stored(signed_client, card)
+    assert [r["outcome"] for r in rows] == ["accepted"]
+    assert rows[0]["acceptedSuggestions"] == document["feedback"][0]["acceptedSuggestions"]
+
+
+def test_overridden_then_accepted_are_two_outcomes(signed_client: TestClient, issuer: Issuer) -> None:
+    card = str(uuid.uuid4())
+    assert send(signed_client, issuer, sandbox_feedback(card, "overridden")).status_code == 200
+    assert send(signed_client, issuer, sandbox_feedback(card, "accepted")).status_code == 200
+    assert sorted(r["outcome"] for r in stored(signed_client, card)) == ["accepted", "overridden"]
+
+
+MARKER = "FEEDBACK-MARKER-51b2"
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        pytest.param({"feedback": []}, id="empty-list"),
+        pytest.param({}, id="no-feedback"),
+        pytest.param([{"card": MARKER}], id="array"),
+        pytest.param({"feedback": [{"card": MARKER, "outcome": "ignored", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]}, id="bad-outcome"),
+        pytest.param({"feedback": [{"card": MARKER, "outcome": "accepted"}]}, id="no-timestamp"),
+        pytest.param({"feedback": [{"card": "c", "outcome": "accepted", "outcomeTimestamp": MARKER}]}, id="bad-timestamp"),
+        pytest.param({"feedback": [{"outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]}, id="no-card"),
+        pytest.param({"feedback": [{"card": "x" * 200, "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]}, id="long-card"),
+        pytest.param({"feedback": [{"card": "c", "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z", MARKER: 1}]}, id="extra-field"),
+        pytest.param(
+            {"feedback": [{"card": "c", "outcome": "overridden", "outcomeTimestamp": "2026-01-01T00:00:00Z", "overrideReason": {"reason": {"code": MARKER}}}]},
+            id="reason-without-system",
+        ),
+    ],
+)
+def test_invalid_feedback_is_400(signed_client: TestClient, issuer: Issuer, document: Any) -> None:
+    response = send(signed_client, issuer, document)
+    assert response.status_code == 400, response.text
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert MARKER not in response.text
+
+
+def test_malformed_json_feedback_is_400(signed_client: TestClient, issuer: Issuer) -> None:
+    response = signed_client.post(
+        f"/cds-services/{RISK}/feedback", content=b'{"feedback": [', headers={"Content-Type": "application/json", **issuer.bearer(FEEDBACK_URL)}
+    )
+    assert response.status_code == 400
+
+
+def test_feedback_for_an_unknown_service_is_404(signed_client: TestClient, issuer: Issuer) -> None:
+    response = send(signed_client, issuer, sandbox_feedback(str(uuid.uuid4())), service="no-such-service")
+    assert response.status_code == 404
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_feedback_without_a_token_is_401(signed_client: TestClient) -> None:
+    response = signed_client.post(f"/cds-services/{RISK}/feedback", json=sandbox_feedback(str(uuid.uuid4())))
+    assert response.status_code == 401
+    assert "www-authenticate" in response.headers
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token"}, {"Authorization": ADMIN_TOKEN}], ids=["none", "wrong", "no-scheme"])
+def test_feedback_audit_read_needs_the_admin_token(signed_client: TestClient, headers: dict[str, str]) -> None:
+    response = signed_client.get(f"/cds-services/{RISK}/feedback", headers=headers)
+    assert response.status_code == 401
+    assert "feedback" not in response.json()
+
+
+def test_feedback_audit_read_needs_the_admin_token_in_development_mode_too(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(dev_mode=True)
+    assert client.get(f"/cds-services/{RISK}/feedback").status_code == 401
+    assert client.get(f"/cds-services/{RISK}/feedback", headers=ADMIN).status_code == 200
+
+
+def test_feedback_in_development_mode_needs_no_jwt(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(dev_mode=True)
+    card = str(uuid.uuid4())
+    assert client.post(f"/cds-services/{RISK}/feedback", json=sandbox_feedback(card)).status_code == 200
+    assert len(stored(client, card)) == 1
+
+
+def test_feedback_is_counted(signed_client: TestClient, issuer: Issuer) -> None:
+    assert send(signed_client, issuer, sandbox_feedback(str(uuid.uuid4()))).status_code == 200
+    assert 'cds_feedback_total{outcome="overridden",service="calcinosis-risk"}' in signed_client.get("/metrics").text

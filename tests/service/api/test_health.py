@@ -1,0 +1,90 @@
+"""Liveness, readiness, metrics and the documentation routes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.service.api.conftest import ADMIN_TOKEN
+from tests.service.api.support import RISK, high_risk_dialysis_patient, hook_request
+
+
+def test_healthz(signed_client: TestClient) -> None:
+    response = signed_client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_readyz_reports_checks_and_mode(make_client: Callable[..., TestClient]) -> None:
+    for dev_mode in (False, True):
+        response = make_client(dev_mode=dev_mode).get("/readyz")
+        assert response.status_code == 200, response.text
+        document = response.json()
+        assert document["status"] == "ready"
+        assert document["checks"] == {"database": True, "broker": True, "mappings": True}
+        assert document["dev_mode"] is dev_mode
+        assert document["mappings_version"] and document["rules_version"]
+        assert ("warning" in document) is dev_mode
+
+
+def test_metrics_after_hook_calls(dev_client: TestClient) -> None:
+    patient = high_risk_dialysis_patient()
+    assert dev_client.post(f"/cds-services/{RISK}", json=hook_request(RISK, patient.pid, prefetch=patient.prefetch())).status_code == 200
+    # required keys absent and no fhirServer: 412
+    assert dev_client.post(f"/cds-services/{RISK}", json=hook_request(RISK, patient.pid, prefetch={})).status_code == 412
+    feedback = {"feedback": [{"card": str(uuid.uuid4()), "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]}
+    assert dev_client.post(f"/cds-services/{RISK}/feedback", json=feedback).status_code == 200
+
+    response = dev_client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    names = {name for name, _ in samples}
+    assert "cds_hook_request_seconds_bucket" in names
+    latency_count = samples[("cds_hook_request_seconds_count", (("data_path", "prefetch"), ("service", RISK)))]
+    assert latency_count >= 1
+    assert samples[("cds_cards_total", (("service", RISK), ("topic", "calciphylaxis-risk")))] >= 1
+    assert samples[("cds_feedback_total", (("outcome", "accepted"), ("service", RISK)))] >= 1
+    assert samples[("cds_hook_precondition_failed_total", (("service", RISK),))] >= 1
+
+
+def test_openapi_and_docs(signed_client: TestClient) -> None:
+    document = signed_client.get("/openapi.json").json()
+    paths = document["paths"]
+    for path in ("/cds-services", "/cds-services/{service_id}", "/cds-services/{service_id}/feedback", "/healthz", "/readyz", "/metrics"):
+        assert path in paths, path
+    assert {"CdsRequest", "FeedbackRequest", "CdsResponse", "OperationOutcome"} <= document["components"]["schemas"].keys()
+    docs = signed_client.get("/docs")
+    assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
+
+
+def test_assessment_read_needs_the_admin_token(signed_client: TestClient) -> None:
+    assert signed_client.get("/patients/p1/assessment").status_code == 401
+    response = signed_client.get("/patients/nobody-here/assessment", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert response.status_code == 404
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_unknown_route_is_an_operation_outcome(signed_client: TestClient) -> None:
+    response = signed_client.get("/no/such/route")
+    assert response.status_code == 404
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_bench_floor_route_only_when_asked(make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CDS_BENCH_FLOOR_ROUTE", raising=False)
+    assert make_client().post("/bench/floor", content=b"{}").status_code == 404
+    monkeypatch.setenv("CDS_BENCH_FLOOR_ROUTE", "1")
+    client = make_client()
+    response = client.post("/bench/floor", content=b'{"hook": "patient-view"}')
+    assert response.status_code == 200
+    assert len(response.json()["cards"]) == 1
+    assert "/bench/floor" not in client.get("/openapi.json").json()["paths"]
