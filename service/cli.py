@@ -125,6 +125,7 @@ def evaluate(
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default CDS_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default CDS_PORT)")] = None,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes (metrics are then per process)")] = 1,
 ) -> None:
     """Run the API (CDS Hooks services, FHIR notification receiver, health and metrics) with uvicorn."""
     import uvicorn
@@ -143,6 +144,10 @@ def serve(
         fail(f"invalid setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
     except MappingError as exc:
         fail(f"mappings: {exc}")
+    if workers > 1:  # each process builds its own app from the same settings
+        uvicorn.run("service.main:create_app", factory=True, workers=workers, host=host or settings.host, port=port or settings.port,
+                    log_level="warning", access_log=False)
+        return
     uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level="warning", access_log=False)
 
 

@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     admin_token: SecretStr | None = Field(None, description="Bearer token for audit and assessment reads (feedback, /patients/...)")
     max_hook_request_bytes: int = 20_000_000
+    bench_floor_route: bool = Field(False, description="Mount POST /bench/floor for bench/cds_hooks.py (never in production)")
 
     # --- FHIR fetch (prefetch fallback and monitoring) -------------------------------------------
     fhir_timeout_s: float = 5.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -35,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()
         yield
         await ctx.hooks.fetcher.aclose()
+        ctx.issued_cards.close()
         close = getattr(ctx.monitor.queue, "close", None)
         if close is not None:
             close()
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(notifications.router)
     app.include_router(patients.router)
     app.include_router(health.router)
-    if os.environ.get("CDS_BENCH_FLOOR_ROUTE") == "1":  # bench/cds_hooks.py only; never on by default
+    if settings.bench_floor_route:  # bench/cds_hooks.py only; never on by default
         from service.api import bench_floor
 
         app.include_router(bench_floor.router)

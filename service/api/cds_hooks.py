@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import jwt
 import orjson
-from fastapi import APIRouter, BackgroundTasks, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
@@ -25,7 +25,7 @@ from service.api.models import (
     OverrideReason,
 )
 from service.api.state import AppContext
-from service.db.repositories import CardFeedbackRepository, IssuedCardRepository
+from service.db.repositories import CardFeedbackRepository
 from service.db.session import session_scope
 from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
 from service.logging import get_logger
@@ -121,7 +121,7 @@ async def _read_json(request: Request, limit: int) -> Any:
     responses={200: {"model": CdsResponse}, **ERRORS},
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CdsRequest"}}}}},
 )
-async def call_service(service_id: str, request: Request, background: BackgroundTasks) -> Response:
+async def call_service(service_id: str, request: Request) -> Response:
     started = time.perf_counter()
     ctx = ctx_of(request)
     request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
@@ -140,7 +140,7 @@ async def call_service(service_id: str, request: Request, background: Background
         for card in answer.cards:
             CARDS.labels(service_id, card["source"]["topic"]["code"]).inc()
         if answer.cards:
-            background.add_task(_record_issued, ctx, service_id, answer.patient_ref, answer.cards)
+            ctx.issued_cards.add(service_id, answer.patient_ref, answer.cards)
         return json_response(answer.response)
     except ServiceError as exc:
         status = exc.status_code
@@ -163,22 +163,6 @@ async def call_service(service_id: str, request: Request, background: Background
             issuer=caller.iss,
             **({"dev_mode": "UNAUTHENTICATED CALL ACCEPTED (development mode)"} if not caller.authenticated else {}),
         )
-
-
-def _record_issued(ctx: AppContext, service_id: str, patient_ref: str, cards: list[dict[str, Any]]) -> None:
-    try:
-        with session_scope(ctx.sessions) as session:
-            repo = IssuedCardRepository(session)
-            for card in cards:
-                repo.record(
-                    card_uuid=card["uuid"],
-                    service_id=service_id,
-                    patient_ref=patient_ref,
-                    topic=card["source"]["topic"]["code"],
-                    rule_id=card["detail"].rsplit("Rule `", 1)[-1].split("`", 1)[0],
-                )
-    except Exception as exc:
-        log.warning("issued_cards_not_recorded", service=service_id, error=type(exc).__name__)
 
 
 @router.post(

@@ -21,6 +21,7 @@ from service.security import JwtVerifier, build_verifier
 from service.terminology.catalog import Catalog
 from service.terminology.checks import check_catalog_for_rules
 from service.terminology.loader import load_catalog
+from service.usecases.audit import IssuedCardRecorder
 from service.usecases.evaluate_hook import HookService, StoredAssessment
 from service.usecases.monitor import MonitorContext
 
@@ -36,6 +37,7 @@ class AppContext:
     sessions: sessionmaker[Session]
     discovery: dict[str, Any]
     monitor: MonitorContext
+    issued_cards: IssuedCardRecorder
     _ready_cache: tuple[float, dict[str, Any]] | None = field(default=None, repr=False)
 
     def readiness(self) -> dict[str, Any]:
@@ -107,4 +109,5 @@ def build_context(settings: Settings) -> AppContext:
         sessions=sessions,
         discovery=discovery_document(catalog),
         monitor=monitor,
+        issued_cards=IssuedCardRecorder(sessions),
     )

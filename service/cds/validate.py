@@ -10,10 +10,14 @@ The returned message names fields, never values.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import threading
+from collections import OrderedDict
 from functools import cache
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 _MODULES = {
@@ -47,16 +51,61 @@ def _used_elements(resource: dict[str, Any]) -> dict[str, Any]:
     return resource
 
 
+class _VerdictCache:
+    """Verdicts by content digest: the same resource content always gets the same verdict, so a chart opened
+    again, or a patient re-evaluated by the monitor, does not pay for model validation twice. Bounded (LRU)."""
+
+    def __init__(self, size: int = 50_000) -> None:
+        self.size = size
+        self._data: OrderedDict[bytes, str | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> tuple[bool, str | None]:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return True, self._data[key]
+        return False, None
+
+    def put(self, key: bytes, verdict: str | None) -> None:
+        with self._lock:
+            self._data[key] = verdict
+            if len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+
+_VERDICTS = _VerdictCache()
+
+
 def validation_error(resource: dict[str, Any]) -> str | None:
     """None when the elements the rules read are valid FHIR R4 for the type, else a short value-free reason."""
     rtype = resource.get("resourceType")
     if rtype not in _MODULES:
         return None
+    used = _used_elements(resource)
     try:
-        _model(rtype).model_validate(_used_elements(resource))
+        key = hashlib.blake2b(orjson.dumps(used, option=orjson.OPT_SORT_KEYS), digest_size=20).digest()
+    except TypeError:  # not JSON-serialisable: cannot be FHIR JSON
+        return f"invalid FHIR {rtype} (structure)"
+    hit, verdict = _VERDICTS.get(key)
+    if hit:
+        return verdict
+    verdict = _validate(rtype, used)
+    _VERDICTS.put(key, verdict)
+    return verdict
+
+
+def _validate(rtype: str, used: dict[str, Any]) -> str | None:
+    try:
+        _model(rtype).model_validate(used)
     except ValidationError as exc:
         fields = sorted({".".join(str(p) for p in err["loc"][:3]) for err in exc.errors()})[:3]
         return f"invalid FHIR {rtype} ({', '.join(fields) or 'structure'})"
     except (TypeError, ValueError) as exc:
         return f"invalid FHIR {rtype} ({type(exc).__name__})"
     return None
+
+
+def clear_verdicts() -> None:
+    """Forget cached verdicts (benchmarks measure cold validation)."""
+    _VERDICTS._data.clear()

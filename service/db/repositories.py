@@ -10,16 +10,44 @@ Timestamps default to :func:`service.db.base.utcnow`; every method that stamps t
 (and use cases with an injected clock) control it. Messages and exceptions name ids only, never payloads.
 
 JSON columns are replaced, never mutated in place (mutation is not tracked).
+
+Hot paths (the notification write path, the evaluation queue, the evaluation load) execute Core statements
+that are built once per dialect with bind parameters and reused (:func:`_prepared`): a reused statement
+object keeps its cache key, so SQLAlchemy neither rebuilds nor re-keys it and the compiled form comes from
+the compiled cache. Batches go through ``executemany`` (``insertmanyvalues``: one multi-row INSERT ...
+RETURNING per batch). Core UPDATEs do not touch the Session's identity map; :func:`_expire` expires an
+affected object that is loaded, as the ORM's ``synchronize_session`` did.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, and_, case, false, func, or_, select, true, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    DateTime,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    case,
+    cast,
+    false,
+    func,
+    literal,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
@@ -27,7 +55,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import KeyedColumnElement
 
-from service.db.base import Base, utcnow
+from service.db.base import Base, UTCDateTime, utcnow
 from service.db.models import (
     DEDUP_KEY_LEN,
     CardFeedback,
@@ -54,14 +82,39 @@ _UNHANDLED = (EventStatus.RECEIVED.value, EventStatus.QUEUED.value, EventStatus.
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _insert(session: Session, model: type[Base]) -> PgInsert | SqliteInsert:
+def _insert(session: Session, model: type[Base] | Table) -> PgInsert | SqliteInsert:
     """The dialect's INSERT construct (both support ON CONFLICT and RETURNING)."""
-    dialect = session.get_bind().dialect.name
+    return _insert_for(session.get_bind().dialect.name, model)
+
+
+def _insert_for(dialect: str, model: type[Base] | Table) -> PgInsert | SqliteInsert:
     if dialect == "postgresql":
         return pg_insert(model)
     if dialect == "sqlite":
         return sqlite_insert(model)
     raise RuntimeError(f"unsupported database dialect: {dialect}")
+
+
+_STATEMENTS: dict[tuple[str, str], Any] = {}
+
+
+def _prepared(session: Session, name: str, build: Callable[[str], Any]) -> Any:
+    """The statement ``name`` for the session's dialect, built once by ``build(dialect)`` and then reused."""
+    dialect = session.get_bind().dialect.name
+    stmt = _STATEMENTS.get((dialect, name))
+    if stmt is None:
+        stmt = _STATEMENTS.setdefault((dialect, name), build(dialect))
+    return stmt
+
+
+def _expire(session: Session, model: type[Base], key: Any, attrs: Sequence[str]) -> None:
+    """Expire ``attrs`` of the loaded ``model`` object with primary key ``key``, if the session holds one (a
+    Core UPDATE bypasses the identity map; the next attribute access reloads the row)."""
+    if not len(session.identity_map):
+        return
+    obj = session.identity_map.get(session.identity_key(model, key))
+    if obj is not None:
+        session.expire(obj, list(attrs))
 
 
 def _now(now: datetime | None) -> datetime:
@@ -120,6 +173,185 @@ def _cols(obj: Any, names: Iterable[str]) -> dict[str, KeyedColumnElement[Any]]:
 _VERSION_COLS = ("version_num", "last_updated", "version_id")
 
 
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One ledger row for :meth:`InboundEventRepository.create_many_if_absent` (the fields of ``create_if_absent``)."""
+
+    dedup_key: str
+    kind: str
+    status: str = EventStatus.RECEIVED
+    subscription: str | None = None
+    event_number: int | None = None
+    resource_type: str | None = None
+    resource_id: str | None = None
+    version_id: str | None = None
+    patient_ref: str | None = None
+    payload: dict[str, Any] | None = None
+
+
+class LedgerResult(NamedTuple):
+    id: int
+    status: str
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceVersion:
+    """One resource version for :meth:`PatientResourceRepository.upsert_many` (the fields of ``upsert``)."""
+
+    resource_type: str
+    resource_id: str
+    patient_ref: str
+    content: dict[str, Any]
+    version_id: str | None = None
+    last_updated: datetime | None = None
+
+
+def _ledger_row(entry: LedgerEntry, ts: datetime) -> dict[str, Any]:
+    if not entry.dedup_key or len(entry.dedup_key) > DEDUP_KEY_LEN:
+        raise ValueError(f"dedup_key must be 1..{DEDUP_KEY_LEN} characters")
+    return {
+        "dedup_key": entry.dedup_key,
+        "kind": entry.kind,
+        "subscription": entry.subscription,
+        "event_number": entry.event_number,
+        "resource_type": entry.resource_type,
+        "resource_id": entry.resource_id,
+        "version_id": entry.version_id,
+        "patient_ref": entry.patient_ref,
+        "payload": entry.payload,
+        "status": EventStatus(entry.status).value,
+        "attempts": 0,
+        "received_at": ts,
+        "updated_at": ts,
+    }
+
+
+def _table(model: type[Base]) -> Table:
+    return model.__table__  # type: ignore[return-value]
+
+
+def _build_ledger_insert(dialect: str) -> Any:
+    t = _table(InboundEvent)
+    return (
+        _insert_for(dialect, t)
+        .on_conflict_do_nothing(index_elements=[t.c.dedup_key])
+        .returning(t.c.dedup_key, t.c.id, t.c.status)
+    )
+
+
+# PostgreSQL batches: one INSERT ... SELECT FROM unnest(<one array per column>) whatever the batch size. The SQL
+# text is the same for every batch, so psycopg parses and prepares it once (a multi-row VALUES list is new text
+# for every batch size, and past 4 KB or 50 parameters psycopg re-parses it on every execution).
+
+_LEDGER_ARRAYS: dict[str, Any] = {
+    "dedup_key": String, "kind": String, "subscription": String, "event_number": BigInteger, "resource_type": String,
+    "resource_id": String, "version_id": String, "patient_ref": String, "payload": Text, "status": String,
+}
+_RESOURCE_ARRAYS: dict[str, Any] = {
+    "resource_type": String, "resource_id": String, "patient_ref": String, "version_id": String, "version_num": BigInteger,
+    "last_updated": DateTime(timezone=True), "content": Text,
+}
+_UTC = UTCDateTime()
+
+
+def _unnest(columns: dict[str, Any]) -> Any:
+    arrays = [cast(bindparam(f"a_{name}"), ARRAY(type_)) for name, type_ in columns.items()]
+    return func.unnest(*arrays).table_valued(*columns).render_derived(name="u")
+
+
+def _arrays(rows: Sequence[dict[str, Any]], columns: dict[str, Any], dialect: Any) -> dict[str, list[Any]]:
+    """Column arrays for :func:`_unnest`: JSON as text (as SQLAlchemy's JSON type would serialize it), timestamps
+    through :class:`UTCDateTime` (naive refused), everything else as is."""
+    out: dict[str, list[Any]] = {}
+    for name, type_ in columns.items():
+        values = [row[name] for row in rows]
+        if name in ("payload", "content"):
+            values = [None if v is None else json.dumps(v) for v in values]
+        elif isinstance(type_, DateTime):
+            values = [_UTC.process_bind_param(v, dialect) for v in values]
+        out[f"a_{name}"] = values
+    return out
+
+
+def _build_ledger_insert_unnest(_: str) -> Any:
+    t = _table(InboundEvent)
+    u = _unnest(_LEDGER_ARRAYS)
+    ts = bindparam("ts", type_=t.c.received_at.type)
+    source = select(
+        *[cast(u.c.payload, JSONB) if name == "payload" else u.c[name] for name in _LEDGER_ARRAYS],
+        literal(0), ts, ts,
+    )
+    return (
+        pg_insert(t)
+        .from_select([*_LEDGER_ARRAYS, "attempts", "received_at", "updated_at"], source)
+        .on_conflict_do_nothing(index_elements=[t.c.dedup_key])
+        .returning(t.c.dedup_key, t.c.id, t.c.status)
+    )
+
+
+def _build_resource_upsert_unnest(_: str) -> Any:
+    t = _table(PatientResource)
+    u = _unnest(_RESOURCE_ARRAYS)
+    source = select(
+        *[cast(u.c.content, JSONB) if name == "content" else u.c[name] for name in _RESOURCE_ARRAYS],
+        false(), bindparam("updated_at", type_=t.c.updated_at.type),
+    )
+    stmt = pg_insert(t).from_select([*_RESOURCE_ARRAYS, "deleted", "updated_at"], source)
+    ex = stmt.excluded
+    return stmt.on_conflict_do_update(
+        index_elements=[t.c.resource_type, t.c.resource_id],
+        set_={
+            "patient_ref": ex.patient_ref,
+            "version_id": ex.version_id,
+            "version_num": ex.version_num,
+            "last_updated": ex.last_updated,
+            "content": ex.content,
+            "deleted": false(),
+            "updated_at": ex.updated_at,
+        },
+        where=_newer(_cols(ex, _VERSION_COLS), _cols(t.c, _VERSION_COLS), strict=True),
+    ).returning(t.c.resource_type, t.c.resource_id)
+
+
+def _build_ledger_lookup(_: str) -> Any:
+    t = _table(InboundEvent)
+    return select(t.c.dedup_key, t.c.id, t.c.status).where(t.c.dedup_key.in_(bindparam("keys", expanding=True)))
+
+
+def _resource_row(r: ResourceVersion, ts: datetime) -> dict[str, Any]:
+    return {
+        "resource_type": r.resource_type,
+        "resource_id": r.resource_id,
+        "patient_ref": r.patient_ref,
+        "version_id": r.version_id,
+        "version_num": version_number(r.version_id),
+        "last_updated": r.last_updated,
+        "content": r.content,
+        "deleted": False,
+        "updated_at": ts,
+    }
+
+
+def _build_resource_upsert(dialect: str) -> Any:
+    t = _table(PatientResource)
+    stmt = _insert_for(dialect, t)
+    ex = stmt.excluded
+    return stmt.on_conflict_do_update(
+        index_elements=[t.c.resource_type, t.c.resource_id],
+        set_={
+            "patient_ref": ex.patient_ref,
+            "version_id": ex.version_id,
+            "version_num": ex.version_num,
+            "last_updated": ex.last_updated,
+            "content": ex.content,
+            "deleted": false(),
+            "updated_at": ex.updated_at,
+        },
+        where=_newer(_cols(ex, _VERSION_COLS), _cols(t.c, _VERSION_COLS), strict=True),
+    ).returning(t.c.resource_type, t.c.resource_id)
+
+
 # ------------------------------------------------------------------------------------- the ledger
 
 
@@ -147,33 +379,53 @@ class InboundEventRepository:
         """Insert the event unless ``dedup_key`` exists; returns ``(event, created)``. Race-free."""
         if not dedup_key or len(dedup_key) > DEDUP_KEY_LEN:
             raise ValueError(f"dedup_key must be 1..{DEDUP_KEY_LEN} characters")
-        status = EventStatus(status).value
-        ts = _now(now)
-        stmt = (
-            _insert(self.session, InboundEvent)
-            .values(
-                dedup_key=dedup_key,
-                kind=kind,
-                subscription=subscription,
-                event_number=event_number,
-                resource_type=resource_type,
-                resource_id=resource_id,
-                version_id=version_id,
-                patient_ref=patient_ref,
-                payload=payload,
-                status=status,
-                attempts=0,
-                received_at=ts,
-                updated_at=ts,
-            )
-            .on_conflict_do_nothing(index_elements=[InboundEvent.dedup_key])
-            .returning(InboundEvent.id)
+        entry = LedgerEntry(
+            dedup_key=dedup_key, kind=kind, status=status, subscription=subscription, event_number=event_number,
+            resource_type=resource_type, resource_id=resource_id, version_id=version_id, patient_ref=patient_ref,
+            payload=payload,
         )
-        created = self.session.execute(stmt).first() is not None
+        row = _ledger_row(entry, _now(now))
+        created = self.session.execute(_prepared(self.session, "ledger_insert", _build_ledger_insert), row).first() is not None
         event = self.session.scalars(
             select(InboundEvent).where(InboundEvent.dedup_key == dedup_key).execution_options(populate_existing=True)
         ).one()
         return event, created
+
+    def create_many_if_absent(self, entries: Sequence[LedgerEntry], *, now: datetime | None = None) -> list[LedgerResult]:
+        """:meth:`create_if_absent` for many events in one multi-row INSERT (and one lookup of the duplicates):
+        ``(id, status, created)`` per entry, in order. A key repeated within ``entries`` is created once, at its
+        first occurrence, and is a duplicate afterwards, exactly as with successive ``create_if_absent`` calls.
+        Race-free (ON CONFLICT DO NOTHING; a concurrent insert of the same key makes this one a duplicate)."""
+        if not entries:
+            return []
+        ts = _now(now)
+        first: dict[str, dict[str, Any]] = {}
+        for entry in entries:
+            row = _ledger_row(entry, ts)
+            first.setdefault(row["dedup_key"], row)
+        rows = [first[key] for key in sorted(first)]  # one lock order for every writer: no deadlock between batches
+        dialect = self.session.get_bind().dialect
+        if dialect.name == "postgresql":
+            insert = _prepared(self.session, "ledger_insert_unnest", _build_ledger_insert_unnest)
+            result = self.session.execute(insert, {**_arrays(rows, _LEDGER_ARRAYS, dialect), "ts": ts})
+        else:
+            result = self.session.execute(_prepared(self.session, "ledger_insert", _build_ledger_insert), rows)
+        inserted = {key: (event_id, status) for key, event_id, status in result}
+        existing: dict[str, tuple[int, str]] = {}
+        duplicates = [key for key in first if key not in inserted]
+        if duplicates:
+            lookup = _prepared(self.session, "ledger_lookup", _build_ledger_lookup)
+            existing = {key: (event_id, status) for key, event_id, status in self.session.execute(lookup, {"keys": duplicates})}
+        results: list[LedgerResult] = []
+        reported: set[str] = set()
+        for entry in entries:
+            key = entry.dedup_key
+            found = inserted.get(key) or existing.get(key)
+            if found is None:
+                raise RuntimeError("ledger: a conflicting event is not visible; retry the transaction")
+            results.append(LedgerResult(found[0], found[1], key in inserted and key not in reported))
+            reported.add(key)
+        return results
 
     def get(self, event_id: int) -> InboundEvent | None:
         return self.session.scalars(
@@ -326,32 +578,45 @@ class PatientResourceRepository:
     ) -> bool:
         """Store the resource only if it is NEWER than the stored one (see :func:`_newer`); returns whether it
         was written. A late older version never overwrites; a newer version revives a tombstone."""
-        stmt = _insert(self.session, PatientResource).values(
-            resource_type=resource_type,
-            resource_id=resource_id,
-            patient_ref=patient_ref,
-            version_id=version_id,
-            version_num=version_number(version_id),
-            last_updated=last_updated,
-            content=content,
-            deleted=False,
-            updated_at=_now(now),
+        resource = ResourceVersion(
+            resource_type=resource_type, resource_id=resource_id, patient_ref=patient_ref, content=content,
+            version_id=version_id, last_updated=last_updated,
         )
-        ex = stmt.excluded
-        upsert = stmt.on_conflict_do_update(
-            index_elements=[PatientResource.resource_type, PatientResource.resource_id],
-            set_={
-                "patient_ref": ex.patient_ref,
-                "version_id": ex.version_id,
-                "version_num": ex.version_num,
-                "last_updated": ex.last_updated,
-                "content": ex.content,
-                "deleted": false(),
-                "updated_at": ex.updated_at,
-            },
-            where=_newer(_cols(ex, _VERSION_COLS), _cols(PatientResource, _VERSION_COLS), strict=True),
-        ).returning(PatientResource.id)
-        return self.session.execute(upsert).first() is not None
+        upsert = _prepared(self.session, "resource_upsert", _build_resource_upsert)
+        return self.session.execute(upsert, _resource_row(resource, _now(now))).first() is not None
+
+    def upsert_many(self, resources: Sequence[ResourceVersion], *, now: datetime | None = None) -> list[bool]:
+        """:meth:`upsert` for many resources in one multi-row INSERT ... ON CONFLICT DO UPDATE (per occurrence
+        of a resource within ``resources``): whether each was written, in order. The result is that of
+        successive ``upsert`` calls in the given order (two versions of one resource: the second is applied
+        after the first, so only a newer one wins)."""
+        if not resources:
+            return []
+        ts = _now(now)
+        waves: list[list[int]] = []  # wave k: the k-th occurrence of each resource (one statement cannot touch a row twice)
+        seen: dict[tuple[str, str], int] = {}
+        for i, r in enumerate(resources):
+            key = (r.resource_type, r.resource_id)
+            k = seen.get(key, 0)
+            seen[key] = k + 1
+            if k == len(waves):
+                waves.append([])
+            waves[k].append(i)
+        dialect = self.session.get_bind().dialect
+        postgres = dialect.name == "postgresql"
+        if postgres:
+            upsert = _prepared(self.session, "resource_upsert_unnest", _build_resource_upsert_unnest)
+        else:
+            upsert = _prepared(self.session, "resource_upsert", _build_resource_upsert)
+        written = [False] * len(resources)
+        for wave in waves:
+            wave.sort(key=lambda i: (resources[i].resource_type, resources[i].resource_id))  # one lock order for every writer
+            rows = [_resource_row(resources[i], ts) for i in wave]
+            params: Any = {**_arrays(rows, _RESOURCE_ARRAYS, dialect), "updated_at": ts} if postgres else rows
+            done = {(rtype, rid) for rtype, rid in self.session.execute(upsert, params)}
+            for i in wave:
+                written[i] = (resources[i].resource_type, resources[i].resource_id) in done
+        return written
 
     def mark_deleted(
         self,
@@ -430,6 +695,12 @@ class PatientResourceRepository:
         stmt = stmt.order_by(PatientResource.resource_type, PatientResource.resource_id)
         return list(self.session.scalars(stmt.execution_options(populate_existing=True)))
 
+    def contents_for_patient(self, patient_ref: str) -> list[dict[str, Any]]:
+        """The content of the patient's live resources, in :meth:`list_for_patient` order (what an evaluation
+        reads; no ORM objects)."""
+        stmt = _prepared(self.session, "resource_contents", _build_resource_contents)
+        return [content for (content,) in self.session.execute(stmt, {"p": patient_ref})]
+
     def patients(self) -> list[str]:
         """Every patient with at least one live stored resource."""
         stmt = (
@@ -442,6 +713,87 @@ class PatientResourceRepository:
 
 
 # ---------------------------------------------------------------------------- evaluation queue
+
+_QUEUE_MARK_ATTRS = ("dirty_since", "requested_at", "generation")
+
+
+def _queue() -> Table:
+    return _table(PatientEvaluationQueue)
+
+
+def _build_queue_mark(_: str) -> Any:
+    """PostgreSQL: mark in one statement, returning the ``dirty_since`` the row had (NULL: it became dirty)."""
+    q = _queue()
+    ts = bindparam("ts", type_=q.c.dirty_since.type)
+    old = select(q.c.patient_ref, q.c.dirty_since).where(q.c.patient_ref == bindparam("p")).with_for_update().subquery("old")
+    return (
+        update(q)
+        .where(q.c.patient_ref == old.c.patient_ref)
+        .values(generation=q.c.generation + bindparam("n"), requested_at=ts, dirty_since=func.coalesce(q.c.dirty_since, ts))
+        .returning(old.c.dirty_since)
+    )
+
+
+def _build_queue_still_dirty(_: str) -> Any:
+    q = _queue()
+    return (
+        update(q)
+        .where(q.c.patient_ref == bindparam("p"), q.c.dirty_since.is_not(None))
+        .values(requested_at=bindparam("ts", type_=q.c.requested_at.type), generation=q.c.generation + bindparam("n"))
+        .returning(q.c.patient_ref)
+    )
+
+
+def _build_queue_became_dirty(_: str) -> Any:
+    q = _queue()
+    ts = bindparam("ts", type_=q.c.dirty_since.type)
+    return (
+        update(q)
+        .where(q.c.patient_ref == bindparam("p"), q.c.dirty_since.is_(None))
+        .values(dirty_since=ts, requested_at=ts, generation=q.c.generation + bindparam("n"))
+        .returning(q.c.patient_ref)
+    )
+
+
+def _build_queue_insert(dialect: str) -> Any:
+    q = _queue()
+    ts = bindparam("ts", type_=q.c.dirty_since.type)
+    return (
+        _insert_for(dialect, q)
+        .values(patient_ref=bindparam("p"), dirty_since=ts, requested_at=ts, generation=bindparam("n"))
+        .on_conflict_do_nothing(index_elements=[q.c.patient_ref])
+        .returning(q.c.patient_ref)
+    )
+
+
+def _build_queue_claim(_: str) -> Any:
+    q = _queue()
+    return (
+        update(q)
+        .where(q.c.patient_ref == bindparam("p"), q.c.dirty_since.is_not(None))
+        .values(last_started_at=bindparam("ts", type_=q.c.last_started_at.type))
+        .returning(q.c.generation)
+    )
+
+
+def _build_queue_finish(_: str) -> Any:
+    q = _queue()
+    return (
+        update(q)
+        .where(q.c.patient_ref == bindparam("p"), q.c.generation == bindparam("g"))
+        .values(dirty_since=None, last_finished_at=bindparam("ts", type_=q.c.last_finished_at.type))
+        .returning(q.c.patient_ref)
+    )
+
+
+def _build_queue_finish_rerun(_: str) -> Any:
+    q = _queue()
+    return (
+        update(q)
+        .where(q.c.patient_ref == bindparam("p"), q.c.dirty_since.is_not(None))
+        .values(last_finished_at=bindparam("ts", type_=q.c.last_finished_at.type))
+        .returning(q.c.patient_ref)
+    )
 
 
 class EvaluationQueueRepository:
@@ -457,73 +809,59 @@ class EvaluationQueueRepository:
 
     def mark_dirty(self, patient_ref: str, *, now: datetime | None = None) -> bool:
         """Record a change; True when the patient was not already dirty (the caller should enqueue)."""
+        return self._mark(patient_ref, _now(now), 1)
+
+    def mark_dirty_many(self, changes: Mapping[str, int], *, now: datetime | None = None) -> list[str]:
+        """Record ``changes[patient]`` changes per patient (the same as that many ``mark_dirty`` calls in this
+        transaction); returns the patients that were not already dirty (the caller enqueues those), in order."""
         ts = _now(now)
-        pq = PatientEvaluationQueue
-        inserted = self.session.execute(
-            _insert(self.session, pq)
-            .values(patient_ref=patient_ref, dirty_since=ts, requested_at=ts, generation=1)
-            .on_conflict_do_nothing(index_elements=[pq.patient_ref])
-            .returning(pq.patient_ref)
-        ).first()
-        if inserted is not None:
-            return True
-        # Either transition clean → dirty (True) or bump the generation of a dirty row (False). Each UPDATE is
-        # conditional, so a finish() between the two cannot make the mark disappear: retry until one matches.
+        became_dirty = {ref for ref in sorted(changes) if changes[ref] > 0 and self._mark(ref, ts, changes[ref])}  # one lock order
+        return [ref for ref in changes if ref in became_dirty]
+
+    def _mark(self, patient_ref: str, ts: datetime, count: int) -> bool:
+        params = {"p": patient_ref, "ts": ts, "n": count}
+        execute = self.session.execute
+        postgres = self.session.get_bind().dialect.name == "postgresql"
         for _ in range(10):
-            became_dirty = self.session.execute(
-                update(pq)
-                .where(pq.patient_ref == patient_ref, pq.dirty_since.is_(None))
-                .values(dirty_since=ts, requested_at=ts, generation=pq.generation + 1)
-                .returning(pq.patient_ref)
-                .execution_options(synchronize_session="fetch")
-            ).first()
-            if became_dirty is not None:
+            if postgres:
+                # One statement: bump the generation, set dirty_since unless set, and return the value it had
+                # (the sub-select locks the row first, so that is the value this UPDATE replaced).
+                row = execute(_prepared(self.session, "queue_mark", _build_queue_mark), params).first()
+                if row is not None:
+                    _expire(self.session, PatientEvaluationQueue, patient_ref, _QUEUE_MARK_ATTRS)
+                    return row[0] is None
+            else:
+                # Each UPDATE is conditional, so a finish() between them cannot make the mark disappear.
+                if execute(_prepared(self.session, "queue_still_dirty", _build_queue_still_dirty), params).first() is not None:
+                    _expire(self.session, PatientEvaluationQueue, patient_ref, _QUEUE_MARK_ATTRS)
+                    return False
+                if execute(_prepared(self.session, "queue_became_dirty", _build_queue_became_dirty), params).first() is not None:
+                    _expire(self.session, PatientEvaluationQueue, patient_ref, _QUEUE_MARK_ATTRS)
+                    return True
+            if execute(_prepared(self.session, "queue_insert", _build_queue_insert), params).first() is not None:
                 return True
-            still_dirty = self.session.execute(
-                update(pq)
-                .where(pq.patient_ref == patient_ref, pq.dirty_since.is_not(None))
-                .values(requested_at=ts, generation=pq.generation + 1)
-                .returning(pq.patient_ref)
-                .execution_options(synchronize_session="fetch")
-            ).first()
-            if still_dirty is not None:
-                return False
         raise RuntimeError("mark_dirty: the queue row kept changing; retry the transaction")
 
     def claim(self, patient_ref: str, *, now: datetime | None = None) -> int | None:
         """Start an evaluation of a dirty patient: returns the generation to pass to :meth:`finish`, or None
         when the patient is not dirty (another evaluation already covered the change)."""
-        pq = PatientEvaluationQueue
-        row = self.session.execute(
-            update(pq)
-            .where(pq.patient_ref == patient_ref, pq.dirty_since.is_not(None))
-            .values(last_started_at=_now(now))
-            .returning(pq.generation)
-            .execution_options(synchronize_session="fetch")
-        ).first()
-        return None if row is None else int(row[0])
+        row = self.session.execute(_prepared(self.session, "queue_claim", _build_queue_claim), {"p": patient_ref, "ts": _now(now)}).first()
+        if row is None:
+            return None
+        _expire(self.session, PatientEvaluationQueue, patient_ref, ("last_started_at",))
+        return int(row[0])
 
     def finish(self, patient_ref: str, generation: int, *, now: datetime | None = None) -> bool:
         """End an evaluation; clears dirty only if no mark happened since the claim. Returns True when the
         patient is still dirty (marked meanwhile) and must be evaluated again."""
-        ts = _now(now)
-        pq = PatientEvaluationQueue
-        done = self.session.execute(
-            update(pq)
-            .where(pq.patient_ref == patient_ref, pq.generation == generation)
-            .values(dirty_since=None, last_finished_at=ts)
-            .returning(pq.patient_ref)
-            .execution_options(synchronize_session="fetch")
-        ).first()
+        params = {"p": patient_ref, "g": generation, "ts": _now(now)}
+        done = self.session.execute(_prepared(self.session, "queue_finish", _build_queue_finish), params).first()
         if done is not None:
+            _expire(self.session, PatientEvaluationQueue, patient_ref, ("dirty_since", "last_finished_at"))
             return False
-        rerun = self.session.execute(
-            update(pq)
-            .where(pq.patient_ref == patient_ref, pq.dirty_since.is_not(None))
-            .values(last_finished_at=ts)
-            .returning(pq.patient_ref)
-            .execution_options(synchronize_session="fetch")
-        ).first()
+        rerun = self.session.execute(_prepared(self.session, "queue_finish_rerun", _build_queue_finish_rerun), params).first()
+        if rerun is not None:
+            _expire(self.session, PatientEvaluationQueue, patient_ref, ("last_finished_at",))
         return rerun is not None
 
     def get(self, patient_ref: str) -> PatientEvaluationQueue | None:
@@ -553,6 +891,38 @@ class EvaluationQueueRepository:
 
 
 # ---------------------------------------------------------------------------------- evaluations
+
+
+class EvaluationSummary(NamedTuple):
+    id: int
+    evaluated_at: datetime
+    inputs_hash: str
+    rules_version: str
+    mappings_version: str
+
+
+def _build_evaluation_insert(dialect: str) -> Any:
+    t = _table(Evaluation)
+    return _insert_for(dialect, t).returning(t.c.id)
+
+
+def _build_evaluation_latest(_: str) -> Any:
+    t = _table(Evaluation)
+    return (
+        select(t.c.id, t.c.evaluated_at, t.c.inputs_hash, t.c.rules_version, t.c.mappings_version)
+        .where(t.c.patient_ref == bindparam("p"))
+        .order_by(t.c.evaluated_at.desc(), t.c.id.desc())
+        .limit(1)
+    )
+
+
+def _build_resource_contents(_: str) -> Any:
+    t = _table(PatientResource)
+    return (
+        select(t.c.content)
+        .where(t.c.patient_ref == bindparam("p"), t.c.deleted == false())
+        .order_by(t.c.resource_type, t.c.resource_id)
+    )
 
 
 class EvaluationRepository:
@@ -593,8 +963,44 @@ class EvaluationRepository:
         self.session.flush()
         return evaluation
 
+    def add(
+        self,
+        *,
+        patient_ref: str,
+        evaluated_at: datetime,
+        inputs_hash: str,
+        inputs: list[dict[str, Any]],
+        rules_version: str,
+        mappings_version: str,
+        calciphylaxis_tier: str,
+        metastatic_tier: str,
+        renal_context: str | None,
+        assessment: dict[str, Any],
+        now: datetime | None = None,
+    ) -> int:
+        """:meth:`record` without building an ORM object: one INSERT ... RETURNING id; returns the id."""
+        row = {
+            "patient_ref": patient_ref,
+            "evaluated_at": evaluated_at,
+            "inputs_hash": inputs_hash,
+            "inputs": inputs,
+            "rules_version": rules_version,
+            "mappings_version": mappings_version,
+            "calciphylaxis_tier": calciphylaxis_tier,
+            "metastatic_tier": metastatic_tier,
+            "renal_context": renal_context,
+            "assessment": assessment,
+            "created_at": _now(now),
+        }
+        return int(self.session.execute(_prepared(self.session, "evaluation_insert", _build_evaluation_insert), row).scalar_one())
+
     def get(self, evaluation_id: int) -> Evaluation | None:
         return self.session.get(Evaluation, evaluation_id)
+
+    def latest_summary_for(self, patient_ref: str) -> EvaluationSummary | None:
+        """The identifying columns of :meth:`latest_for` (no inputs, no assessment document)."""
+        row = self.session.execute(_prepared(self.session, "evaluation_latest", _build_evaluation_latest), {"p": patient_ref}).first()
+        return None if row is None else EvaluationSummary(*row)
 
     def latest_for(self, patient_ref: str) -> Evaluation | None:
         stmt = (
@@ -992,10 +1398,14 @@ __all__ = [
     "CardFeedbackRepository",
     "EvaluationQueueRepository",
     "EvaluationRepository",
+    "EvaluationSummary",
     "InboundEventRepository",
     "IssuedCardRepository",
+    "LedgerEntry",
+    "LedgerResult",
     "PatientResourceRepository",
     "Repositories",
+    "ResourceVersion",
     "SubscriptionStateRepository",
     "WritebackRepository",
     "version_number",
