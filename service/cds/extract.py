@@ -54,6 +54,7 @@ _COND_INVALID_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 _MED_REQUEST_CURRENT = frozenset({"active", "on-hold"})
 _MED_STATEMENT_CURRENT = frozenset({"active", "on-hold", "intended"})
 _PROC_DONE = frozenset({"completed", "in-progress"})
+_ROUTE_FEATURES = frozenset({"iv_calcium", "iv_phosphate"})
 
 
 def analyte_window_days(analyte: str, t: Thresholds) -> int | None:
@@ -90,6 +91,7 @@ class _Extractor:
         self.stale: dict[str, LabValue] = {}
         self.pending_validation: list[tuple[dict[str, Any], LabValue]] = []
         self.unvalidated: dict[str, dict[str, Any]] = {}
+        self.stale_candidates: dict[str, tuple[datetime, dict[str, Any], Any, dict[str, Any], str, str]] = {}
         self.conditions: list[ConditionFact] = []
         self.medication_facts: list[MedicationFact] = []
         self.procedures: list[ProcedureFact] = []
@@ -139,21 +141,6 @@ class _Extractor:
         if status not in ("final", "amended", "corrected") and not (status == "preliminary" and self.t.accept_preliminary):
             self.exclude(ref, f"status {status}")
             return
-        if res.get("dataAbsentReason") is not None:
-            self.exclude(ref, "dataAbsentReason present")
-            return
-        vq = res.get("valueQuantity")
-        if not isinstance(vq, dict):
-            self.exclude(ref, "no valueQuantity")
-            return
-        if vq.get("comparator"):
-            self.exclude(ref, f"value has comparator {vq.get('comparator')}")
-            return
-        raw = to_decimal(vq.get("value"))
-        if raw is None:
-            self.exclude(ref, "valueQuantity.value is missing or not a number")
-            return
-        unit = _unit_of(vq)
         effective = _effective(res)
         if effective is None:
             self.exclude(ref, "no effective time")
@@ -161,20 +148,44 @@ class _Extractor:
         if effective > self.now:
             self.exclude(ref, "effective time in the future")
             return
-        analyte = entry.analyte
-        cutoff = self.cutoffs[analyte]
+        cutoff = self.cutoffs[entry.analyte]
         if cutoff is not None and effective < cutoff:
-            # Stale: never used for tiering; only the newest stale value is kept, to show as "last known".
-            prev = self.stale.get(analyte)
-            if prev is not None and prev.effective >= effective:
-                return
+            # Stale: never used for tiering. Only the newest stale value is shown ("last known"), so only it is
+            # worth reading further; keep the candidate and finish it in finish_labs().
+            prev = self.stale_candidates.get(entry.analyte)
+            if prev is None or prev[0] < effective:
+                self.stale_candidates[entry.analyte] = (effective, res, entry, coding, ref, status)
+            return
+        lab = self._lab_value(res, entry, coding, ref, status, effective)
+        if lab is not None:
+            self.pending_validation.append((res, lab))
+
+    def _lab_value(
+        self, res: dict[str, Any], entry: Any, coding: dict[str, Any], ref: str, status: str, effective: datetime
+    ) -> LabValue | None:
+        if res.get("dataAbsentReason") is not None:
+            self.exclude(ref, "dataAbsentReason present")
+            return None
+        vq = res.get("valueQuantity")
+        if not isinstance(vq, dict):
+            self.exclude(ref, "no valueQuantity")
+            return None
+        if vq.get("comparator"):
+            self.exclude(ref, f"value has comparator {vq.get('comparator')}")
+            return None
+        raw = to_decimal(vq.get("value"))
+        if raw is None:
+            self.exclude(ref, "valueQuantity.value is missing or not a number")
+            return None
+        unit = _unit_of(vq)
+        analyte = entry.analyte
         try:
             value = self.catalog.convert(raw, unit, analyte)
         except UnitConversionError as exc:
             self.exclude(ref, f"unit not convertible: {exc}")
-            return
+            return None
         ref_low, ref_high = self._reference_range(res, analyte)
-        lab = LabValue(
+        return LabValue(
             analyte=analyte,
             label=entry.label or self.catalog.analytes[analyte].display,
             value=value,
@@ -188,10 +199,6 @@ class _Extractor:
             ref_high=ref_high,
             ref_low=ref_low,
         )
-        if cutoff is not None and effective < cutoff:
-            self.stale[analyte] = lab
-            return
-        self.pending_validation.append((res, lab))
 
     def _reference_range(self, res: dict[str, Any], analyte: str) -> tuple[Decimal | None, Decimal | None]:
         ranges = res.get("referenceRange")
@@ -217,6 +224,10 @@ class _Extractor:
 
     def finish_labs(self) -> None:
         """Resolve duplicates at one effective time; structural validation is deferred to first use."""
+        for analyte, (effective, res, entry, coding, ref, status) in self.stale_candidates.items():
+            lab = self._lab_value(res, entry, coding, ref, status, effective)
+            if lab is not None:
+                self.stale[analyte] = lab
         by_time: dict[tuple[str, datetime], list[LabValue]] = {}
         for res, lab in self.pending_validation:
             self.unvalidated[lab.source.reference] = res
@@ -328,7 +339,8 @@ class _Extractor:
                 start=start,
                 stop=stop,
                 last_activity=last,
-                intravenous=match.entry.parenteral or self._intravenous(res),
+                # The route matters only for the IV calcium/phosphate rules: read it only for those drugs.
+                intravenous=bool(match.features & _ROUTE_FEATURES) and (match.entry.parenteral or self._intravenous(res)),
                 ingredients=tuple(i.display for i in match.ingredients),
             )
         )
