@@ -101,11 +101,19 @@ async def notifications(request: Request) -> Response:
     return await _receive(request, None)
 
 
-@router.api_route(
-    "/fhir/notifications/{resource_type}/{resource_id}",
-    methods=["PUT", "POST", "DELETE"],
-    summary="Receive an R4 rest-hook payload as HAPI sends it (PUT {endpoint}/{Type}/{id})",
-    responses=RESPONSES,
-)
-async def notifications_resource(resource_type: str, resource_id: str, request: Request) -> Response:
+_HAPI_PATH = "/fhir/notifications/{resource_type}/{resource_id}"
+
+
+@router.put(_HAPI_PATH, summary="R4 rest-hook payload as HAPI sends it (PUT {endpoint}/{Type}/{id})", responses=RESPONSES)
+async def notifications_put(resource_type: str, resource_id: str, request: Request) -> Response:
+    return await _receive(request, f"{resource_type}/{resource_id}")
+
+
+@router.post(_HAPI_PATH, summary="R4 rest-hook payload posted to {endpoint}/{Type}/{id}", responses=RESPONSES)
+async def notifications_post(resource_type: str, resource_id: str, request: Request) -> Response:
+    return await _receive(request, f"{resource_type}/{resource_id}")
+
+
+@router.delete(_HAPI_PATH, summary="A deletion delivered as DELETE {endpoint}/{Type}/{id}", responses=RESPONSES)
+async def notifications_delete(resource_type: str, resource_id: str, request: Request) -> Response:
     return await _receive(request, f"{resource_type}/{resource_id}")
