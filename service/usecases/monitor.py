@@ -267,8 +267,11 @@ def _receive_transaction(ctx: MonitorContext, batch: list[_Receipt]) -> None:
                     continue
                 pending.write(repos, jobs, ctx.settings)
                 if isinstance(n, ResourceDeleted):
-                    _record(repos, jobs, summary, requeue, dedup_key=dedup_key(n), kind="deletion", resource_type=n.resource_type,
-                            resource_id=n.id, subscription=n.subscription_id)
+                    # Keyed by the version it deletes, so delete → recreate → delete is two events, a redelivery one.
+                    stored = repos.resources.get(n.resource_type, n.id)
+                    deletes = (stored.version_id or "?") if stored is not None else "unknown"
+                    _record(repos, jobs, summary, requeue, dedup_key=f"{dedup_key(n)}/{deletes}", kind="deletion",
+                            resource_type=n.resource_type, resource_id=n.id, subscription=n.subscription_id)
                 elif isinstance(n, EmptyPing):
                     _receive_ping(repos, jobs, summary, requeue, n.subscription_id or POLL_SUBSCRIPTION)
                 elif isinstance(n, BackportNotification):

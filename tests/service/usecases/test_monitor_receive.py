@@ -1,0 +1,54 @@
+"""Receiving deletions: keyed by the version deleted (delete → recreate → delete is two events)."""
+
+from __future__ import annotations
+
+from service.cds.thresholds import Thresholds
+from service.config import Settings
+from service.db.migrate import upgrade_to_head
+from service.db.repositories import Repositories
+from service.db.session import make_engine, make_session_factory, session_scope
+from service.fhir.notifications import ResourceChanged, ResourceDeleted
+from service.queue import MemoryQueue
+from service.usecases.monitor import MonitorContext, process_event, receive
+from tests.builders import CA, obs
+
+
+def context(tmp_path, catalog) -> MonitorContext:
+    url = f"sqlite:///{tmp_path / 'm.sqlite'}"
+    upgrade_to_head(url)
+    settings = Settings(data_dir=tmp_path, database_url=url)
+    return MonitorContext(settings=settings, catalog=catalog, thresholds=Thresholds(), sessions=make_session_factory(make_engine(url)), queue=MemoryQueue())
+
+
+def changed(version: str) -> ResourceChanged:
+    o = obs(CA, 9.0, rid="o-del", meta={"versionId": version})
+    return ResourceChanged(resource_type="Observation", id="o-del", version_id=version, last_updated=None, resource=o)
+
+
+def deleted_state(ctx: MonitorContext) -> bool:
+    with session_scope(ctx.sessions) as session:
+        row = Repositories(session).resources.get("Observation", "o-del")
+        assert row is not None
+        return bool(row.deleted)
+
+
+def test_delete_recreate_delete(tmp_path, catalog) -> None:
+    ctx = context(tmp_path, catalog)
+    receive(ctx, [changed("1")], "r4-resource")
+    first = receive(ctx, [ResourceDeleted("Observation", "o-del")], "r4-resource")
+    assert first.accepted == 1
+    process_event(ctx, first.events[0])
+    assert deleted_state(ctx)
+    receive(ctx, [changed("2")], "r4-resource")
+    assert not deleted_state(ctx)
+    second = receive(ctx, [ResourceDeleted("Observation", "o-del")], "r4-resource")
+    assert second.accepted == 1 and second.duplicates == 0  # not mistaken for the first deletion
+    process_event(ctx, second.events[0])
+    assert deleted_state(ctx)
+
+
+def test_redelivered_event_is_a_duplicate(tmp_path, catalog) -> None:
+    ctx = context(tmp_path, catalog)
+    assert receive(ctx, [changed("1")], "r4-resource").accepted == 1
+    again = receive(ctx, [changed("1")], "r4-resource")
+    assert (again.accepted, again.duplicates) == (0, 1)
