@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime
 from typing import Any
 
@@ -31,7 +32,12 @@ class Evaluation:
     assessment: Assessment
     outcome: Outcome
     facts: CaseFacts
-    risk_assessments: list[dict[str, Any]]
+    context: CardContext
+
+    @cached_property
+    def risk_assessments(self) -> list[dict[str, Any]]:
+        """The RiskAssessments to write back (built on demand: a CDS Hooks call never needs them)."""
+        return risk_assessments(self.outcome, self.context, self.assessment.evaluated_at)
 
 
 def inputs_hash(inputs: dict[str, str | None]) -> str:
@@ -115,7 +121,7 @@ def evaluate_patient(
         inputs=[{"reference": r, "version": v} for r, v in sorted(facts.inputs.items())],
         inputs_hash=ihash,
     )
-    return Evaluation(assessment, outcome, facts, risk_assessments(outcome, ctx, now_iso))
+    return Evaluation(assessment, outcome, facts, ctx)
 
 
 def evaluate_groups(

@@ -111,6 +111,9 @@ def normalize_reference(ref: Any, aliases: dict[str, str] | None = None) -> str 
         return None
     if aliases and ref in aliases:
         return aliases[ref]
+    head, sep, tail = ref.partition("/")
+    if sep and tail and "/" not in tail and "?" not in tail and head.isalpha() and head[:1].isupper():
+        return ref  # already Type/id: the common case, kept cheap
     if ref.startswith(("urn:uuid:", "urn:oid:", "#")):
         return None
     parts = [p for p in ref.split("?")[0].split("/") if p]
