@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,7 +24,7 @@ def _root() -> None:
     """calcinosis-cds: evaluate offline, serve CDS Hooks, run workers."""
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     text = "text"
     json = "json"
     cards = "cards"
@@ -89,9 +89,7 @@ def evaluate(
             items.extend(read_path(path))
     except InputError as exc:
         fail(str(exc))
-    evaluations, groups = evaluate_resources(
-        items, catalog=catalog, thresholds=thresholds, now=when, topic_system=settings.topic_system
-    )
+    evaluations, groups = evaluate_resources(items, catalog=catalog, thresholds=thresholds, now=when, topic_system=settings.topic_system)
     for excluded in groups.unattributed:
         typer.echo(f"calcinosis-cds: warning: {excluded.reference}: {excluded.reason}", err=True)
     if not evaluations:
@@ -145,8 +143,15 @@ def serve(
     except MappingError as exc:
         fail(f"mappings: {exc}")
     if workers > 1:  # each process builds its own app from the same settings
-        uvicorn.run("service.main:create_app", factory=True, workers=workers, host=host or settings.host, port=port or settings.port,
-                    log_level="warning", access_log=False)
+        uvicorn.run(
+            "service.main:create_app",
+            factory=True,
+            workers=workers,
+            host=host or settings.host,
+            port=port or settings.port,
+            log_level="warning",
+            access_log=False,
+        )
         return
     uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level="warning", access_log=False)
 

@@ -56,8 +56,7 @@ class Settings(BaseSettings):
     port: int = 8080
     public_base_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Base URLs the service is reached at (for the JWT aud check behind proxies). "
-        "Empty: the URL of the request as received.",
+        description="Base URLs the service is reached at (for the JWT aud check behind proxies). Empty: the URL of the request as received.",
     )
     log_level: str = "INFO"
     log_json: bool = True
@@ -106,7 +105,10 @@ class Settings(BaseSettings):
     smart_private_key_file: Path | None = None
     smart_key_id: str | None = None
     smart_alg: Literal["RS384", "ES384"] = "RS384"
-    smart_scope: str = "system/Observation.rs system/Condition.rs system/MedicationRequest.rs system/MedicationStatement.rs system/Procedure.rs system/Patient.rs system/RiskAssessment.cud"
+    smart_scope: str = (
+        "system/Observation.rs system/Condition.rs system/MedicationRequest.rs system/MedicationStatement.rs "
+        "system/Procedure.rs system/Patient.rs system/RiskAssessment.cud"
+    )
     smart_token_url: str | None = None
 
     # --- subscription receiver ------------------------------------------------------------------

@@ -99,9 +99,7 @@ def evidence_table(rows: list[tuple[str, Evidence]]) -> str:
         value = f"{e.value} {e.unit}" if e.value and e.unit else (e.value or "")
         if e.note:
             value += f" ({e.note})"
-        lines.append(
-            f"| {_md(factor)} | {_md(e.label)} | {_md(value)} | {(e.date or '')[:10]} | {_md(e.reference or '')} | {_md(e.threshold or '')} |"
-        )
+        lines.append(f"| {_md(factor)} | {_md(e.label)} | {_md(value)} | {(e.date or '')[:10]} | {_md(e.reference or '')} | {_md(e.threshold or '')} |")
     return "\n".join(lines)
 
 
@@ -115,10 +113,7 @@ def stable_uuid(ctx: CardContext, rule_id: str, *parts: str) -> str:
 
 
 def _footer(ctx: CardContext, rule_id: str, topic: str) -> str:
-    return (
-        f"{EVIDENCE[topic]}\n\n{NOT_PROBABILITY}\n\n"
-        f"Rule `{rule_id}` · rules {ctx.rules_version} · mappings {ctx.mappings_version}"
-    )
+    return f"{EVIDENCE[topic]}\n\n{NOT_PROBABILITY}\n\nRule `{rule_id}` · rules {ctx.rules_version} · mappings {ctx.mappings_version}"
 
 
 def make_card(
@@ -228,13 +223,19 @@ def render_cards(outcome: Outcome, ctx: CardContext, catalog: Catalog, *, card_f
         rows += [("Modifiable factor", e) for e in outcome.modifiable]
         body = (
             "**Calciphylaxis is on the problem list**: risk tiering is suppressed (N/A, established calciphylaxis).\n\n"
-            + ("Modifiable factors still present:" if outcome.modifiable else "No modifiable factor found among: vitamin K antagonist, calcium-based binder, vitamin D therapy, Ca×P > 70.")
+            + (
+                "Modifiable factors still present:"
+                if outcome.modifiable
+                else "No modifiable factor found among: vitamin K antagonist, calcium-based binder, vitamin D therapy, Ca×P > 70."
+            )
             + "\n\n"
             + evidence_table(rows)
         )
         n = len(outcome.modifiable)
         summary = "Established calciphylaxis" + (f": {n} modifiable factor(s) still present" if n else "")
-        cards.append(make_card(ctx, topic="established-calciphylaxis", rule_id=RULE_IDS["established"], indicator="info", summary=summary, body=body))  # §2.3: an INFO card
+        cards.append(
+            make_card(ctx, topic="established-calciphylaxis", rule_id=RULE_IDS["established"], indicator="info", summary=summary, body=body)
+        )  # §2.3: an INFO card
 
     # --- calciphylaxis risk (§2.3)
     renal = outcome.renal in ("R1", "R2")
@@ -428,6 +429,7 @@ def risk_assessments(outcome: Outcome, ctx: CardContext, now_iso: str) -> list[d
             basis += [outcome.product.calcium.source.reference, outcome.product.phosphate.source.reference]
         flags.append(("metastatic-calcification", met, "Metastatic calcification", outcome.explanations["metastatic"], basis))
     for flag, tier, label, rationale, basis in flags:
+        rule_id = RULE_IDS["calciphylaxis" if flag == "calciphylaxis" else "metastatic"]
         refs = sorted({b for b in basis if not b.startswith(ctx.patient)})
         prediction: dict[str, Any] = {"outcome": {"text": label}, "rationale": rationale}
         if tier in _QUALITATIVE:
@@ -444,7 +446,7 @@ def risk_assessments(outcome: Outcome, ctx: CardContext, now_iso: str) -> list[d
             "subject": {"reference": ctx.patient},
             "occurrenceDateTime": now_iso,
             "code": {"text": f"{label} risk ({flag})"},
-            "method": {"text": f"calcinosis-cds rule {RULE_IDS['calciphylaxis' if flag == 'calciphylaxis' else 'metastatic']} (rules {ctx.rules_version}, mappings {ctx.mappings_version})"},
+            "method": {"text": f"calcinosis-cds rule {rule_id} (rules {ctx.rules_version}, mappings {ctx.mappings_version})"},
             "basis": [{"reference": r} for r in refs],
             "prediction": [prediction],
             "note": [

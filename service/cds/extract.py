@@ -96,11 +96,7 @@ class _Extractor:
         self.medication_facts: list[MedicationFact] = []
         self.procedures: list[ProcedureFact] = []
         self.observation_codes = catalog.observations
-        self.cutoffs = {
-            a: (now - timedelta(days=d) if d is not None else None)
-            for a in catalog.analytes
-            for d in (analyte_window_days(a, t),)
-        }
+        self.cutoffs = {a: (now - timedelta(days=d) if d is not None else None) for a in catalog.analytes for d in (analyte_window_days(a, t),)}
 
     # ------------------------------------------------------------------ helpers
     def exclude(self, ref: str | None, reason: str) -> None:
@@ -160,9 +156,7 @@ class _Extractor:
         if lab is not None:
             self.pending_validation.append((res, lab))
 
-    def _lab_value(
-        self, res: dict[str, Any], entry: Any, coding: dict[str, Any], ref: str, status: str, effective: datetime
-    ) -> LabValue | None:
+    def _lab_value(self, res: dict[str, Any], entry: Any, coding: dict[str, Any], ref: str, status: str, effective: datetime) -> LabValue | None:
         if res.get("dataAbsentReason") is not None:
             self.exclude(ref, "dataAbsentReason present")
             return None

@@ -17,9 +17,7 @@ _YEAR = re.compile(r"^\d{4}$")
 _YEAR_MONTH = re.compile(r"^\d{4}-\d{2}$")
 
 #: Resource types whose `subject` (or `patient`) reference ties them to a patient.
-PATIENT_SCOPED = frozenset(
-    {"Observation", "Condition", "MedicationRequest", "MedicationStatement", "MedicationAdministration", "Procedure"}
-)
+PATIENT_SCOPED = frozenset({"Observation", "Condition", "MedicationRequest", "MedicationStatement", "MedicationAdministration", "Procedure"})
 
 
 def parse_datetime(value: Any) -> datetime | None:

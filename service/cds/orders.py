@@ -61,9 +61,7 @@ def _order_features(order: dict[str, Any], catalog: Catalog) -> tuple[set[str], 
     return set(), None
 
 
-def order_risk_cards(
-    orders: list[dict[str, Any]], outcome: Outcome, ctx: CardContext, catalog: Catalog
-) -> list[dict[str, Any]]:
+def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardContext, catalog: Catalog) -> list[dict[str, Any]]:
     renal = outcome.renal in ("R1", "R2")
     established = bool(outcome.established)
     if not (renal or established):
@@ -104,10 +102,26 @@ def order_risk_cards(
         )
         body = (
             f"**The order for {drug} adds {kinds}** in a patient with {setting}. "
-            + ("Vitamin K antagonists, calcium-based binders and vitamin D are case-control risk factors for calciphylaxis. " if features - {"iv_calcium", "iv_phosphate"} else "")
-            + ("Intravenous calcium or phosphate can cause extravasation calcinosis: monitor the IV site. " if features & {"iv_calcium", "iv_phosphate"} else "")
+            + (
+                "Vitamin K antagonists, calcium-based binders and vitamin D are case-control risk factors for calciphylaxis. "
+                if features - {"iv_calcium", "iv_phosphate"}
+                else ""
+            )
+            + (
+                "Intravenous calcium or phosphate can cause extravasation calcinosis: monitor the IV site. "
+                if features & {"iv_calcium", "iv_phosphate"}
+                else ""
+            )
             + "\n\n"
-            + evidence_table([("Order under review", Evidence(label=drug, value=order.get("status") or "draft", reference=ref, code=f"{coding.get('system')}|{coding['code']}"))] + [("Why it matters", e) for e in why])
+            + evidence_table(
+                [
+                    (
+                        "Order under review",
+                        Evidence(label=drug, value=order.get("status") or "draft", reference=ref, code=f"{coding.get('system')}|{coding['code']}"),
+                    )
+                ]
+                + [("Why it matters", e) for e in why]
+            )
         )
         card = make_card(
             ctx,

@@ -273,7 +273,11 @@ def renal_context(ctx: _Ctx) -> tuple[str, list[Evidence]]:
                 )
             )
         elif p.feature == "kidney_transplant_procedure":
-            r2.append(Evidence(label=p.source.display, value="performed", date=iso(p.performed), reference=p.source.reference, code=f"{p.source.system}|{p.source.code}"))
+            r2.append(
+                Evidence(
+                    label=p.source.display, value="performed", date=iso(p.performed), reference=p.source.reference, code=f"{p.source.system}|{p.source.code}"
+                )
+            )
     egfr = ctx.latest("egfr", t.window_renal_function_days)
     egfr_value = rnd(egfr.value, 1) if egfr else None
     if egfr is not None and egfr_value is not None and egfr_value < t.egfr_r2_below:
@@ -320,9 +324,7 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
         elif rnd(alb.value, 2) < t.correction_reference_albumin_g_dl:
             corrected = ca.value + t.correction_slope * (t.correction_reference_albumin_g_dl - alb.value)
             out.corrected_mg_dl = rnd(corrected, 2)
-            out.correction_note = (
-                f"corrected = Ca + {fmt(t.correction_slope)} × ({fmt(t.correction_reference_albumin_g_dl)} − albumin)"
-            )
+            out.correction_note = f"corrected = Ca + {fmt(t.correction_slope)} × ({fmt(t.correction_reference_albumin_g_dl)} − albumin)"
         else:
             out.corrected_mg_dl = out.measured_mg_dl
             out.correction_note = f"albumin ≥ {fmt(t.correction_reference_albumin_g_dl)} g/dL: no correction"
@@ -485,7 +487,9 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
                 Factor(
                     id="M4",
                     label=MAJOR_LABELS["M4"],
-                    evidence=[lab_evidence(pth, threshold=f"> {fmt(t.pth_uln_multiple)} × {fmt(rnd(uln, 1))} pg/mL ({source}) = {fmt(rnd(limit, 1))}", places=1)],
+                    evidence=[
+                        lab_evidence(pth, threshold=f"> {fmt(t.pth_uln_multiple)} × {fmt(rnd(uln, 1))} pg/mL ({source}) = {fmt(rnd(limit, 1))}", places=1)
+                    ],
                 )
             )
 
@@ -519,7 +523,10 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
     if alp is not None:
         uln = alp.ref_high if alp.ref_high is not None else t.alp_default_uln_u_l
         if rnd(alp.value, 0) > rnd(uln, 0):
-            minor("alp_gt_uln", [lab_evidence(alp, threshold=f"> {fmt(rnd(uln, 0))} U/L ({'laboratory ULN' if alp.ref_high is not None else 'default ULN'})", places=0)])
+            minor(
+                "alp_gt_uln",
+                [lab_evidence(alp, threshold=f"> {fmt(rnd(uln, 0))} U/L ({'laboratory ULN' if alp.ref_high is not None else 'default ULN'})", places=0)],
+            )
     if t.count_thrombophilia_minor:
         minor("thrombophilia", [condition_evidence(c) for c in ctx.conditions("thrombophilia")])
 
@@ -559,8 +566,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
         explanation = (
             f"R0: vitamin K antagonist with {n_minor} minor factor(s) (non-uremic pathway) → low"
             if tier == "low"
-            else "R0: no renal context; the non-uremic pathway needs a vitamin K antagonist and ≥ "
-            f"{t.r0_vka_min_minors} minor factors"
+            else f"R0: no renal context; the non-uremic pathway needs a vitamin K antagonist and ≥ {t.r0_vka_min_minors} minor factors"
         )
     established = ctx.conditions("calciphylaxis")
     modifiable: list[Evidence] = []
@@ -582,6 +588,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
         found = ctx.conditions(feature)
         if found:
             predisposing.append(Factor(id=feature, label=catalog.features[feature].display, evidence=[condition_evidence(c) for c in found]))
+
     def iv_recent(m: MedicationFact) -> bool:
         return m.intravenous and (m.current or within(m.last_activity, now, t.window_iv_mineral_days))
 

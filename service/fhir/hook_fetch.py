@@ -85,9 +85,9 @@ class HookFetcher:
                             if isinstance(res, dict) and res.get("resourceType") != "OperationOutcome":
                                 result.resources.append(res)
                         for link in doc.get("link") or []:
-                            if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-                                if _same_origin(link["url"], base):
-                                    url = link["url"]
+                            is_next = isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str)
+                            if is_next and _same_origin(link["url"], base):
+                                url = link["url"]
                     elif doc.get("resourceType") == "OperationOutcome":
                         result.error = "server answered an OperationOutcome"
                     else:

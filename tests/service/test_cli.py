@@ -33,7 +33,17 @@ def test_json_format_contract(case_file) -> None:
     data = json.loads(r.stdout)
     assert isinstance(data, list) and len(data) == 1
     a = data[0]
-    for key in ("patient", "evaluated_at", "rules_version", "mappings_version", "renal_context", "calciphylaxis", "metastatic_calcification", "cards", "excluded"):
+    for key in (
+        "patient",
+        "evaluated_at",
+        "rules_version",
+        "mappings_version",
+        "renal_context",
+        "calciphylaxis",
+        "metastatic_calcification",
+        "cards",
+        "excluded",
+    ):
         assert key in a
     assert a["evaluated_at"] == "2025-07-01T00:00:00Z"
     assert set(a["calciphylaxis"]) >= {"tier", "incomplete_data", "major_factors", "minor_factors"}

@@ -13,7 +13,7 @@ from tests.builders import NOW, PATIENT, patient
 
 @pytest.fixture(scope="session")
 def run(catalog: Catalog) -> Callable[..., Evaluation]:
-    """Stateless, so session-scoped (hypothesis reuses it across examples). Evaluate resources for Patient/p1 (a 65-year-old man unless given another Patient)."""
+    """Stateless, so session-scoped (hypothesis reuses it). Evaluate resources for Patient/p1 (a 65-year-old man unless given another Patient)."""
 
     def _run(*resources: dict[str, Any], thresholds: Thresholds | None = None, with_patient: bool = True, **patient_kw: Any) -> Evaluation:
         items = list(resources)

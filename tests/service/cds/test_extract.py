@@ -156,7 +156,9 @@ def test_medication_reference_resolved_from_contained_and_bundle(catalog) -> Non
     del via_bundle["medicationCodeableConcept"]
     via_bundle["medicationReference"] = {"reference": "urn:uuid:med-1"}
     b = bundle(patient(), via_bundle)
-    b["entry"].append({"fullUrl": "urn:uuid:med-1", "resource": {"resourceType": "Medication", "id": "med-1", "code": {"coding": [{"system": RXNORM, "code": "855332"}]}}})
+    b["entry"].append(
+        {"fullUrl": "urn:uuid:med-1", "resource": {"resourceType": "Medication", "id": "med-1", "code": {"coding": [{"system": RXNORM, "code": "855332"}]}}}
+    )
     groups = group_by_patient([b])
     f = extract_facts(groups.patients[PATIENT], patient_ref=PATIENT, catalog=catalog, thresholds=Thresholds(), now=NOW, medications=groups.medications)
     assert f.medications[0].features == frozenset({"vka"})

@@ -43,7 +43,10 @@ def test_renal_calcium_threshold_both_unit_systems(run, ca: Decimal, si: bool) -
 
 
 @settings(max_examples=80, deadline=None)
-@given(ca=st.decimals(min_value=Decimal("8.00"), max_value=Decimal("12.00"), places=2), p=st.decimals(min_value=Decimal("4.00"), max_value=Decimal("9.00"), places=2))
+@given(
+    ca=st.decimals(min_value=Decimal("8.00"), max_value=Decimal("12.00"), places=2),
+    p=st.decimals(min_value=Decimal("4.00"), max_value=Decimal("9.00"), places=2),
+)
 def test_product_rounded_to_one_decimal_before_comparison(run, ca: Decimal, p: Decimal) -> None:
     ev = run(obs(CA, str(ca), days=2), obs(P, str(p), days=2), obs(ALB, 4.2, "g/dL", days=2))
     product = rnd(ca * p, 1)

@@ -42,10 +42,7 @@ class SigningKey:
     @property
     def public_jwk(self) -> dict[str, Any]:
         public = self.private.public_key()
-        if isinstance(public, ec.EllipticCurvePublicKey):
-            jwk = ECAlgorithm.to_jwk(public, as_dict=True)
-        else:
-            jwk = RSAAlgorithm.to_jwk(public, as_dict=True)
+        jwk = ECAlgorithm.to_jwk(public, as_dict=True) if isinstance(public, ec.EllipticCurvePublicKey) else RSAAlgorithm.to_jwk(public, as_dict=True)
         return {**jwk, "kid": self.kid, "alg": self.alg, "use": "sig"}
 
     def jwks(self) -> dict[str, Any]:
