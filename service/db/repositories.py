@@ -14,8 +14,11 @@ JSON columns are replaced, never mutated in place (mutation is not tracked).
 Hot paths (the notification write path, the evaluation queue, the evaluation load) execute Core statements
 that are built once per dialect with bind parameters and reused (:func:`_prepared`): a reused statement
 object keeps its cache key, so SQLAlchemy neither rebuilds nor re-keys it and the compiled form comes from
-the compiled cache. Batches go through ``executemany`` (``insertmanyvalues``: one multi-row INSERT ...
-RETURNING per batch). Core UPDATEs do not touch the Session's identity map; :func:`_expire` expires an
+the compiled cache. Batches are one statement: on PostgreSQL an INSERT ... SELECT FROM jsonb_to_recordset(one
+JSON parameter), the same text for every batch size (prepared once by psycopg); on SQLite ``executemany``
+(``insertmanyvalues``, one multi-row INSERT ... RETURNING). Batches take their rows in key order (ledger
+keys, resources, then patients; new queue rows before existing ones), so concurrent batches never wait for
+each other in a cycle. Core UPDATEs do not touch the Session's identity map; :func:`_expire` expires an
 affected object that is loaded, as the ORM's ``synchronize_session`` did.
 """
 
@@ -34,20 +37,20 @@ from sqlalchemy import (
     DateTime,
     String,
     Table,
-    Text,
     and_,
     bindparam,
     case,
     cast,
+    column,
     false,
     func,
-    literal,
+    literal_column,
     or_,
     select,
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
@@ -240,64 +243,58 @@ def _build_ledger_insert(dialect: str) -> Any:
     )
 
 
-# PostgreSQL batches: one INSERT ... SELECT FROM unnest(<one array per column>) whatever the batch size. The SQL
-# text is the same for every batch, so psycopg parses and prepares it once (a multi-row VALUES list is new text
-# for every batch size, and past 4 KB or 50 parameters psycopg re-parses it on every execution).
+# PostgreSQL batches: one INSERT ... SELECT FROM jsonb_to_recordset(<the batch as one JSON array>), whatever the
+# batch size. The SQL text and its single parameter are the same for every batch, so psycopg parses and
+# prepares the statement once (a multi-row VALUES list is new text for every batch size, and past 4 KB or 50
+# parameters psycopg re-parses it on every execution; arrays per column cost more to adapt than the JSON).
 
-_LEDGER_ARRAYS: dict[str, Any] = {
-    "dedup_key": String, "kind": String, "subscription": String, "event_number": BigInteger, "resource_type": String,
-    "resource_id": String, "version_id": String, "patient_ref": String, "payload": Text, "status": String,
+_LEDGER_RECORD: dict[str, Any] = {
+    "dedup_key": String(), "kind": String(), "subscription": String(), "event_number": BigInteger(), "resource_type": String(),
+    "resource_id": String(), "version_id": String(), "patient_ref": String(), "payload": JSONB(), "status": String(),
 }
-_RESOURCE_ARRAYS: dict[str, Any] = {
-    "resource_type": String, "resource_id": String, "patient_ref": String, "version_id": String, "version_num": BigInteger,
-    "last_updated": DateTime(timezone=True), "content": Text,
+_RESOURCE_RECORD: dict[str, Any] = {
+    "resource_type": String(), "resource_id": String(), "patient_ref": String(), "version_id": String(), "version_num": BigInteger(),
+    "last_updated": DateTime(timezone=True), "content": JSONB(),
 }
 _UTC = UTCDateTime()
 
 
-def _unnest(columns: dict[str, Any]) -> Any:
-    arrays = [cast(bindparam(f"a_{name}"), ARRAY(type_)) for name, type_ in columns.items()]
-    return func.unnest(*arrays).table_valued(*columns).render_derived(name="u")
+def _recordset(columns: dict[str, Any]) -> Any:
+    rows = func.jsonb_to_recordset(cast(bindparam("rows"), JSONB))
+    return rows.table_valued(*[column(name, type_) for name, type_ in columns.items()]).render_derived(name="u", with_types=True)
 
 
-def _arrays(rows: Sequence[dict[str, Any]], columns: dict[str, Any], dialect: Any) -> dict[str, list[Any]]:
-    """Column arrays for :func:`_unnest`: JSON as text (as SQLAlchemy's JSON type would serialize it), timestamps
-    through :class:`UTCDateTime` (naive refused), everything else as is."""
-    out: dict[str, list[Any]] = {}
-    for name, type_ in columns.items():
-        values = [row[name] for row in rows]
-        if name in ("payload", "content"):
-            values = [None if v is None else json.dumps(v) for v in values]
-        elif isinstance(type_, DateTime):
-            values = [_UTC.process_bind_param(v, dialect) for v in values]
-        out[f"a_{name}"] = values
-    return out
+def _records(rows: Sequence[dict[str, Any]], columns: dict[str, Any], dialect: Any) -> str:
+    """The batch as the JSON text :func:`_recordset` reads (timestamps through :class:`UTCDateTime`: naive refused)."""
+    times = [name for name, type_ in columns.items() if isinstance(type_, DateTime)]
+    records = []
+    for row in rows:
+        record = {name: row[name] for name in columns}
+        for name in times:
+            value = _UTC.process_bind_param(record[name], dialect)
+            record[name] = None if value is None else value.isoformat()
+        records.append(record)
+    return json.dumps(records)
 
 
-def _build_ledger_insert_unnest(_: str) -> Any:
+def _build_ledger_insert_batch(_: str) -> Any:
     t = _table(InboundEvent)
-    u = _unnest(_LEDGER_ARRAYS)
+    u = _recordset(_LEDGER_RECORD)
     ts = bindparam("ts", type_=t.c.received_at.type)
-    source = select(
-        *[cast(u.c.payload, JSONB) if name == "payload" else u.c[name] for name in _LEDGER_ARRAYS],
-        literal(0), ts, ts,
-    )
+    source = select(*[u.c[name] for name in _LEDGER_RECORD], literal_column("0"), ts, ts)
     return (
         pg_insert(t)
-        .from_select([*_LEDGER_ARRAYS, "attempts", "received_at", "updated_at"], source)
+        .from_select([*_LEDGER_RECORD, "attempts", "received_at", "updated_at"], source)
         .on_conflict_do_nothing(index_elements=[t.c.dedup_key])
         .returning(t.c.dedup_key, t.c.id, t.c.status)
     )
 
 
-def _build_resource_upsert_unnest(_: str) -> Any:
+def _build_resource_upsert_batch(_: str) -> Any:
     t = _table(PatientResource)
-    u = _unnest(_RESOURCE_ARRAYS)
-    source = select(
-        *[cast(u.c.content, JSONB) if name == "content" else u.c[name] for name in _RESOURCE_ARRAYS],
-        false(), bindparam("updated_at", type_=t.c.updated_at.type),
-    )
-    stmt = pg_insert(t).from_select([*_RESOURCE_ARRAYS, "deleted", "updated_at"], source)
+    u = _recordset(_RESOURCE_RECORD)
+    source = select(*[u.c[name] for name in _RESOURCE_RECORD], false(), bindparam("updated_at", type_=t.c.updated_at.type))
+    stmt = pg_insert(t).from_select([*_RESOURCE_RECORD, "deleted", "updated_at"], source)
     ex = stmt.excluded
     return stmt.on_conflict_do_update(
         index_elements=[t.c.resource_type, t.c.resource_id],
@@ -406,8 +403,8 @@ class InboundEventRepository:
         rows = [first[key] for key in sorted(first)]  # one lock order for every writer: no deadlock between batches
         dialect = self.session.get_bind().dialect
         if dialect.name == "postgresql":
-            insert = _prepared(self.session, "ledger_insert_unnest", _build_ledger_insert_unnest)
-            result = self.session.execute(insert, {**_arrays(rows, _LEDGER_ARRAYS, dialect), "ts": ts})
+            insert = _prepared(self.session, "ledger_insert_batch", _build_ledger_insert_batch)
+            result = self.session.execute(insert, {"rows": _records(rows, _LEDGER_RECORD, dialect), "ts": ts})
         else:
             result = self.session.execute(_prepared(self.session, "ledger_insert", _build_ledger_insert), rows)
         inserted = {key: (event_id, status) for key, event_id, status in result}
@@ -605,14 +602,14 @@ class PatientResourceRepository:
         dialect = self.session.get_bind().dialect
         postgres = dialect.name == "postgresql"
         if postgres:
-            upsert = _prepared(self.session, "resource_upsert_unnest", _build_resource_upsert_unnest)
+            upsert = _prepared(self.session, "resource_upsert_batch", _build_resource_upsert_batch)
         else:
             upsert = _prepared(self.session, "resource_upsert", _build_resource_upsert)
         written = [False] * len(resources)
         for wave in waves:
             wave.sort(key=lambda i: (resources[i].resource_type, resources[i].resource_id))  # one lock order for every writer
             rows = [_resource_row(resources[i], ts) for i in wave]
-            params: Any = {**_arrays(rows, _RESOURCE_ARRAYS, dialect), "updated_at": ts} if postgres else rows
+            params: Any = {"rows": _records(rows, _RESOURCE_RECORD, dialect), "updated_at": ts} if postgres else rows
             done = {(rtype, rid) for rtype, rid in self.session.execute(upsert, params)}
             for i in wave:
                 written[i] = (resources[i].resource_type, resources[i].resource_id) in done
@@ -734,6 +731,42 @@ def _build_queue_mark(_: str) -> Any:
     )
 
 
+_MARKS: dict[str, Any] = {"p": String(), "n": BigInteger()}
+
+
+def _build_queue_mark_batch(_: str) -> Any:
+    """PostgreSQL: :func:`_build_queue_mark` for the patients and counts of a JSON array ``[{"p", "n"}]``."""
+    q = _queue()
+    marks = _recordset(_MARKS)
+    locked = q.alias("l")
+    old = (
+        select(locked.c.patient_ref, locked.c.dirty_since, marks.c.n)
+        .join_from(locked, marks, locked.c.patient_ref == marks.c.p)
+        .order_by(locked.c.patient_ref)
+        .with_for_update(of=locked)
+        .subquery("old")
+    )
+    ts = bindparam("ts", type_=q.c.dirty_since.type)
+    return (
+        update(q)
+        .where(q.c.patient_ref == old.c.patient_ref)
+        .values(generation=q.c.generation + old.c.n, requested_at=ts, dirty_since=func.coalesce(q.c.dirty_since, ts))
+        .returning(old.c.patient_ref, old.c.dirty_since)
+    )
+
+
+def _build_queue_insert_batch(_: str) -> Any:
+    q = _queue()
+    marks = _recordset(_MARKS)
+    ts = bindparam("ts", type_=q.c.dirty_since.type)
+    return (
+        pg_insert(q)
+        .from_select(["patient_ref", "dirty_since", "requested_at", "generation"], select(marks.c.p, ts, ts, marks.c.n).order_by(marks.c.p))
+        .on_conflict_do_nothing(index_elements=[q.c.patient_ref])
+        .returning(q.c.patient_ref)
+    )
+
+
 def _build_queue_still_dirty(_: str) -> Any:
     q = _queue()
     return (
@@ -815,8 +848,36 @@ class EvaluationQueueRepository:
         """Record ``changes[patient]`` changes per patient (the same as that many ``mark_dirty`` calls in this
         transaction); returns the patients that were not already dirty (the caller enqueues those), in order."""
         ts = _now(now)
-        became_dirty = {ref for ref in sorted(changes) if changes[ref] > 0 and self._mark(ref, ts, changes[ref])}  # one lock order
+        pending = {ref: count for ref, count in changes.items() if count > 0}
+        if len(pending) > 1 and self.session.get_bind().dialect.name == "postgresql":
+            became_dirty = self._mark_batch(pending, ts)
+        else:
+            became_dirty = {ref for ref in sorted(pending) if self._mark(ref, ts, pending[ref])}  # one lock order
         return [ref for ref in changes if ref in became_dirty]
+
+    def _mark_batch(self, pending: dict[str, int], ts: datetime) -> set[str]:
+        """PostgreSQL: :meth:`_mark` for many patients: one INSERT of the patients without a row, then one UPDATE
+        of the others (each returning the ``dirty_since`` it replaced). Both take their rows in patient order,
+        inserts before updates, so two batches never wait for each other in a cycle."""
+        became_dirty: set[str] = set()
+        for _ in range(10):
+            rows = json.dumps([{"p": ref, "n": pending[ref]} for ref in sorted(pending)])
+            for (ref,) in self.session.execute(_prepared(self.session, "queue_insert_batch", _build_queue_insert_batch),
+                                               {"rows": rows, "ts": ts}):
+                pending.pop(ref)
+                became_dirty.add(ref)
+            if not pending:
+                return became_dirty
+            rows = json.dumps([{"p": ref, "n": pending[ref]} for ref in sorted(pending)])
+            for ref, old_dirty_since in self.session.execute(_prepared(self.session, "queue_mark_batch", _build_queue_mark_batch),
+                                                             {"rows": rows, "ts": ts}):
+                pending.pop(ref)
+                _expire(self.session, PatientEvaluationQueue, ref, _QUEUE_MARK_ATTRS)
+                if old_dirty_since is None:
+                    became_dirty.add(ref)
+            if not pending:
+                return became_dirty
+        raise RuntimeError("mark_dirty: the queue rows kept changing; retry the transaction")
 
     def _mark(self, patient_ref: str, ts: datetime, count: int) -> bool:
         params = {"p": patient_ref, "ts": ts, "n": count}

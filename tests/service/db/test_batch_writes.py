@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -153,54 +154,63 @@ def test_evaluation_add_and_latest_summary(db_session_factory: sessionmaker[Sess
 
 
 def test_no_mark_is_lost_while_evaluations_run(db_session_factory: sessionmaker[Session]) -> None:
-    """Markers and an evaluator race; every mark that finds the patient clean enqueues, every finish that
-    finds a newer mark re-enqueues: when the queue of tasks is drained, the patient is clean."""
-    patient = f"Patient/{uuid.uuid4().hex}"
-    tasks: list[int] = []
+    """Markers (one patient or several per call) and an evaluator race; every mark that finds a patient clean
+    enqueues it, every finish that finds a newer mark re-enqueues: when the tasks are drained, all are clean."""
+    run = uuid.uuid4().hex
+    patients = [f"Patient/{run}-{i}" for i in range(4)]
+    tasks: list[str] = []
     lock = threading.Lock()
     marking = threading.Event()
     marking.set()
     history: list[tuple[object, ...]] = []
+    marks = dict.fromkeys(patients, 0)
 
-    def mark(n: int) -> None:
-        for _ in range(n):
+    def mark(worker: int) -> None:
+        for i in range(15):
+            chosen = {p: 1 + (i % 2) for k, p in enumerate(patients) if (i + worker + k) % 3 != 0}
             with session_scope(db_session_factory) as session:
-                became_dirty = bool(EvaluationQueueRepository(session).mark_dirty_many({patient: 1}))
-            history.append(("mark", became_dirty))
-            if became_dirty:
-                with lock:
-                    tasks.append(1)
+                became_dirty = EvaluationQueueRepository(session).mark_dirty_many(chosen)
+            history.append(("mark", tuple(chosen), tuple(became_dirty)))
+            with lock:  # enqueue after the commit, as unit_of_work does
+                tasks.extend(became_dirty)
+                for p, n in chosen.items():
+                    marks[p] += n
 
     def evaluate() -> None:
         while True:
             with lock:
-                task = tasks.pop() if tasks else None
-            if task is None:
+                patient = tasks.pop() if tasks else None
+            if patient is None:
                 if not marking.is_set():
                     with lock:
                         if not tasks:
                             return
+                time.sleep(0.001)
                 continue
             with session_scope(db_session_factory) as session:
                 generation = EvaluationQueueRepository(session).claim(patient)
-            history.append(("claim", generation))
+            history.append(("claim", patient, generation))
             if generation is None:
                 continue
             with session_scope(db_session_factory) as session:
                 rerun = EvaluationQueueRepository(session).finish(patient, generation)
-            history.append(("finish", generation, rerun))
+            history.append(("finish", patient, generation, rerun))
             if rerun:
                 with lock:
-                    tasks.append(1)
+                    tasks.append(patient)
 
-    evaluator = threading.Thread(target=evaluate)
+    evaluator = threading.Thread(target=evaluate, daemon=True)
     evaluator.start()
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(mark, [15] * 4))
-    marking.clear()
-    evaluator.join(60)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(mark, range(4)))
+    finally:
+        marking.clear()
+        evaluator.join(60)
     assert not evaluator.is_alive()
     with session_scope(db_session_factory) as session:
-        row = EvaluationQueueRepository(session).get(patient)
-        assert row is not None and row.generation == 60
-        assert row.dirty_since is None, history[-15:]
+        queue = EvaluationQueueRepository(session)
+        for p in patients:
+            row = queue.get(p)
+            assert row is not None and row.generation == marks[p]
+            assert row.dirty_since is None, [h for h in history if p in h or (h[0] == "mark" and p in h[1])][-10:]  # type: ignore[operator]
