@@ -166,6 +166,7 @@ class _Receipt:
     summary: ReceiveSummary = field(default_factory=ReceiveSummary)
     requeue: list[int] = field(default_factory=list)
     error: BaseException | None = None
+    committed: bool = False
     finished: bool = False
     wake: threading.Event = field(default_factory=threading.Event)
 
@@ -209,18 +210,27 @@ class _GroupCommit:
             receipt.wake.wait()  # finished, or handed the lead
             if receipt.finished:
                 return
-        while True:
+        try:
+            while True:
+                with self.lock:
+                    batch, self.queue = self.queue, []
+                if batch:
+                    _commit_receipts(ctx, batch)
+                with self.lock:
+                    if receipt.finished:
+                        self._hand_off()
+                        return
+        except BaseException:
             with self.lock:
-                batch, self.queue = self.queue, []
-            if batch:
-                _commit_receipts(ctx, batch)
-            with self.lock:
-                if receipt.finished:
-                    if self.queue:
-                        self.queue[0].wake.set()  # the next leader (busy stays True)
-                    else:
-                        self.busy = False
-                    return
+                self._hand_off()
+            raise
+
+    def _hand_off(self) -> None:
+        """Under the lock: wake the oldest queued receipt to lead (busy stays True), or go idle."""
+        if self.queue:
+            self.queue[0].wake.set()
+        else:
+            self.busy = False
 
 
 def _commit_receipts(ctx: MonitorContext, batch: list[_Receipt]) -> None:
@@ -229,6 +239,8 @@ def _commit_receipts(ctx: MonitorContext, batch: list[_Receipt]) -> None:
         if len(batch) > 1:
             try:
                 _receive_transaction(ctx, batch)
+                for receipt in batch:
+                    receipt.committed = True
                 return
             except _NotSent as exc:  # committed, but the broker failed: every receipt gets the error
                 for receipt in batch:
@@ -240,12 +252,15 @@ def _commit_receipts(ctx: MonitorContext, batch: list[_Receipt]) -> None:
         for receipt in batch:
             try:
                 _receive_transaction(ctx, [receipt])
+                receipt.committed = True
             except _NotSent as exc:
                 receipt.error = exc.__cause__
             except Exception as exc:  # answered by the caller (5xx)
                 receipt.error = exc
     finally:
         for receipt in batch:
+            if not receipt.committed and receipt.error is None:  # interrupted: never answer 2xx for it
+                receipt.error = RuntimeError("notification not recorded")
             receipt.finished = True
             receipt.wake.set()
 
