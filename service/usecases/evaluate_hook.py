@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from service.cds.cards import CardContext
 from service.cds.discovery import REQUIRED_KEYS, SERVICES_BY_ID, prefetch_templates, render_template
 from service.cds.engine import Evaluation, evaluate_patient
-from service.cds.grouping import flatten, group_by_patient
+from service.cds.grouping import group_by_patient
 from service.cds.orders import draft_medication_requests, order_risk_cards
 from service.cds.thresholds import Thresholds
 from service.errors import BadRequest, NotFound, PrefetchUnavailable
@@ -138,9 +138,7 @@ class HookService:
                 if answer is None:
                     raise
                 return answer
-        aliases: dict[str, str] = {}
-        flat = flatten(resources, aliases)
-        groups = group_by_patient(flat)
+        groups = group_by_patient(resources)  # flattens the Bundles once, resolving their urn:uuid fullUrls
         evaluation = evaluate_patient(
             groups.patients.get(patient_ref, []),
             patient_ref=patient_ref,

@@ -58,3 +58,29 @@ def test_order_hooks_never_use_stored(catalog) -> None:
 def test_no_stored_assessment_412(catalog) -> None:
     with pytest.raises(PrefetchUnavailable):
         call(service(catalog, None))
+
+
+def test_prefetch_bundle_with_urn_uuid_references(catalog) -> None:
+    """A searchset whose entries reference the patient by fullUrl (urn:uuid) is still attributed to the patient."""
+    from tests.builders import ALB, CA, P, condition, obs, patient
+
+    now_iso = NOW.isoformat().replace("+00:00", "Z")
+    subject = "urn:uuid:0f1e"
+    labs = [obs(code, v, u, when=now_iso, subject=subject) for code, v, u in ((CA, 10.0, "mg/dL"), (P, 7.5, "mg/dL"), (ALB, 2.8, "g/dL"))]
+    esrd_dx = condition("46177005", subject=subject)
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [{"fullUrl": subject, "resource": patient("p1")}, *({"resource": r} for r in (*labs, esrd_dx))],
+    }
+    body = {
+        "hook": "patient-view",
+        "hookInstance": "i",
+        "context": {"patientId": "p1"},
+        "prefetch": {"patient": None, "observations": bundle, "conditions": None, "medicationRequests": None,
+                     "medicationStatements": None, "medicationAdministrations": None, "procedures": None},
+    }
+    answer = asyncio.run(service(catalog, None).answer("calcinosis-risk", body, NOW))
+    assert answer.evaluation is not None
+    assert answer.evaluation.assessment.renal_context == "R2"
+    assert answer.evaluation.assessment.metastatic_calcification.ca_x_p is not None
