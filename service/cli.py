@@ -52,7 +52,8 @@ def _load_context() -> tuple[Any, Any, Any]:
     from pydantic import ValidationError
 
     from service.config import get_settings
-    from service.terminology.loader import MappingError, load_catalog
+    from service.terminology.checks import load_rule_catalog
+    from service.terminology.loader import MappingError
 
     try:
         settings = get_settings()
@@ -60,10 +61,7 @@ def _load_context() -> tuple[Any, Any, Any]:
         first = exc.errors()[0]
         fail(f"invalid setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
     try:
-        catalog = load_catalog(settings.mappings_dir)
-        from service.terminology.checks import check_catalog_for_rules
-
-        check_catalog_for_rules(catalog)
+        catalog = load_rule_catalog(settings.mappings_dir)
         thresholds = settings.effective_thresholds()
     except MappingError as exc:
         fail(f"mappings: {exc}")
@@ -199,22 +197,11 @@ def beat() -> None:
 
 def _monitor_context(offline: bool = False) -> Any:
     """Settings, catalog, database and queue for the operator commands (never imports the workers package)."""
-    from service.db.session import make_engine, make_session_factory
-    from service.fhir.client import client_from_settings
-    from service.queue import CeleryQueue, MemoryQueue
+    from service.queue import MemoryQueue
     from service.usecases.monitor import MonitorContext
 
     settings, catalog, thresholds = _load_context()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.effective_database_url, settings.db_pool_size)
-    return MonitorContext(
-        settings=settings,
-        catalog=catalog,
-        thresholds=thresholds,
-        sessions=make_session_factory(engine),
-        queue=MemoryQueue() if offline else CeleryQueue(settings.effective_broker_url),
-        fhir_client=(lambda: client_from_settings(settings)) if settings.fhir_base_url else None,
-    )
+    return MonitorContext.from_settings(settings, catalog=catalog, thresholds=thresholds, queue=MemoryQueue() if offline else None)
 
 
 events_app = typer.Typer(help="The inbound event ledger: counts, failed events, replay.", invoke_without_command=True)

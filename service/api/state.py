@@ -14,13 +14,10 @@ from service.cds.thresholds import Thresholds
 from service.config import Settings
 from service.db.repositories import EvaluationRepository
 from service.db.session import check_database, make_engine, make_session_factory, session_scope
-from service.fhir.client import client_from_settings
 from service.fhir.hook_fetch import HookFetcher
-from service.queue import CeleryQueue
 from service.security import JwtVerifier, build_verifier
 from service.terminology.catalog import Catalog
-from service.terminology.checks import check_catalog_for_rules
-from service.terminology.loader import load_catalog
+from service.terminology.checks import load_rule_catalog
 from service.usecases.audit import IssuedCardRecorder
 from service.usecases.evaluate_hook import HookService, StoredAssessment
 from service.usecases.monitor import MonitorContext
@@ -66,8 +63,7 @@ class AppContext:
 
 
 def build_context(settings: Settings) -> AppContext:
-    catalog = load_catalog(settings.mappings_dir)
-    check_catalog_for_rules(catalog)
+    catalog = load_rule_catalog(settings.mappings_dir)
     thresholds = settings.effective_thresholds()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_database_url, settings.db_pool_size)
@@ -91,14 +87,7 @@ def build_context(settings: Settings) -> AppContext:
         fhir_server_allowlist=settings.fhir_server_allowlist,
         dev_mode=settings.dev_mode,
     )
-    monitor = MonitorContext(
-        settings=settings,
-        catalog=catalog,
-        thresholds=thresholds,
-        sessions=sessions,
-        queue=CeleryQueue(settings.effective_broker_url),
-        fhir_client=(lambda: client_from_settings(settings)) if settings.fhir_base_url else None,
-    )
+    monitor = MonitorContext.from_settings(settings, catalog=catalog, thresholds=thresholds, sessions=sessions)
     return AppContext(
         settings=settings,
         catalog=catalog,

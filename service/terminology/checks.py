@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from service.cds.rules import REQUIRED_ANALYTES, REQUIRED_FEATURES, REQUIRED_ORDER_SETS
 from service.terminology.catalog import Catalog
-from service.terminology.loader import MappingError
+from service.terminology.loader import MappingError, load_catalog
 
 
 def check_catalog_for_rules(catalog: Catalog) -> None:
@@ -17,3 +19,10 @@ def check_catalog_for_rules(catalog: Catalog) -> None:
     missing_orders = sorted(REQUIRED_ORDER_SETS - catalog.order_sets.keys())
     if missing_orders:
         raise MappingError(f"order_sets.yaml lacks order sets the cards use: {', '.join(missing_orders)}")
+
+
+def load_rule_catalog(directory: Path | str | None = None) -> Catalog:
+    """Load ``mappings/`` and check it serves the rules: the only way the service, workers and CLI get a catalog."""
+    catalog = load_catalog(directory)
+    check_catalog_for_rules(catalog)
+    return catalog

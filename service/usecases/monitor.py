@@ -66,6 +66,34 @@ class MonitorContext:
     queue: TaskQueue
     fhir_client: Callable[[], FhirClient] | None = None  # factory; None when no FHIR server is configured
 
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        catalog: Catalog | None = None,
+        thresholds: Thresholds | None = None,
+        sessions: sessionmaker[Session] | None = None,
+        queue: TaskQueue | None = None,
+    ) -> MonitorContext:
+        """The one way to assemble the monitor's dependencies from settings (API, workers and CLI alike)."""
+        from service.db.session import make_engine, make_session_factory
+        from service.fhir.client import client_from_settings
+        from service.queue import CeleryQueue
+        from service.terminology.checks import load_rule_catalog
+
+        if sessions is None:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            sessions = make_session_factory(make_engine(settings.effective_database_url, settings.db_pool_size))
+        return cls(
+            settings=settings,
+            catalog=catalog if catalog is not None else load_rule_catalog(settings.mappings_dir),
+            thresholds=thresholds if thresholds is not None else settings.effective_thresholds(),
+            sessions=sessions,
+            queue=queue if queue is not None else CeleryQueue(settings.effective_broker_url),
+            fhir_client=(lambda: client_from_settings(settings)) if settings.fhir_base_url else None,
+        )
+
     def client(self) -> FhirClient:
         if self.fhir_client is None:
             raise PermanentEventError("no FHIR server configured (CDS_FHIR_BASE_URL)")
