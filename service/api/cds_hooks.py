@@ -25,6 +25,7 @@ from service.api.models import (
     OverrideReason,
 )
 from service.api.state import AppContext
+from service.cds.discovery import SERVICES_BY_ID
 from service.db.repositories import CardFeedbackRepository
 from service.db.session import session_scope
 from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
@@ -130,7 +131,7 @@ async def call_service(service_id: str, request: Request) -> Response:
     status = 200
     n_cards = 0
     try:
-        if service_id not in {s["id"] for s in ctx.discovery["services"]}:
+        if service_id not in SERVICES_BY_ID:
             raise NotFound(f"unknown CDS service {service_id!r}")
         caller = authenticate(request, "service")
         body = await _read_json(request, ctx.settings.max_hook_request_bytes)
@@ -174,7 +175,7 @@ async def call_service(service_id: str, request: Request) -> Response:
 )
 async def feedback(service_id: str, request: Request) -> Response:
     ctx = ctx_of(request)
-    if service_id not in {s["id"] for s in ctx.discovery["services"]}:
+    if service_id not in SERVICES_BY_ID:
         raise NotFound(f"unknown CDS service {service_id!r}")
     authenticate(request, "feedback")
     raw = await _read_json(request, 1_000_000)

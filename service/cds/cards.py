@@ -16,7 +16,7 @@ from typing import Any
 
 from service.cds.fhirutil import iso
 from service.cds.model import Evidence, Factor
-from service.cds.rules import RULE_IDS, Outcome, fmt
+from service.cds.rules import RULE_IDS, Outcome, condition_evidence, fmt, medication_evidence, product_evidence
 from service.terminology.catalog import Catalog
 
 CARD_NAMESPACE = uuid.UUID("6f1d8c2e-3b4a-5c6d-8e7f-90a1b2c3d4e5")
@@ -275,9 +275,7 @@ def render_cards(outcome: Outcome, ctx: CardContext, catalog: Catalog, *, card_f
     if met in ("moderate", "high", "insufficient-data"):
         rows = [("Predisposing: " + f.label, e) for f in outcome.predisposing for e in f.evidence]
         if outcome.product is not None:
-            from service.cds.rules import _product_evidence  # local: keeps the public surface small
-
-            rows.insert(0, ("Ca×P", _product_evidence(outcome.product, "> 70 high; ≥ 55 (≥ 65 age ≤ 12) moderate")))
+            rows.insert(0, ("Ca×P", product_evidence(outcome.product, "> 70 high; ≥ 55 (≥ 65 age ≤ 12) moderate")))
         rows += [("Calcium", e) for e in outcome.calcium.evidence]
         rows += [("Phosphate", e) for e in outcome.phosphate_evidence]
         body = "\n\n".join(
@@ -375,8 +373,6 @@ def render_cards(outcome: Outcome, ctx: CardContext, catalog: Catalog, *, card_f
             )
         )
     if outcome.iatrogenic:
-        from service.cds.rules import medication_evidence
-
         body = (
             "**Iatrogenic calcinosis context**: current intravenous calcium or phosphate. Extravasation can cause "
             "calcinosis cutis: monitor the IV site.\n\n" + evidence_table([("IV medication", medication_evidence(m)) for m in outcome.iatrogenic])
@@ -399,8 +395,6 @@ _URGENCY = {"critical": 0, "warning": 1, "info": 2}
 
 
 def _conditions_ev(conditions: list[Any]) -> list[Evidence]:
-    from service.cds.rules import condition_evidence
-
     return [condition_evidence(c) for c in conditions]
 
 

@@ -40,8 +40,9 @@ class Evaluation:
         return risk_assessments(self.outcome, self.context, self.assessment.evaluated_at)
 
 
-def inputs_hash(inputs: dict[str, str | None]) -> str:
-    text = "\n".join(f"{ref}@{ver or ''}" for ref, ver in sorted(inputs.items()))
+def inputs_hash(ordered: list[tuple[str, str | None]]) -> str:
+    """Hash of the (reference, version) pairs read, in reference order."""
+    text = "\n".join(f"{ref}@{ver or ''}" for ref, ver in ordered)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -58,7 +59,8 @@ def evaluate_patient(
     facts = extract_facts(resources, patient_ref=patient_ref, catalog=catalog, thresholds=thresholds, now=now, medications=medications)
     outcome = assess(facts, thresholds, now, catalog)
     rules_version = thresholds.rules_version()
-    ihash = inputs_hash(facts.inputs)
+    ordered_inputs = sorted(facts.inputs.items())
+    ihash = inputs_hash(ordered_inputs)
     ctx = CardContext(
         patient=patient_ref,
         rules_version=rules_version,
@@ -118,7 +120,7 @@ def evaluate_patient(
         suggested_orders=outcome.orders,
         notes=outcome.notes,
         ignored=facts.ignored,
-        inputs=[{"reference": r, "version": v} for r, v in sorted(facts.inputs.items())],
+        inputs=[{"reference": r, "version": v} for r, v in ordered_inputs],
         inputs_hash=ihash,
     )
     return Evaluation(assessment, outcome, facts, ctx)

@@ -469,7 +469,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
         majors.append(Factor(id="M1", label=MAJOR_LABELS["M1"].format(days=t.window_vka_stop_days), evidence=[medication_evidence(m) for m in vkas]))
     m2: list[Evidence] = []
     if product is not None and product.value > t.caxp_high_above:
-        m2.append(_product_evidence(product, f"> {fmt(t.caxp_high_above)} mg²/dL²"))
+        m2.append(product_evidence(product, f"> {fmt(t.caxp_high_above)} mg²/dL²"))
     if hyper_p:
         m2.extend(p_evidence)
     if calcium.hypercalcemia:
@@ -577,7 +577,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
         modifiable.extend(medication_evidence(m, note="calcium-based binder") for m in ctx.meds("calcium_binder", _current))
         modifiable.extend(medication_evidence(m, note="vitamin D therapy") for m in ctx.meds("vitamin_d_therapy", _current))
         if product is not None and product.value > t.caxp_high_above:
-            modifiable.append(_product_evidence(product, f"> {fmt(t.caxp_high_above)} mg²/dL²"))
+            modifiable.append(product_evidence(product, f"> {fmt(t.caxp_high_above)} mg²/dL²"))
         incomplete = False
 
     # ---- §2.4 metastatic calcification
@@ -671,7 +671,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
     )
 
 
-def _product_evidence(product: Product, threshold: str) -> Evidence:
+def product_evidence(product: Product, threshold: str) -> Evidence:
     note = f"Ca {fmt(rnd(product.calcium.value, 2))} mg/dL ({product.calcium.source.reference}) × P {fmt(rnd(product.phosphate.value, 2))} mg/dL"
     if product.lag:
         note += f"; paired with lag ({fmt(product.hours_apart)} h apart)"
