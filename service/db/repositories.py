@@ -352,11 +352,15 @@ def _build_resource_upsert(dialect: str) -> Any:
 # ------------------------------------------------------------------------------------- the ledger
 
 
-class InboundEventRepository:
-    """``inbound_events``: the idempotency ledger of everything received or polled."""
+class _Repository:
+    """Repositories hold all SQL; they work in the caller's session and never commit."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
+
+
+class InboundEventRepository(_Repository):
+    """``inbound_events``: the idempotency ledger of everything received or polled."""
 
     def create_if_absent(
         self,
@@ -556,11 +560,8 @@ class InboundEventRepository:
 # ---------------------------------------------------------------------------- patient resources
 
 
-class PatientResourceRepository:
+class PatientResourceRepository(_Repository):
     """``patient_resources``: the current version of each resource of a monitored patient."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
 
     def upsert(
         self,
@@ -829,16 +830,13 @@ def _build_queue_finish_rerun(_: str) -> Any:
     )
 
 
-class EvaluationQueueRepository:
+class EvaluationQueueRepository(_Repository):
     """``patient_evaluation_queue``: coalesces many changes of one patient into few evaluations.
 
     Protocol: ``mark_dirty`` after storing a change (enqueue an evaluation only when it returns True);
     the task calls ``claim`` (None: nothing to do), evaluates, then ``finish(generation)``; when that
     returns True a change arrived meanwhile and the evaluation must run again.
     """
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
 
     def mark_dirty(self, patient_ref: str, *, now: datetime | None = None) -> bool:
         """Record a change; True when the patient was not already dirty (the caller should enqueue)."""
@@ -986,11 +984,8 @@ def _build_resource_contents(_: str) -> Any:
     )
 
 
-class EvaluationRepository:
+class EvaluationRepository(_Repository):
     """``evaluations``: the stored assessments (audit trail and CDS Hooks reuse)."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
 
     def record(
         self,
@@ -1114,11 +1109,8 @@ class EvaluationRepository:
 # ----------------------------------------------------------------------------------- writebacks
 
 
-class WritebackRepository:
+class WritebackRepository(_Repository):
     """``writebacks``: what was last written to the EHR per (patient, flag)."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
 
     def get(self, patient_ref: str, flag: str) -> Writeback | None:
         stmt = (
@@ -1174,11 +1166,8 @@ class WritebackRepository:
 # --------------------------------------------------------------------------- cards and feedback
 
 
-class IssuedCardRepository:
+class IssuedCardRepository(_Repository):
     """``issued_cards``: cards returned to the EHR, for joining feedback in audits."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
 
     def record(
         self,
@@ -1219,11 +1208,8 @@ class IssuedCardRepository:
         return list(self.session.scalars(stmt))
 
 
-class CardFeedbackRepository:
+class CardFeedbackRepository(_Repository):
     """``card_feedback``: CDS Hooks feedback; the same (service, card, outcome) is stored once."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
 
     def record_feedback(
         self,
@@ -1290,11 +1276,8 @@ class CardFeedbackRepository:
 # --------------------------------------------------------------------------- subscription state
 
 
-class SubscriptionStateRepository:
+class SubscriptionStateRepository(_Repository):
     """``subscription_state``: event numbering (gap detection), liveness and the polling watermark."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
 
     def _ensure_row(self, subscription: str, ts: datetime) -> None:
         self.session.execute(
