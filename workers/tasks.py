@@ -30,7 +30,7 @@ def _backoff(retries: int) -> float:
     return base * (0.5 + random.random())  # full jitter around the exponential step
 
 
-def _run(task: Task, name: str, fn: Any, *args: Any) -> Any:
+def _run(name: str, fn: Any, *args: Any) -> Any:
     started = time.perf_counter()
     try:
         result = fn(*args)
@@ -40,21 +40,32 @@ def _run(task: Task, name: str, fn: Any, *args: Any) -> Any:
         TASK_LATENCY.labels(name).observe(time.perf_counter() - started)
 
 
+def _gave_up(task: Task, name: str, exc: BaseException, **ids: Any) -> bool:
+    """A transient failure: True (counted and logged) when the retries are used up; otherwise call ``_retry``."""
+    if task.request.retries < context.get().settings.task_max_retries:
+        return False
+    TASKS.labels(name, "failed").inc()
+    log.error("task_gave_up", task=name, error=type(exc).__name__, attempts=task.request.retries + 1, **ids)
+    return True
+
+
+def _retry(task: Task, name: str, exc: BaseException) -> Exception:
+    TASKS.labels(name, "retry").inc()
+    return task.retry(exc=exc, countdown=_backoff(task.request.retries))
+
+
 @app.task(bind=True, name=TASK_PROCESS_EVENT, max_retries=None)
 def process_event(self: Task, event_id: int) -> str:
     ctx = context.get()
     try:
-        return str(_run(self, TASK_PROCESS_EVENT, monitor.process_event, ctx, event_id))
+        return str(_run(TASK_PROCESS_EVENT, monitor.process_event, ctx, event_id))
     except TRANSIENT as exc:
-        if self.request.retries >= ctx.settings.task_max_retries:
+        if _gave_up(self, TASK_PROCESS_EVENT, exc, event_id=event_id):
             monitor.mark_failed(ctx, event_id, exc)
-            TASKS.labels(TASK_PROCESS_EVENT, "failed").inc()
-            log.error("event_failed", event_id=event_id, error=type(exc).__name__, attempts=self.request.retries + 1)
             return EventStatus.FAILED
         with unit_of_work(ctx.sessions, ctx.queue) as (session, _):
             Repositories(session).ledger.mark_status(event_id, EventStatus.QUEUED, error=f"retrying: {type(exc).__name__}")
-        TASKS.labels(TASK_PROCESS_EVENT, "retry").inc()
-        raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from None
+        raise _retry(self, TASK_PROCESS_EVENT, exc) from None
     except Exception as exc:
         monitor.mark_failed(ctx, event_id, exc)
         TASKS.labels(TASK_PROCESS_EVENT, "failed").inc()
@@ -64,28 +75,22 @@ def process_event(self: Task, event_id: int) -> str:
 
 @app.task(bind=True, name=TASK_EVALUATE, max_retries=None)
 def evaluate_patient(self: Task, patient_ref: str) -> int | None:
-    ctx = context.get()
     try:
-        return _run(self, TASK_EVALUATE, monitor.evaluate_patient_state, ctx, patient_ref)
+        return _run(TASK_EVALUATE, monitor.evaluate_patient_state, context.get(), patient_ref)
     except TRANSIENT as exc:
-        if self.request.retries >= ctx.settings.task_max_retries:
-            TASKS.labels(TASK_EVALUATE, "failed").inc()
-            log.error("evaluation_failed", error=type(exc).__name__)  # the sweeper retries dirty patients later
-            return None
-        raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from None
+        if _gave_up(self, TASK_EVALUATE, exc):
+            return None  # the patient stays dirty: the sweeper enqueues it again later
+        raise _retry(self, TASK_EVALUATE, exc) from None
 
 
 @app.task(bind=True, name=TASK_WRITEBACK, max_retries=None)
 def write_back(self: Task, evaluation_id: int) -> dict[str, str]:
-    ctx = context.get()
     try:
-        return _run(self, TASK_WRITEBACK, monitor.write_back, ctx, evaluation_id)
+        return _run(TASK_WRITEBACK, monitor.write_back, context.get(), evaluation_id)
     except TRANSIENT as exc:
-        if self.request.retries >= ctx.settings.task_max_retries:
-            TASKS.labels(TASK_WRITEBACK, "failed").inc()
-            log.error("writeback_failed", evaluation_id=evaluation_id, error=type(exc).__name__)
+        if _gave_up(self, TASK_WRITEBACK, exc, evaluation_id=evaluation_id):
             return {"failed": type(exc).__name__}
-        raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from None
+        raise _retry(self, TASK_WRITEBACK, exc) from None
 
 
 @app.task(name=TASK_SWEEP)
