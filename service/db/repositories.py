@@ -234,6 +234,11 @@ def _table(model: type[Base]) -> Table:
     return model.__table__  # type: ignore[return-value]
 
 
+def _build_issued_cards_insert(dialect: str) -> Any:
+    t = _table(IssuedCard)
+    return _insert_for(dialect, t).on_conflict_do_nothing(index_elements=[t.c.card_uuid])
+
+
 def _build_ledger_insert(dialect: str) -> Any:
     t = _table(InboundEvent)
     return (
@@ -1194,6 +1199,15 @@ class IssuedCardRepository(_Repository):
             .returning(IssuedCard.card_uuid)
         )
         return self.session.execute(stmt).first() is not None
+
+    def record_many(self, rows: Sequence[dict[str, Any]], issued_at: datetime | None = None) -> None:
+        """Store a batch of cards (``card_uuid``, ``service_id``, ``patient_ref``, ``topic``, ``rule_id``) in one
+        executemany of a prebuilt statement; uuids already known are skipped."""
+        if not rows:
+            return
+        ts = _now(issued_at)
+        stmt = _prepared(self.session, "issued_cards_insert_many", _build_issued_cards_insert)
+        self.session.execute(stmt, [{**row, "issued_at": ts} for row in rows])
 
     def get(self, card_uuid: str) -> IssuedCard | None:
         return self.session.get(IssuedCard, card_uuid)

@@ -54,9 +54,7 @@ class IssuedCardRecorder:
             return 0
         try:
             with session_scope(self.sessions) as session:
-                repo = IssuedCardRepository(session)
-                for row in batch:
-                    repo.record(**row)
+                IssuedCardRepository(session).record_many(batch)
         except Exception as exc:
             log.warning("issued_cards_not_recorded", rows=len(batch), error=type(exc).__name__)
             return 0

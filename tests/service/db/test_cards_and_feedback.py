@@ -69,3 +69,18 @@ def test_issued_cards_and_the_audit_join(db_session_factory: sessionmaker[Sessio
         assert [c.card_uuid for c in cards.list_for_patient("Patient/p1")] == ["c1"]
         joined = CardFeedbackRepository(session).list_feedback_with_cards(service_id=SERVICE)
         assert [(f.card_uuid, c.rule_id if c else None) for f, c in joined] == [("unknown", None), ("c1", "calci.high")]
+
+
+def test_issued_cards_recorded_in_one_batch_skip_known_uuids(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
+    row = {"service_id": SERVICE, "patient_ref": "Patient/p2", "topic": "calciphylaxis", "rule_id": "calci.high"}
+    with session_scope(db_session_factory) as session:
+        IssuedCardRepository(session).record_many([{**row, "card_uuid": "b1"}, {**row, "card_uuid": "b2"}], issued_at=t0)
+    with session_scope(db_session_factory) as session:
+        # a batch repeating a stored uuid and one of its own: each card is stored once, the first row wins
+        IssuedCardRepository(session).record_many(
+            [{**row, "card_uuid": "b1", "rule_id": "other"}, {**row, "card_uuid": "b3"}, {**row, "card_uuid": "b3"}], issued_at=t0
+        )
+        IssuedCardRepository(session).record_many([])
+    with session_scope(db_session_factory) as session:
+        stored = {c.card_uuid: c.rule_id for c in IssuedCardRepository(session).list_for_patient("Patient/p2")}
+    assert stored == {"b1": "calci.high", "b2": "calci.high", "b3": "calci.high"}
