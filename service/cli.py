@@ -141,7 +141,11 @@ def serve(
     except MappingError as exc:
         fail(f"mappings: {exc}")
     if workers > 1:  # each process builds its own app from the same settings
-        uvicorn.run(
+        from uvicorn.supervisors import Multiprocess
+
+        from service.serving import tcp_listener
+
+        config = uvicorn.Config(
             "service.main:create_app",
             factory=True,
             workers=workers,
@@ -150,6 +154,14 @@ def serve(
             log_level="warning",
             access_log=False,
         )
+        # uvicorn's own multi-process path binds the listener without IPPROTO_TCP, so asyncio never sets
+        # TCP_NODELAY on accepted connections and each keep-alive response waits ~40 ms for a delayed ACK
+        # (Kludex/uvicorn#3149): bind it ourselves.
+        try:
+            listener = tcp_listener(config.host, config.port)
+        except OSError as exc:
+            fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}")
+        Multiprocess(config, sockets=[listener]).run()
         return
     uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level="warning", access_log=False)
 
