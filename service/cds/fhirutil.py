@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any
 
 _YEAR = re.compile(r"^\d{4}$")
@@ -24,11 +25,19 @@ def parse_datetime(value: Any) -> datetime | None:
     """FHIR date/dateTime/instant → aware UTC datetime (partial dates start at their first instant)."""
     if not isinstance(value, str) or not value:
         return None
+    return _parse_datetime_text(value)
+
+
+@lru_cache(maxsize=65_536)
+def _parse_datetime_text(value: str) -> datetime | None:
+    # Memoised: a chart repeats the same instants (a panel's results share one), and a chart is read again and
+    # again; datetimes are immutable, so sharing them is safe.
     try:
-        if _YEAR.match(value):
-            return datetime(int(value), 1, 1, tzinfo=UTC)
-        if _YEAR_MONTH.match(value):
-            return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
+        if len(value) <= 7:
+            if _YEAR.match(value):
+                return datetime(int(value), 1, 1, tzinfo=UTC)
+            if _YEAR_MONTH.match(value):
+                return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
         dt = datetime.fromisoformat(value)
     except ValueError:
         return None

@@ -1,6 +1,7 @@
 """Data the clinical core passes around: extracted facts and the Assessment it returns.
 
-Facts are frozen dataclasses (cheap to build on the hot path); the Assessment is a pydantic model
+Facts are slotted dataclasses, hashable and treated as immutable: nothing assigns to a fact after it is built
+(not ``frozen=True``, whose ``__init__`` costs about three times as much on the hot path); the Assessment is a pydantic model
 whose JSON form is the contract's (``CONTRACT.md`` "Assessment"), with extra explanatory keys.
 """
 
@@ -22,7 +23,7 @@ class Excluded(BaseModel):
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Source:
     """Where a fact came from: the resource reference, its version and the matching coding."""
 
@@ -33,7 +34,7 @@ class Source:
     display: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class LabValue:
     analyte: str
     label: str
@@ -49,7 +50,7 @@ class LabValue:
     ref_low: Decimal | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ConditionFact:
     feature: str
     source: Source
@@ -58,7 +59,7 @@ class ConditionFact:
     clinical_status: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class MedicationFact:
     features: frozenset[str]
     source: Source
@@ -72,14 +73,14 @@ class MedicationFact:
     ingredients: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ProcedureFact:
     feature: str
     source: Source
     performed: datetime
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class PatientInfo:
     reference: str
     present: bool  # a Patient resource was supplied
