@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: int = 900
     assessment_fresh_s: int = Field(3600, description="CDS Hooks reuses a stored assessment this recent for the same data")
 
+    # --- process tuning ---------------------------------------------------------------------------
+    gc_gen0_threshold: int = Field(
+        50_000, ge=0, description="Garbage collector generation-0 threshold in the API and workers (0: the interpreter's 700)"
+    )
+
     @field_validator("public_base_urls", "fhir_server_allowlist", "cors_origins", mode="before")
     @classmethod
     def _split_csv(cls, v: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +15,7 @@ from service.api.models import CdsRequest, FeedbackRequest
 from service.api.state import build_context
 from service.config import Settings, get_settings
 from service.logging import configure_logging, get_logger
+from service.runtime import settle_gc
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -29,9 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("startup", mappings_version=ctx.catalog.version, rules_version=ctx.thresholds.rules_version(), dev_mode=settings.dev_mode)
         if settings.dev_mode:
             log.warning("development_mode", detail="unsigned CDS Hooks calls are accepted; never use in production")
-        # Objects built at start-up live for the process: keep them out of the collector's way (tail latency).
-        gc.collect()
-        gc.freeze()
+        settle_gc(settings.gc_gen0_threshold)  # start-up objects live for the process; collect less often
         yield
         await ctx.hooks.fetcher.aclose()
         ctx.issued_cards.close()

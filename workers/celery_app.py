@@ -44,7 +44,16 @@ app.conf.update(
 
 @worker_process_init.connect
 def _fresh_connections(**_: object) -> None:
-    """Each forked worker process opens its own database connections."""
+    """Each forked worker process opens its own database connections, builds its context before the first task
+    (mappings, statements), then settles the garbage collector."""
+    from service.runtime import settle_gc
     from workers import context
 
     context.reset()
+    try:
+        context.get()
+    except Exception as exc:  # built again by the first task, which then fails visibly and is retried
+        from service.logging import get_logger
+
+        get_logger("calcinosis-cds.worker").warning("context_not_built_at_start", error=type(exc).__name__)
+    settle_gc(settings.gc_gen0_threshold)

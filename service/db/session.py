@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -85,6 +86,11 @@ def _redact_postgres_error(context: ExceptionContext) -> None:
         context.sqlalchemy_exception.args = (f"({type(orig).__module__}.{type(orig).__name__}) {text_}",)
 
 
+def _json_dumps(value: Any) -> str:
+    """JSON columns through orjson (several times faster than the standard library on FHIR documents)."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def make_engine(url: str | URL, pool_size: int = 5, *, echo: bool = False) -> Engine:
     """An engine for ``url``: SQLite with WAL and a busy timeout, or PostgreSQL (psycopg 3) with pre-ping.
 
@@ -101,7 +107,7 @@ def make_engine(url: str | URL, pool_size: int = 5, *, echo: bool = False) -> En
             path.expanduser().parent.mkdir(parents=True, exist_ok=True)
             kwargs["pool_size"] = pool_size
             kwargs["pool_pre_ping"] = True
-        engine = create_engine(parsed, echo=echo, hide_parameters=True, **kwargs)
+        engine = create_engine(parsed, echo=echo, hide_parameters=True, json_serializer=_json_dumps, json_deserializer=orjson.loads, **kwargs)
         event.listen(engine, "connect", _on_sqlite_connect)
         return engine
     engine = create_engine(
@@ -112,6 +118,8 @@ def make_engine(url: str | URL, pool_size: int = 5, *, echo: bool = False) -> En
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
+        json_serializer=_json_dumps,
+        json_deserializer=orjson.loads,
     )
     event.listen(engine, "handle_error", _redact_postgres_error)
     return engine
