@@ -2,9 +2,11 @@
 
 Only resources that passed the code, status and window filters get here, so the cost stays small
 (validating every Observation of a Synthea bundle would cost far more than parsing it).
-What is validated is what the rules can read: the narrative (``text``, XHTML that fhir.resources checks
-at several milliseconds a resource) is never read and is left out; of a Patient only the elements used
-(gender, birthDate, deceased[x]) are validated, not names, addresses or extensions.
+What is validated is what the rules can read, plus the elements FHIR requires of the type: the narrative
+(``text``, XHTML that fhir.resources checks at several milliseconds a resource), identifiers, performers,
+notes, extensions and the like are never read and are left out (of a Patient: gender, birthDate and
+deceased[x], not names or addresses). A malformed element the rules never read cannot make a value wrong, and
+each nested element costs model construction time.
 The returned message names fields, never values.
 """
 
@@ -40,12 +42,27 @@ def _model(resource_type: str) -> Any:
     return getattr(module, resource_type)
 
 
-_PATIENT_USED = ("resourceType", "id", "meta", "gender", "birthDate", "deceasedBoolean", "deceasedDateTime", "active")
+_COMMON = ("resourceType", "id", "meta", "contained")
+_MEDICATION = ("status", "medicationCodeableConcept", "medicationReference", "subject")
+#: Per type: the elements extraction and the rules read (``service/cds/extract.py``), and those R4 requires.
+_USED: dict[str, tuple[str, ...]] = {
+    "Patient": ("resourceType", "id", "meta", "gender", "birthDate", "deceasedBoolean", "deceasedDateTime", "active"),
+    "Observation": (
+        *_COMMON, "status", "code", "subject", "effectiveDateTime", "effectiveInstant", "effectivePeriod", "issued",
+        "valueQuantity", "dataAbsentReason", "referenceRange",
+    ),
+    "Condition": (*_COMMON, "clinicalStatus", "verificationStatus", "category", "code", "subject", "onsetDateTime", "recordedDate"),
+    "MedicationRequest": (*_COMMON, *_MEDICATION, "intent", "authoredOn", "dispenseRequest", "dosageInstruction"),
+    "MedicationStatement": (*_COMMON, *_MEDICATION, "effectiveDateTime", "effectivePeriod", "dateAsserted", "dosage"),
+    "MedicationAdministration": (*_COMMON, *_MEDICATION, "effectiveDateTime", "effectivePeriod", "dosage"),
+    "Procedure": (*_COMMON, "status", "code", "subject", "performedDateTime", "performedPeriod"),
+}
 
 
 def _used_elements(resource: dict[str, Any]) -> dict[str, Any]:
-    if resource.get("resourceType") == "Patient":
-        return {k: resource[k] for k in _PATIENT_USED if k in resource}
+    used = _USED.get(resource.get("resourceType"))  # type: ignore[arg-type]
+    if used is not None:
+        return {k: resource[k] for k in used if k in resource}
     if "text" in resource:
         return {k: v for k, v in resource.items() if k != "text"}
     return resource

@@ -32,3 +32,16 @@ def test_narrative_and_unused_patient_elements_are_not_validated() -> None:
 
 def test_unknown_types_are_not_validated() -> None:
     assert validate.validation_error({"resourceType": "Claim", "nonsense": 1}) is None
+
+
+def test_only_read_and_required_elements_are_validated() -> None:
+    o = obs(CA, 9.0, rid="trimmed")
+    o["performer"] = "not a list of references"
+    o["note"] = {"text": ["not a string"]}
+    o["extension"] = 42
+    assert validate.validation_error(o) is None  # never read: cannot make a value wrong
+    o["valueQuantity"] = {"value": "nine"}
+    assert validate.validation_error(o) == "invalid FHIR Observation (valueQuantity.value)"
+    del o["valueQuantity"]
+    del o["status"]  # required by FHIR R4
+    assert validate.validation_error(o).startswith("invalid FHIR Observation (")
