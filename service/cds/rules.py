@@ -245,8 +245,17 @@ class _Ctx:
                 return lab
         return None
 
-    def in_window(self, analyte: str, days: int) -> list[LabValue]:
-        return [lab for lab in self.f.labs.get(analyte, ()) if within(lab.effective, self.now, days) and self.f.usable(lab)]
+    def closest(self, analyte: str, days: int, moment: datetime, max_hours: int) -> LabValue | None:
+        """The usable in-window value nearest to ``moment`` and at most ``max_hours`` from it (ties: the newest).
+        Only candidates in that order are validated, not the whole window."""
+        limit = timedelta(hours=max_hours)
+        candidates = [
+            (abs(lab.effective - moment), i, lab)
+            for i, lab in enumerate(self.f.labs.get(analyte, ()))
+            if within(lab.effective, self.now, days) and abs(lab.effective - moment) <= limit
+        ]
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        return next((lab for _, _, lab in candidates if self.f.usable(lab)), None)
 
     def meds(self, feature: str, relevant: Callable[[MedicationFact], bool] | None = None) -> list[MedicationFact]:
         """Medication facts of a feature that pass the rule's own filter first, then structural validation."""
@@ -295,28 +304,17 @@ def renal_context(ctx: _Ctx) -> tuple[str, list[Evidence]]:
 
 
 # --------------------------------------------------------------------------- §2.1 pairing, decision 1 and 2
-def _closest(labs: list[LabValue], moment: datetime, max_hours: int) -> LabValue | None:
-    best: LabValue | None = None
-    best_gap: timedelta | None = None
-    for lab in labs:
-        gap = abs(lab.effective - moment)
-        if gap <= timedelta(hours=max_hours) and (best_gap is None or gap < best_gap):
-            best, best_gap = lab, gap
-    return best
-
-
 def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
     t = ctx.t
     out = CalciumFinding()
     out.threshold = t.corrected_ca_renal_above if renal in ("R1", "R2") else t.corrected_ca_nonrenal_above
-    totals = ctx.in_window("calcium_total", mineral_days)
-    ionized = ctx.in_window("calcium_ionized", mineral_days)
-    ca = totals[0] if totals else None
+    ca = ctx.latest("calcium_total", mineral_days)
     if ca is not None:
         out.measured = ca
         out.measured_mg_dl = rnd(ca.value, 2)
-        albumins = ctx.in_window("albumin", mineral_days)
-        alb = _closest(albumins, ca.effective, t.albumin_pair_hours) or _closest(albumins, ca.effective, t.albumin_pair_max_hours)
+        alb = ctx.closest("albumin", mineral_days, ca.effective, t.albumin_pair_hours) or ctx.closest(
+            "albumin", mineral_days, ca.effective, t.albumin_pair_max_hours
+        )
         out.albumin = alb
         if alb is None:
             out.corrected_mg_dl = out.measured_mg_dl
@@ -329,7 +327,7 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
             out.corrected_mg_dl = out.measured_mg_dl
             out.correction_note = f"albumin ≥ {fmt(t.correction_reference_albumin_g_dl)} g/dL: no correction"
         out.basis = "corrected"
-        paired = _closest(ionized, ca.effective, t.ionized_pair_hours)
+        paired = ctx.closest("calcium_ionized", mineral_days, ca.effective, t.ionized_pair_hours)
         if paired is not None:
             out.ionized, out.ionized_paired = paired, True
     else:
@@ -339,8 +337,8 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
             out.corrected_mg_dl = rnd(reported.value, 2)
             out.basis = "reported-corrected"
             out.correction_note = "laboratory-reported corrected calcium"
-    if out.ionized is None and ionized:
-        out.ionized = ionized[0]
+    if out.ionized is None:
+        out.ionized = ctx.latest("calcium_ionized", mineral_days)
     if out.ionized is not None:
         out.ionized_mmol_l = rnd(out.ionized.value, 2)
 
@@ -385,13 +383,11 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
 def calcium_phosphate_product(ctx: _Ctx, mineral_days: int) -> tuple[Product | None, str]:
     """Decision 1: the most recent phosphate × a measured total calcium of the same draw (≤ 24 h; ≤ 72 h with lag)."""
     t = ctx.t
-    phosphates = ctx.in_window("phosphate", mineral_days)
-    totals = ctx.in_window("calcium_total", mineral_days)
-    if not phosphates or not totals:
+    p = ctx.latest("phosphate", mineral_days)
+    if p is None or ctx.latest("calcium_total", mineral_days) is None:
         return None, ""
-    p = phosphates[0]
-    same = _closest(totals, p.effective, t.pair_same_draw_hours)
-    ca = same or _closest(totals, p.effective, t.pair_max_lag_hours)
+    same = ctx.closest("calcium_total", mineral_days, p.effective, t.pair_same_draw_hours)
+    ca = same or ctx.closest("calcium_total", mineral_days, p.effective, t.pair_max_lag_hours)
     if ca is None:
         return None, f"no total calcium within {t.pair_max_lag_hours} h of the latest phosphate: no Ca×P product"
     value = rnd(rnd(ca.value, 2) * rnd(p.value, 2), 1)
@@ -536,7 +532,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
     notes: list[str] = []
     if renal in ("R1", "R2"):
         for analyte, label in (("calcium_total", "calcium"), ("phosphate", "phosphate"), ("albumin", "albumin")):
-            if not ctx.in_window(analyte, mineral_days) and not (analyte == "calcium_total" and calcium.measured is not None):
+            if ctx.latest(analyte, mineral_days) is None and not (analyte == "calcium_total" and calcium.measured is not None):
                 missing.append(f"{label} (none within {mineral_days} d)")
         if missing:
             orders.append("renal_panel")
