@@ -13,6 +13,7 @@ from service.api import cds_hooks, health, notifications, patients
 from service.api.handlers import install_handlers
 from service.api.models import CdsRequest, FeedbackRequest
 from service.api.state import build_context
+from service.cds.validate import warm_up
 from service.config import Settings, get_settings
 from service.logging import configure_logging, get_logger
 from service.runtime import settle_gc
@@ -29,6 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("startup", mappings_version=ctx.catalog.version, rules_version=ctx.thresholds.rules_version(), dev_mode=settings.dev_mode)
         if settings.dev_mode:
             log.warning("development_mode", detail="unsigned CDS Hooks calls are accepted; never use in production")
+        warm_up()  # the FHIR models' first validation, before the first request
         settle_gc(settings.gc_gen0_threshold)  # start-up objects live for the process; collect less often
         yield
         await ctx.hooks.fetcher.aclose()

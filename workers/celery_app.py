@@ -46,10 +46,12 @@ app.conf.update(
 def _fresh_connections(**_: object) -> None:
     """Each forked worker process opens its own database connections, builds its context before the first task
     (mappings, statements), then settles the garbage collector."""
+    from service.cds.validate import warm_up
     from service.runtime import settle_gc
     from workers import context
 
     context.reset()
+    warm_up()
     try:
         context.get()
     except Exception as exc:  # built again by the first task, which then fails visibly and is retried

@@ -45,3 +45,11 @@ def test_only_read_and_required_elements_are_validated() -> None:
     del o["valueQuantity"]
     del o["status"]  # required by FHIR R4
     assert validate.validation_error(o).startswith("invalid FHIR Observation (")
+
+
+def test_warm_up_examples_are_valid_and_not_cached() -> None:
+    validate.clear_verdicts()
+    for resource in validate._WARM_UP:
+        assert validate._validate(resource["resourceType"], resource) is None  # a failing example would warn nobody
+    validate.warm_up()
+    assert len(validate._VERDICTS._data) == 0
