@@ -1,6 +1,6 @@
 """Benchmark: CDS Hooks patient-view latency over real HTTP, against the service in its own process.
 
-Starts ``python -m service serve`` (uvicorn, one process, development mode, a temporary data directory,
+Starts ``python -m service serve`` (uvicorn, one process unless ``--server-workers``, development mode, a temporary data directory,
 ``CDS_BENCH_FLOOR_ROUTE=1``) and, for the fallback scenario, a minimal FHIR server in another process.
 Then, for each scenario and concurrency level, sends warm-up requests followed by measured ones
 (asyncio + httpx, one keep-alive connection per concurrent caller) and prints req/s and p50/p95/p99.
@@ -12,7 +12,7 @@ Scenarios (same patient, a dialysis patient with one year of records, ~200 resou
 
 Targets: p95(full) / p95(floor) <= 3 at concurrency 8; p95(fallback) well under 500 ms.
 
-Usage: python bench/cds_hooks.py [--requests 400] [--warmup 50] [--concurrency 1,8,32]
+Usage: python bench/cds_hooks.py [--requests 400] [--warmup 50] [--concurrency 1,8,32] [--server-workers 1]
                                  [--scenarios full,fallback,floor] [--markdown docs/benchmarks.md]
 """
 
@@ -346,7 +346,7 @@ class Processes:
                 process.kill()
 
 
-def start(workdir: Path, record: PatientRecord) -> Processes:
+def start(workdir: Path, record: PatientRecord, server_workers: int = 1) -> Processes:
     data_dir = workdir / "data"
     data_dir.mkdir()
     env = {
@@ -371,7 +371,7 @@ def start(workdir: Path, record: PatientRecord) -> Processes:
     port = free_port()
     service_log = (workdir / "service.log").open("wb")
     service = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(server_workers)],
         cwd=ROOT,
         env=env,
         stdout=service_log,
@@ -496,6 +496,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels")
     parser.add_argument("--scenarios", default="full,fallback,floor")
     parser.add_argument("--markdown", type=Path, help="write the results into this Markdown file's section")
+    parser.add_argument("--server-workers", type=int, default=1, help="uvicorn worker processes of the service (serve --workers)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (service log)")
     parser.add_argument("--fhir-stub", nargs=2, metavar=("DATA", "PORTFILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -507,7 +508,7 @@ def main() -> None:
     scenarios = [s.strip() for s in args.scenarios.split(",")]
     record = PatientRecord(PATIENT_ID, datetime.now(UTC))
     workdir = Path(tempfile.mkdtemp(prefix="cds-bench-"))
-    processes = start(workdir, record)
+    processes = start(workdir, record, args.server_workers)
     try:
         full_body = patient_view(record.pid, prefetch=record.prefetch())
         bodies = {
@@ -544,7 +545,8 @@ def main() -> None:
                 f"Machine: {info['nproc']} CPU(s) ({info['cpu']}), Python {info['python']}, {info['os']}; "
                 f"load average (1, 5, 15 min) before the run {load_before}, after {machine()['load']}.",
                 "",
-                f"The service runs as `python -m service serve` (uvicorn, one process, development mode, SQLite in a temporary "
+                f"The service runs as `python -m service serve --workers {args.server_workers}` (uvicorn with uvloop and httptools, "
+                f"{args.server_workers} process(es), development mode, SQLite in a temporary "
                 f"directory); the client is asyncio + httpx in another process, one keep-alive connection per concurrent caller; "
                 f"{args.warmup} warm-up then {args.requests} measured requests per row. Patient: a dialysis patient with one year "
                 f"of records, {record.count()} resources ({len(full_body) / 1024:.0f} KiB full-prefetch body). `fallback` sends no "
