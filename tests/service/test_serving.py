@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import httpx
 import pytest
 
 from service.serving import tcp_listener
@@ -50,3 +51,44 @@ def test_a_port_in_use_is_an_error() -> None:
     with pytest.raises(OSError):
         tcp_listener("127.0.0.1", first.getsockname()[1])
     first.close()
+
+
+def test_serve_with_two_workers_answers_on_one_keep_alive_connection(tmp_path) -> None:
+    from tests.integration.support import Process, base_env, free_port, run_cli, wait_until
+
+    env = base_env(CDS_DATA_DIR=str(tmp_path), CDS_DEV_MODE="true", CDS_ENVIRONMENT="local")
+    assert run_cli(["migrate"], env).returncode == 0
+    port = free_port()
+    api = Process("api", ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"], env, tmp_path)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as client:
+
+            def healthy() -> bool:
+                assert api.alive(), api.log()[-2000:]
+                try:
+                    return client.get("/healthz").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(healthy, timeout=60, what="serve --workers 2 to answer")
+            assert [client.get("/cds-services").status_code for _ in range(5)] == [200] * 5
+        assert len(api.children()) >= 2  # the supervisor and its two worker processes
+    finally:
+        api.stop()
+
+
+def test_serve_with_workers_on_a_taken_port_is_one_line_exit_2(tmp_path) -> None:
+    from tests.integration.support import base_env, run_cli
+
+    taken = tcp_listener("127.0.0.1", 0)
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        env = base_env(CDS_DATA_DIR=str(tmp_path))
+        result = run_cli(["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"], env)
+    finally:
+        taken.close()
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"calcinosis-cds: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    assert "Traceback" not in result.stderr
