@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from service.config import get_settings
 from service.queue import QUEUES, TASK_RECONCILE, TASK_SWEEP
@@ -42,16 +42,25 @@ app.conf.update(
 )
 
 
+@worker_init.connect
+def _warm_up(**_: object) -> None:
+    """In the worker's main process, before any pool process is forked (and for ``--pool solo``, which runs tasks in
+    this process): the FHIR models' first validation, then the collector settled; forked children inherit both."""
+    from service.cds.validate import warm_up
+    from service.runtime import settle_gc
+
+    warm_up()
+    settle_gc(settings.gc_gen0_threshold)
+
+
 @worker_process_init.connect
 def _fresh_connections(**_: object) -> None:
     """Each forked worker process opens its own database connections, builds its context before the first task
     (mappings, statements), then settles the garbage collector."""
-    from service.cds.validate import warm_up
     from service.runtime import settle_gc
     from workers import context
 
     context.reset()
-    warm_up()
     try:
         context.get()
     except Exception as exc:  # built again by the first task, which then fails visibly and is retried
