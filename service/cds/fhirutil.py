@@ -25,13 +25,23 @@ def parse_datetime(value: Any) -> datetime | None:
     """FHIR date/dateTime/instant → aware UTC datetime (partial dates start at their first instant)."""
     if not isinstance(value, str) or not value:
         return None
+    if len(value) > _LONGEST_DATETIME:
+        return _parse_datetime_uncached(value)  # not a FHIR instant: never kept in the memo
     return _parse_datetime_text(value)
+
+
+#: "2024-01-01T00:00:00.123456789+14:00" and a little spare: longer strings are not FHIR dates.
+_LONGEST_DATETIME = 40
 
 
 @lru_cache(maxsize=65_536)
 def _parse_datetime_text(value: str) -> datetime | None:
     # Memoised: a chart repeats the same instants (a panel's results share one), and a chart is read again and
-    # again; datetimes are immutable, so sharing them is safe.
+    # again; datetimes are immutable, so sharing them is safe. Only short strings get here, so the memo is small.
+    return _parse_datetime_uncached(value)
+
+
+def _parse_datetime_uncached(value: str) -> datetime | None:
     try:
         if len(value) <= 7:
             if _YEAR.match(value):
