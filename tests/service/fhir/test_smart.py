@@ -156,35 +156,27 @@ def test_key_and_algorithm_must_match(rsa_keys: KeyPair, ec_keys: KeyPair, tmp_p
     assert jwk["kty"] == "EC" and jwk["crv"] == "P-384" and jwk["kid"] == "k1" and "d" not in jwk
 
 
-def test_discovery_refuses_an_https_to_http_downgrade(ec_keys: KeyPair) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"token_endpoint": "http://auth.example.org/token"})
-
-    auth = SmartBackendAuth(
+def _auth_answering(handler: Callable[[httpx.Request], httpx.Response], keys: KeyPair) -> SmartBackendAuth:
+    """An ES384 client of https://ehr.example.org/fhir whose HTTP calls ``handler`` answers."""
+    return SmartBackendAuth(
         client_id="c",
-        private_key=ec_keys.private_pem,
+        private_key=keys.private_pem,
         alg="ES384",
         scope="s",
         fhir_base_url="https://ehr.example.org/fhir",
         transport=httpx.MockTransport(handler),
     )
+
+
+def test_discovery_refuses_an_https_to_http_downgrade(ec_keys: KeyPair) -> None:
+    auth = _auth_answering(lambda _: httpx.Response(200, json={"token_endpoint": "http://auth.example.org/token"}), ec_keys)
     with pytest.raises(FhirAuthError, match="downgrades"):
         auth.get_token()
     auth.close()
 
 
 def test_discovery_without_smart_configuration(ec_keys: KeyPair) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(404)
-
-    auth = SmartBackendAuth(
-        client_id="c",
-        private_key=ec_keys.private_pem,
-        alg="ES384",
-        scope="s",
-        fhir_base_url="https://ehr.example.org/fhir",
-        transport=httpx.MockTransport(handler),
-    )
+    auth = _auth_answering(lambda _: httpx.Response(404), ec_keys)
     with pytest.raises(FhirAuthError, match="CDS_SMART_TOKEN_URL"):
         auth.token_endpoint()
     auth.close()
