@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import JSON, BigInteger, DateTime, Integer, MetaData
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -74,3 +75,9 @@ class Base(DeclarativeBase):
     """Declarative base of every table (``Base.metadata`` is Alembic's target)."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def json_dumps(value: Any) -> str:
+    """The one JSON encoder of the database layer (columns and PostgreSQL batch parameters): orjson, several times
+    faster than the standard library on FHIR documents."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()

@@ -24,7 +24,6 @@ affected object that is loaded, as the ORM's ``synchronize_session`` did.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import KeyedColumnElement
 
-from service.db.base import Base, UTCDateTime, utcnow
+from service.db.base import Base, UTCDateTime, json_dumps, utcnow
 from service.db.models import (
     DEDUP_KEY_LEN,
     CardFeedback,
@@ -240,12 +239,13 @@ def _build_issued_cards_insert(dialect: str) -> Any:
 
 
 def _build_ledger_insert(dialect: str) -> Any:
+    return _on_ledger_conflict(_insert_for(dialect, _table(InboundEvent)))
+
+
+def _on_ledger_conflict(stmt: PgInsert | SqliteInsert) -> Any:
+    """Shared by the one-row and the batch ledger insert: a known dedup key is kept and reported, not inserted."""
     t = _table(InboundEvent)
-    return (
-        _insert_for(dialect, t)
-        .on_conflict_do_nothing(index_elements=[t.c.dedup_key])
-        .returning(t.c.dedup_key, t.c.id, t.c.status)
-    )
+    return stmt.on_conflict_do_nothing(index_elements=[t.c.dedup_key]).returning(t.c.dedup_key, t.c.id, t.c.status)
 
 
 # PostgreSQL batches: one INSERT ... SELECT FROM jsonb_to_recordset(<the batch as one JSON array>), whatever the
@@ -279,7 +279,7 @@ def _records(rows: Sequence[dict[str, Any]], columns: dict[str, Any], dialect: A
             value = _UTC.process_bind_param(record[name], dialect)
             record[name] = None if value is None else value.isoformat()
         records.append(record)
-    return json.dumps(records)
+    return json_dumps(records)
 
 
 def _build_ledger_insert_batch(_: str) -> Any:
@@ -287,33 +287,14 @@ def _build_ledger_insert_batch(_: str) -> Any:
     u = _recordset(_LEDGER_RECORD)
     ts = bindparam("ts", type_=t.c.received_at.type)
     source = select(*[u.c[name] for name in _LEDGER_RECORD], literal_column("0"), ts, ts)
-    return (
-        pg_insert(t)
-        .from_select([*_LEDGER_RECORD, "attempts", "received_at", "updated_at"], source)
-        .on_conflict_do_nothing(index_elements=[t.c.dedup_key])
-        .returning(t.c.dedup_key, t.c.id, t.c.status)
-    )
+    return _on_ledger_conflict(pg_insert(t).from_select([*_LEDGER_RECORD, "attempts", "received_at", "updated_at"], source))
 
 
 def _build_resource_upsert_batch(_: str) -> Any:
     t = _table(PatientResource)
     u = _recordset(_RESOURCE_RECORD)
     source = select(*[u.c[name] for name in _RESOURCE_RECORD], false(), bindparam("updated_at", type_=t.c.updated_at.type))
-    stmt = pg_insert(t).from_select([*_RESOURCE_RECORD, "deleted", "updated_at"], source)
-    ex = stmt.excluded
-    return stmt.on_conflict_do_update(
-        index_elements=[t.c.resource_type, t.c.resource_id],
-        set_={
-            "patient_ref": ex.patient_ref,
-            "version_id": ex.version_id,
-            "version_num": ex.version_num,
-            "last_updated": ex.last_updated,
-            "content": ex.content,
-            "deleted": false(),
-            "updated_at": ex.updated_at,
-        },
-        where=_newer(_cols(ex, _VERSION_COLS), _cols(t.c, _VERSION_COLS), strict=True),
-    ).returning(t.c.resource_type, t.c.resource_id)
+    return _on_resource_conflict(pg_insert(t).from_select([*_RESOURCE_RECORD, "deleted", "updated_at"], source))
 
 
 def _build_ledger_lookup(_: str) -> Any:
@@ -336,8 +317,12 @@ def _resource_row(r: ResourceVersion, ts: datetime) -> dict[str, Any]:
 
 
 def _build_resource_upsert(dialect: str) -> Any:
+    return _on_resource_conflict(_insert_for(dialect, _table(PatientResource)))
+
+
+def _on_resource_conflict(stmt: PgInsert | SqliteInsert) -> Any:
+    """The version guard shared by the one-row and the batch upsert: a stored row is replaced only by a newer version."""
     t = _table(PatientResource)
-    stmt = _insert_for(dialect, t)
     ex = stmt.excluded
     return stmt.on_conflict_do_update(
         index_elements=[t.c.resource_type, t.c.resource_id],
@@ -383,8 +368,6 @@ class InboundEventRepository(_Repository):
         now: datetime | None = None,
     ) -> tuple[InboundEvent, bool]:
         """Insert the event unless ``dedup_key`` exists; returns ``(event, created)``. Race-free."""
-        if not dedup_key or len(dedup_key) > DEDUP_KEY_LEN:
-            raise ValueError(f"dedup_key must be 1..{DEDUP_KEY_LEN} characters")
         entry = LedgerEntry(
             dedup_key=dedup_key, kind=kind, status=status, subscription=subscription, event_number=event_number,
             resource_type=resource_type, resource_id=resource_id, version_id=version_id, patient_ref=patient_ref,
@@ -392,9 +375,8 @@ class InboundEventRepository(_Repository):
         )
         row = _ledger_row(entry, _now(now))
         created = self.session.execute(_prepared(self.session, "ledger_insert", _build_ledger_insert), row).first() is not None
-        event = self.session.scalars(
-            select(InboundEvent).where(InboundEvent.dedup_key == dedup_key).execution_options(populate_existing=True)
-        ).one()
+        event = self.get_by_dedup_key(dedup_key)
+        assert event is not None  # inserted now or by an earlier transaction
         return event, created
 
     def create_many_if_absent(self, entries: Sequence[LedgerEntry], *, now: datetime | None = None) -> list[LedgerResult]:
@@ -863,17 +845,18 @@ class EvaluationQueueRepository(_Repository):
         of the others (each returning the ``dirty_since`` it replaced). Both take their rows in patient order,
         inserts before updates, so two batches never wait for each other in a cycle."""
         became_dirty: set[str] = set()
+        def marks() -> str:
+            return json_dumps([{"p": ref, "n": pending[ref]} for ref in sorted(pending)])
+
         for _ in range(10):
-            rows = json.dumps([{"p": ref, "n": pending[ref]} for ref in sorted(pending)])
             for (ref,) in self.session.execute(_prepared(self.session, "queue_insert_batch", _build_queue_insert_batch),
-                                               {"rows": rows, "ts": ts}):
+                                               {"rows": marks(), "ts": ts}):
                 pending.pop(ref)
                 became_dirty.add(ref)
             if not pending:
                 return became_dirty
-            rows = json.dumps([{"p": ref, "n": pending[ref]} for ref in sorted(pending)])
             for ref, old_dirty_since in self.session.execute(_prepared(self.session, "queue_mark_batch", _build_queue_mark_batch),
-                                                             {"rows": rows, "ts": ts}):
+                                                             {"rows": marks(), "ts": ts}):
                 pending.pop(ref)
                 _expire(self.session, PatientEvaluationQueue, ref, _QUEUE_MARK_ATTRS)
                 if old_dirty_since is None:
@@ -992,38 +975,6 @@ def _build_resource_contents(_: str) -> Any:
 class EvaluationRepository(_Repository):
     """``evaluations``: the stored assessments (audit trail and CDS Hooks reuse)."""
 
-    def record(
-        self,
-        *,
-        patient_ref: str,
-        evaluated_at: datetime,
-        inputs_hash: str,
-        inputs: list[dict[str, Any]],
-        rules_version: str,
-        mappings_version: str,
-        calciphylaxis_tier: str,
-        metastatic_tier: str,
-        renal_context: str | None,
-        assessment: dict[str, Any],
-        now: datetime | None = None,
-    ) -> Evaluation:
-        evaluation = Evaluation(
-            patient_ref=patient_ref,
-            evaluated_at=evaluated_at,
-            inputs_hash=inputs_hash,
-            inputs=inputs,
-            rules_version=rules_version,
-            mappings_version=mappings_version,
-            calciphylaxis_tier=calciphylaxis_tier,
-            metastatic_tier=metastatic_tier,
-            renal_context=renal_context,
-            assessment=assessment,
-            created_at=_now(now),
-        )
-        self.session.add(evaluation)
-        self.session.flush()
-        return evaluation
-
     def add(
         self,
         *,
@@ -1039,7 +990,7 @@ class EvaluationRepository(_Repository):
         assessment: dict[str, Any],
         now: datetime | None = None,
     ) -> int:
-        """:meth:`record` without building an ORM object: one INSERT ... RETURNING id; returns the id."""
+        """Store an evaluation with one INSERT ... RETURNING id (no ORM object); returns the id."""
         row = {
             "patient_ref": patient_ref,
             "evaluated_at": evaluated_at,

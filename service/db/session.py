@@ -25,6 +25,8 @@ from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.base import json_dumps
+
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -86,11 +88,6 @@ def _redact_postgres_error(context: ExceptionContext) -> None:
         context.sqlalchemy_exception.args = (f"({type(orig).__module__}.{type(orig).__name__}) {text_}",)
 
 
-def _json_dumps(value: Any) -> str:
-    """JSON columns through orjson (several times faster than the standard library on FHIR documents)."""
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
-
-
 def make_engine(url: str | URL, pool_size: int = 5, *, echo: bool = False) -> Engine:
     """An engine for ``url``: SQLite with WAL and a busy timeout, or PostgreSQL (psycopg 3) with pre-ping.
 
@@ -98,6 +95,7 @@ def make_engine(url: str | URL, pool_size: int = 5, *, echo: bool = False) -> En
     quoting of row values in constraint errors is removed: both would carry patient data.
     """
     parsed = normalize_url(url)
+    common: dict[str, Any] = {"echo": echo, "hide_parameters": True, "json_serializer": json_dumps, "json_deserializer": orjson.loads}
     if parsed.get_backend_name() == "sqlite":
         path = _sqlite_file(parsed)
         kwargs: dict[str, Any] = {
@@ -107,20 +105,10 @@ def make_engine(url: str | URL, pool_size: int = 5, *, echo: bool = False) -> En
             path.expanduser().parent.mkdir(parents=True, exist_ok=True)
             kwargs["pool_size"] = pool_size
             kwargs["pool_pre_ping"] = True
-        engine = create_engine(parsed, echo=echo, hide_parameters=True, json_serializer=_json_dumps, json_deserializer=orjson.loads, **kwargs)
+        engine = create_engine(parsed, **common, **kwargs)
         event.listen(engine, "connect", _on_sqlite_connect)
         return engine
-    engine = create_engine(
-        parsed,
-        echo=echo,
-        hide_parameters=True,
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-        pool_recycle=1800,
-        json_serializer=_json_dumps,
-        json_deserializer=orjson.loads,
-    )
+    engine = create_engine(parsed, **common, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=1800)
     event.listen(engine, "handle_error", _redact_postgres_error)
     return engine
 

@@ -613,7 +613,7 @@ def write_back(ctx: MonitorContext, evaluation_id: int) -> dict[str, str]:
         row = repos.evaluations.get(evaluation_id)
         if row is None:
             return {}
-        latest = repos.evaluations.latest_for(row.patient_ref)
+        latest = repos.evaluations.latest_summary_for(row.patient_ref)
         if latest is not None and latest.id != row.id:
             return {"skipped": "superseded by a newer evaluation"}
         patient_ref = row.patient_ref

@@ -27,7 +27,7 @@ def _record(repo: EvaluationRepository, at: datetime, inputs_hash: str = "h1", *
         "assessment": {"patient": P, "calciphylaxis": {"tier": "moderate"}, "cards": []},
     }
     fields.update(kw)
-    return repo.record(**fields).id
+    return repo.add(**fields)
 
 
 def test_record_and_latest(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
