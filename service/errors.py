@@ -11,8 +11,9 @@ class ServiceError(Exception):
     code = "exception"  # FHIR OperationOutcome issue type
 
     def __init__(self, message: str = "") -> None:
-        super().__init__(message or self.__class__.__doc__ or self.__class__.__name__)
-        self.message = message or (self.__class__.__doc__ or self.__class__.__name__).strip()
+        text = message or (self.__class__.__doc__ or self.__class__.__name__).strip()
+        super().__init__(text)
+        self.message = text
 
 
 class BadRequest(ServiceError):
@@ -27,13 +28,6 @@ class Unauthorized(ServiceError):
 
     status_code = 401
     code = "login"
-
-
-class Forbidden(ServiceError):
-    """Not allowed."""
-
-    status_code = 403
-    code = "forbidden"
 
 
 class NotFound(ServiceError):

@@ -185,7 +185,8 @@ def _normalise_params(params: Params | None) -> list[tuple[str, str]]:
     return out
 
 
-def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
+def origin_of(url: str | httpx.URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: equal for ``HTTPS://Ehr`` and ``https://ehr:443``."""
     parts = urlsplit(str(url))
     scheme = parts.scheme.lower()
     try:
@@ -254,7 +255,7 @@ class FhirClient:
         if not base_url or urlsplit(base_url).scheme not in {"http", "https"}:
             raise ValueError("FHIR base URL must be an absolute http(s) URL")
         self.base_url = base_url.rstrip("/")
-        self._origin = _origin(self.base_url)
+        self._origin = origin_of(self.base_url)
         self._auth: TokenProvider | None = StaticBearer(auth) if isinstance(auth, str) else auth
         self._close_auth = close_auth
         self.timeout_s = timeout_s
@@ -295,7 +296,7 @@ class FhirClient:
         return "/".join([self.base_url, *(quote(s, safe="$-._~") for s in segments)])
 
     def is_same_origin(self, url: str | httpx.URL) -> bool:
-        return _origin(url) == self._origin
+        return origin_of(url) == self._origin
 
     # --- reads --------------------------------------------------------------------------------
     def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
@@ -311,13 +312,6 @@ class FhirClient:
         resp = self._send("GET", url, idempotent=True)
         self._raise_for_status(resp, "GET", url, resource_type=resource_type, resource_id=resource_id)
         return self._resource(resp, url, expect_type=resource_type)
-
-    def capabilities(self) -> dict[str, Any]:
-        """``GET [base]/metadata`` (the CapabilityStatement)."""
-        url = self.url("metadata")
-        resp = self._send("GET", url, idempotent=True)
-        self._raise_for_status(resp, "GET", url)
-        return self._json_object(resp, url)
 
     # --- search -------------------------------------------------------------------------------
     def search_bundle_pages(
@@ -350,7 +344,7 @@ class FhirClient:
             if bundle.get("resourceType") != "Bundle":
                 raise FhirPermanentError(f"search {redact_url(url)} did not return a Bundle", url=url)
             yield bundle
-            next_url = _next_link(bundle)
+            next_url = next_link(bundle)
             if next_url is None:
                 return
             next_url = urljoin(self.base_url + "/", next_url)
@@ -378,7 +372,7 @@ class FhirClient:
         OperationOutcome entries (``search.mode = outcome``) are skipped.
         """
         for bundle in self.search_bundle_pages(resource_type, params, method=method, max_pages=max_pages):
-            yield from _entry_resources(bundle, include_included=include_included)
+            yield from entry_resources(bundle, include_included=include_included)
 
     def history_since(
         self,
@@ -804,7 +798,8 @@ class FhirClient:
 
 
 # --- module helpers ---------------------------------------------------------------------------
-def _next_link(bundle: Mapping[str, Any]) -> str | None:
+def next_link(bundle: Mapping[str, Any]) -> str | None:
+    """The Bundle's first ``next`` link as written (possibly relative)."""
     links = bundle.get("link")
     if not isinstance(links, list):
         return None
@@ -814,7 +809,8 @@ def _next_link(bundle: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _entry_resources(bundle: Mapping[str, Any], *, include_included: bool) -> Iterator[dict[str, Any]]:
+def entry_resources(bundle: Mapping[str, Any], *, include_included: bool) -> Iterator[dict[str, Any]]:
+    """The entries' resources, without search outcomes (and without ``include`` entries unless asked)."""
     entries = bundle.get("entry")
     if not isinstance(entries, list):
         return

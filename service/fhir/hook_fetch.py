@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 import orjson
+
+from service.fhir.client import entry_resources, next_link, origin_of
 
 
 class FetchRefused(Exception):
@@ -25,7 +27,6 @@ class FetchRefused(Exception):
 class FetchResult:
     resources: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None  # short, value-free reason
-    pages: int = 0
 
 
 def check_fhir_server(url: str, allowlist: list[str], dev_mode: bool) -> None:
@@ -39,11 +40,6 @@ def check_fhir_server(url: str, allowlist: list[str], dev_mode: bool) -> None:
     normalized = url.rstrip("/") + "/"
     if not any(normalized.startswith(a.rstrip("/") + "/") for a in allowlist):
         raise FetchRefused("fhirServer is not on the allowlist")
-
-
-def _same_origin(a: str, b: str) -> bool:
-    pa, pb = urlsplit(a), urlsplit(b)
-    return (pa.scheme, pa.netloc) == (pb.scheme, pb.netloc)
 
 
 class HookFetcher:
@@ -68,9 +64,10 @@ class HookFetcher:
         result = FetchResult()
         try:
             async with asyncio.timeout(self.timeout_s * self.max_pages):
-                while url is not None and result.pages < self.max_pages:
+                pages = 0
+                while url is not None and pages < self.max_pages:
                     response = await self._client.get(url, headers=headers)
-                    result.pages += 1
+                    pages += 1
                     if response.status_code >= 400:
                         result.error = f"HTTP {response.status_code}"
                         return result
@@ -80,21 +77,18 @@ class HookFetcher:
                         return result
                     url = None
                     if doc.get("resourceType") == "Bundle":
-                        for entry in doc.get("entry") or []:
-                            res = entry.get("resource") if isinstance(entry, dict) else None
-                            if isinstance(res, dict) and res.get("resourceType") != "OperationOutcome":
-                                result.resources.append(res)
-                        for link in doc.get("link") or []:
-                            is_next = isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str)
-                            if is_next and _same_origin(link["url"], base):
-                                url = link["url"]
+                        result.resources.extend(
+                            r for r in entry_resources(doc, include_included=True) if r.get("resourceType") != "OperationOutcome"
+                        )
+                        nxt = next_link(doc)
+                        if nxt is not None:
+                            nxt = urljoin(base.rstrip("/") + "/", nxt)
+                            url = nxt if origin_of(nxt) == origin_of(base) else None  # never follow a link off the server
                     elif doc.get("resourceType") == "OperationOutcome":
                         result.error = "server answered an OperationOutcome"
                     else:
                         result.resources.append(doc)
-        except TimeoutError:
-            result.error = "timed out"
-        except httpx.TimeoutException:
+        except (TimeoutError, httpx.TimeoutException):
             result.error = "timed out"
         except httpx.HTTPError as exc:
             result.error = f"unreachable ({type(exc).__name__})"

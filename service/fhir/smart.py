@@ -255,10 +255,6 @@ class SmartBackendAuth:
         }
         return jwt.encode(claims, self._key, algorithm=self.alg, headers={"kid": self.key_id, "typ": "JWT"})
 
-    def public_jwks(self) -> dict[str, Any]:
-        """The JWK Set to register with the EHR for this client."""
-        return {"keys": [public_jwk(self._key, alg=self.alg, kid=self.key_id)]}
-
     def close(self) -> None:
         if self._owns_http:
             self._http.close()

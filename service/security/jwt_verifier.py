@@ -140,10 +140,6 @@ class JwtVerifier:
         self._max_lifetime = max_lifetime_s
         self._dev_mode = dev_mode
 
-    @property
-    def issuers(self) -> frozenset[str]:
-        return frozenset(self._issuers)
-
     def verify(self, authorization_header: str | None, audience: str) -> VerifiedCaller:
         """Verify the ``Authorization`` header of a call to the service at URL ``audience``.
 
