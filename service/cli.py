@@ -125,22 +125,9 @@ def serve(
 ) -> None:
     """Run the API (CDS Hooks services, FHIR notification receiver, health and metrics) with uvicorn."""
     import uvicorn
-    from pydantic import ValidationError
 
-    from service.config import get_settings
-    from service.terminology.loader import MappingError
-
-    try:
-        settings = get_settings()
-        from service.main import create_app
-
-        application = create_app(settings)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        fail(f"invalid setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
-    except MappingError as exc:
-        fail(f"mappings: {exc}")
-    if workers > 1:  # each process builds its own app from the same settings
+    settings, _, _ = _load_context()  # settings, mappings and thresholds checked here: one line and exit 2, not a traceback
+    if workers > 1:  # each process builds its own app from the same settings (nothing is built in the supervisor)
         from uvicorn.supervisors import Multiprocess
 
         from service.serving import tcp_listener
@@ -163,7 +150,9 @@ def serve(
             fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}")
         Multiprocess(config, sockets=[listener]).run()
         return
-    uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level="warning", access_log=False)
+    from service.main import create_app
+
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="warning", access_log=False)
 
 
 @app.command()

@@ -92,3 +92,14 @@ def test_serve_with_workers_on_a_taken_port_is_one_line_exit_2(tmp_path) -> None
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert errors == [f"calcinosis-cds: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
     assert "Traceback" not in result.stderr
+
+
+def test_serve_with_a_bad_thresholds_file_is_one_line_exit_2(tmp_path) -> None:
+    from tests.integration.support import base_env, run_cli
+
+    bad = tmp_path / "thresholds.json"
+    bad.write_text('{"corrected_ca_renal_above": [not json')
+    result = run_cli(["serve", "--workers", "2"], base_env(CDS_DATA_DIR=str(tmp_path), CDS_THRESHOLDS_FILE=str(bad)))
+    assert result.returncode == 2
+    assert result.stderr.startswith("calcinosis-cds: error: thresholds:") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
