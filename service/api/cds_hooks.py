@@ -100,13 +100,19 @@ def discovery(request: Request) -> Response:
     return json_response(ctx_of(request).discovery)
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def read_body(request: Request, limit: int, what: str = "request body") -> bytes:
+    """The whole body, refused with 413 past ``limit`` bytes (by its Content-Length before reading, when declared)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body over {limit} bytes")
+        raise PayloadTooLarge(f"{what} over {limit} bytes")
     body = await request.body()
     if len(body) > limit:
-        raise PayloadTooLarge(f"request body over {limit} bytes")
+        raise PayloadTooLarge(f"{what} over {limit} bytes")
+    return body
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    body = await read_body(request, limit)
     if not body:
         raise BadRequest("empty request body")
     try:

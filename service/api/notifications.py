@@ -17,14 +17,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from service.api.cds_hooks import ctx_of, json_response
+from service.api.cds_hooks import ctx_of, json_response, read_body
 from service.api.models import OperationOutcome
 from service.errors import BadRequest, PayloadTooLarge, Unauthorized, Unavailable
 from service.fhir.notifications import (
     BackportNotification,
     EmptyPing,
     InvalidNotification,
-    NotificationTooLarge,
     parse_notification,
     verify_medplum_signature,
     verify_shared_secret,
@@ -56,20 +55,14 @@ def _authenticate(request: Request, body: bytes) -> str:
 
 async def _receive(request: Request, path: str | None) -> Response:
     ctx = ctx_of(request)
-    limit = ctx.settings.max_notification_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    try:
+        body = await read_body(request, ctx.settings.max_notification_bytes, "notification")
+    except PayloadTooLarge:
         NOTIFICATIONS.labels("unknown", "too-large").inc()
-        raise PayloadTooLarge(f"notification over {limit} bytes")
-    body = await request.body()
-    if len(body) > limit:
-        NOTIFICATIONS.labels("unknown", "too-large").inc()
-        raise PayloadTooLarge(f"notification over {limit} bytes")
+        raise
     auth = _authenticate(request, body)
     try:
         notifications = parse_notification(body, request.headers, method=request.method, path=path)
-    except NotificationTooLarge as exc:
-        raise PayloadTooLarge(exc.reason) from None
     except InvalidNotification as exc:
         NOTIFICATIONS.labels("unknown", "invalid").inc()
         raise BadRequest(f"invalid notification: {exc.reason}") from None

@@ -25,8 +25,8 @@ Forms understood (``parse_notification``):
     body ``{}``. → :class:`ResourceChanged` / :class:`ResourceDeleted`.
 
 Authentication is separate from parsing: call :func:`verify_shared_secret` (the secret the
-server sends in ``Subscription.channel.header``) and/or :func:`verify_medplum_signature` first,
-and :func:`ensure_within_limit` before reading a body.
+server sends in ``Subscription.channel.header``) and/or :func:`verify_medplum_signature` first. The size
+limit is the receiving route's (``service.api.cds_hooks.read_body``), before the body is read.
 
 Anything malformed raises :class:`InvalidNotification` whose ``reason`` is a fixed phrase: it
 never quotes the payload, which may hold PHI.
@@ -56,11 +56,9 @@ __all__ = [
     "InvalidNotification",
     "Notification",
     "NotificationEvent",
-    "NotificationTooLarge",
     "ResourceChanged",
     "ResourceDeleted",
     "dedup_key",
-    "ensure_within_limit",
     "parse_notification",
     "parse_subscription_status",
     "verify_medplum_signature",
@@ -88,10 +86,6 @@ class InvalidNotification(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class NotificationTooLarge(InvalidNotification):
-    """The body exceeds ``max_notification_bytes`` (HTTP 413)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,15 +232,6 @@ def verify_medplum_signature(raw_body: bytes, headers: Mapping[str, str] | None,
     return hmac.compare_digest(expected.encode("ascii"), signature.lower().encode("ascii"))
 
 
-def ensure_within_limit(size: int | None, settings: Settings | int) -> None:
-    """Raise :class:`NotificationTooLarge` if ``size`` (a Content-Length or ``len(body)``)
-    exceeds ``settings.max_notification_bytes`` (or the given int). ``None`` passes (unknown)."""
-    limit = settings if isinstance(settings, int) else settings.max_notification_bytes
-    if size is not None and size > limit:
-        raise NotificationTooLarge("notification body exceeds the size limit")
-
-
-# --- parsing ----------------------------------------------------------------------------------
 def parse_notification(
     body: bytes | str,
     headers: Mapping[str, str] | None = None,
@@ -254,7 +239,6 @@ def parse_notification(
     method: str = "POST",
     path: str | None = None,
     subscription_id: str | None = None,
-    max_bytes: int | None = None,
 ) -> list[Notification]:
     """Turn one inbound request into typed events.
 
@@ -266,14 +250,11 @@ def parse_notification(
         body's resource when both are present.
     :param subscription_id: which subscription the endpoint belongs to, if the receiver knows
         (e.g. from its own URL); Medplum's ``X-Medplum-Subscription`` is used otherwise.
-    :param max_bytes: optional size limit (see :func:`ensure_within_limit`).
     :raises InvalidNotification: on anything malformed.
     """
     raw = body.encode("utf-8") if isinstance(body, str) else body
     if not isinstance(raw, bytes | bytearray):
         raise InvalidNotification("body is not bytes")
-    if max_bytes is not None:
-        ensure_within_limit(len(raw), max_bytes)
     hdrs = _lower_headers(headers)
     sub_id = subscription_id or _clean(hdrs.get("x-medplum-subscription"))
     path_ref = _path_reference(path)

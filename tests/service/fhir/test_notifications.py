@@ -18,11 +18,9 @@ from service.fhir.notifications import (
     EmptyPing,
     InvalidNotification,
     NotificationEvent,
-    NotificationTooLarge,
     ResourceChanged,
     ResourceDeleted,
     dedup_key,
-    ensure_within_limit,
     parse_notification,
     parse_subscription_status,
     verify_medplum_signature,
@@ -262,15 +260,6 @@ def test_shared_secret_uses_constant_time_comparison(monkeypatch: pytest.MonkeyP
 
 
 # --- limits and malformed input -------------------------------------------------------------------
-def test_size_limit() -> None:
-    ensure_within_limit(10, Settings(max_notification_bytes=10))
-    ensure_within_limit(None, Settings())
-    with pytest.raises(NotificationTooLarge):
-        ensure_within_limit(11, Settings(max_notification_bytes=10))
-    with pytest.raises(NotificationTooLarge):
-        parse_notification(raw("backport-heartbeat.json"), max_bytes=100)
-
-
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
