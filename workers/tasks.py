@@ -24,10 +24,16 @@ log = get_logger("calcinosis-cds.worker")
 TRANSIENT = (FhirTransientError, OperationalError, ConnectionError, TimeoutError)
 
 
-def _backoff(retries: int) -> float:
+def _backoff(retries: int, exc: BaseException | None = None) -> float:
+    """Exponential step with full jitter; never sooner than the FHIR server's ``Retry-After`` (kept within the
+    backoff cap, which the broker's visibility timeout allows for)."""
     settings = context.get().settings
     base = min(2**retries, settings.task_retry_backoff_max_s)
-    return base * (0.5 + random.random())  # full jitter around the exponential step
+    delay = base * (0.5 + random.random())  # full jitter around the exponential step
+    hinted = getattr(exc, "retry_after_s", None)
+    if hinted:
+        delay = max(delay, min(float(hinted), settings.task_retry_backoff_max_s))
+    return delay
 
 
 def _run(name: str, fn: Any, *args: Any) -> Any:
@@ -51,7 +57,7 @@ def _gave_up(task: Task, name: str, exc: BaseException, **ids: Any) -> bool:
 
 def _retry(task: Task, name: str, exc: BaseException) -> Exception:
     TASKS.labels(name, "retry").inc()
-    return task.retry(exc=exc, countdown=_backoff(task.request.retries))
+    return task.retry(exc=exc, countdown=_backoff(task.request.retries, exc))
 
 
 @app.task(bind=True, name=TASK_PROCESS_EVENT, max_retries=None)
