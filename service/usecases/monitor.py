@@ -39,7 +39,7 @@ from service.fhir.notifications import (
     ResourceChanged,
     ResourceDeleted,
     dedup_key,
-    parse_notification,
+    parse_subscription_status,
 )
 from service.logging import get_logger
 from service.metrics import EVALUATIONS, NOTIFICATIONS, WRITEBACKS
@@ -524,20 +524,14 @@ def _recover_gap(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscript
     if span and sub_id:
         try:
             with ctx.client() as client:
-                bundle = client.operation(
-                    "events", resource_type="Subscription", resource_id=sub_id,
-                    params=[("eventsSinceNumber", str(span[0])), ("eventsUntilNumber", str(span[-1])), ("content", "id-only")],
-                )
-            from orjson import dumps
-
+                bundle = client.subscription_events(sub_id, since=span[0], until=span[-1], content="id-only")
             unresolved = set(range(span[0], span[-1] + 1))
-            for n in parse_notification(dumps(bundle)):
-                if isinstance(n, BackportNotification):
-                    for ev in n.events:
-                        if ev.resource is None and not (ev.focus_type and ev.focus_id):
-                            continue  # still no focus: left to the search below
-                        _apply_event(ctx, repos, jobs, ev)
-                        unresolved.discard(ev.event_number)
+            for n in parse_subscription_status(bundle):
+                for ev in n.events:
+                    if ev.resource is None and not (ev.focus_type and ev.focus_id):
+                        continue  # still no focus: left to the search below
+                    _apply_event(ctx, repos, jobs, ev)
+                    unresolved.discard(ev.event_number)
             if not unresolved:
                 return
             log.info("events_operation_incomplete", subscription=subscription, unresolved=len(unresolved))
@@ -547,7 +541,7 @@ def _recover_gap(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscript
 
 
 def _apply_event(ctx: MonitorContext, repos: Repositories, jobs: Jobs, ev: NotificationEvent) -> None:
-    repos.ledger.create_if_absent(dedup_key=f"{ev.subscription}#{ev.event_number}", kind="backport-event",
+    repos.ledger.create_if_absent(dedup_key=dedup_key(ev), kind="backport-event",
                                   status=EventStatus.HANDLED, subscription=ev.subscription, event_number=ev.event_number,
                                   resource_type=ev.focus_type, resource_id=ev.focus_id)
     if ev.resource is not None:
