@@ -381,7 +381,7 @@ def backfill(
         if export or patient:
             if mctx.fhir_client is None:
                 fail("set CDS_FHIR_BASE_URL for --export or --patient")
-            client = mctx.client()
+            client = mctx.shared_client()
             if export:
                 sources.append(client.bulk_export(group_id=group, patient_level=group is None, types=list(MONITORED_TYPES)))
             for pid in patient or []:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -65,6 +66,8 @@ class MonitorContext:
     sessions: sessionmaker[Session]
     queue: TaskQueue
     fhir_client: Callable[[], FhirClient] | None = None  # factory; None when no FHIR server is configured
+    _client: FhirClient | None = field(default=None, init=False, repr=False, compare=False)
+    _client_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @classmethod
     def from_settings(
@@ -94,10 +97,19 @@ class MonitorContext:
             fhir_client=(lambda: client_from_settings(settings)) if settings.fhir_base_url else None,
         )
 
-    def client(self) -> FhirClient:
+    def shared_client(self) -> FhirClient:
+        """The process's one FHIR client: its connections and (SMART) access token are reused by every task,
+        instead of a new client, TLS handshake and token request for each event."""
         if self.fhir_client is None:
             raise PermanentEventError("no FHIR server configured (CDS_FHIR_BASE_URL)")
-        return self.fhir_client()
+        with self._client_lock:
+            if self._client is None:
+                self._client = self.fhir_client()
+            return self._client
+
+    def client(self) -> AbstractContextManager[FhirClient]:
+        """``with ctx.client() as client:`` the shared client (left open for the next caller)."""
+        return nullcontext(self.shared_client())
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from service.cds.thresholds import Thresholds
 from service.config import Settings
 from service.db.migrate import upgrade_to_head
@@ -52,3 +54,25 @@ def test_redelivered_event_is_a_duplicate(tmp_path, catalog) -> None:
     assert receive(ctx, [changed("1")], "r4-resource").accepted == 1
     again = receive(ctx, [changed("1")], "r4-resource")
     assert (again.accepted, again.duplicates) == (0, 1)
+
+
+def test_tasks_share_one_fhir_client(tmp_path, catalog) -> None:
+    from service.fhir.client import FhirClient
+    from service.usecases.monitor import PermanentEventError
+
+    built: list[FhirClient] = []
+
+    def factory() -> FhirClient:
+        built.append(FhirClient("https://ehr.example.org/fhir"))
+        return built[-1]
+
+    ctx = context(tmp_path, catalog)
+    with pytest.raises(PermanentEventError):
+        ctx.client()  # no FHIR server configured
+    ctx.fhir_client = factory
+    with ctx.client() as first:
+        pass
+    with ctx.client() as second:
+        assert second is first and not second._http.is_closed  # left open for the next task
+    assert ctx.shared_client() is first and len(built) == 1
+    first.close()
