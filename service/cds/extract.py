@@ -26,6 +26,7 @@ from typing import Any
 from service.cds.fhirutil import (
     codings,
     concept_text,
+    first_match,
     parse_date,
     parse_datetime,
     resource_ref,
@@ -45,7 +46,7 @@ from service.cds.model import (
 )
 from service.cds.thresholds import Thresholds
 from service.cds.validate import validation_error
-from service.terminology.catalog import Catalog, UnitConversionError
+from service.terminology.catalog import Catalog, MedicationMatch, UnitConversionError
 
 UCUM = "http://unitsofmeasure.org"
 _OBS_STATUS_RANK = {"corrected": 2, "amended": 2, "final": 1, "preliminary": 0}
@@ -54,17 +55,20 @@ _COND_INVALID_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 _MED_REQUEST_CURRENT = frozenset({"active", "on-hold"})
 _MED_STATEMENT_CURRENT = frozenset({"active", "on-hold", "intended"})
 _PROC_DONE = frozenset({"completed", "in-progress"})
-_ROUTE_FEATURES = frozenset({"iv_calcium", "iv_phosphate"})
+#: Features that count only when the product is given intravenously.
+IV_FEATURES = frozenset({"iv_calcium", "iv_phosphate"})
 
 
-def analyte_window_days(analyte: str, t: Thresholds) -> int | None:
-    """Widest lookback window for an analyte (REFERENCE §2.1 table); None = any time (height)."""
-    windows = {
-        "calcium_total": max(t.window_mineral_days, t.window_mineral_ckd4_days),
-        "calcium_corrected_reported": max(t.window_mineral_days, t.window_mineral_ckd4_days),
-        "calcium_ionized": max(t.window_mineral_days, t.window_mineral_ckd4_days),
-        "phosphate": max(t.window_mineral_days, t.window_mineral_ckd4_days),
-        "albumin": max(t.window_mineral_days, t.window_mineral_ckd4_days),
+def analyte_windows(t: Thresholds) -> dict[str, int | None]:
+    """Widest lookback window per analyte (REFERENCE §2.1 table); None = any time (height). Analytes not listed use
+    the renal-function window."""
+    mineral = max(t.window_mineral_days, t.window_mineral_ckd4_days)
+    return {
+        "calcium_total": mineral,
+        "calcium_corrected_reported": mineral,
+        "calcium_ionized": mineral,
+        "phosphate": mineral,
+        "albumin": mineral,
         "pth_intact": max(t.window_pth_days, t.window_pth_ckd4_days),
         "alp": t.window_alp_days,
         "vitamin_d_25oh": t.window_vitamin_d_days,
@@ -75,7 +79,6 @@ def analyte_window_days(analyte: str, t: Thresholds) -> int | None:
         "body_weight": t.window_body_days,
         "body_height": None,
     }
-    return windows.get(analyte, t.window_renal_function_days)
 
 
 class _Extractor:
@@ -96,7 +99,9 @@ class _Extractor:
         self.medication_facts: list[MedicationFact] = []
         self.procedures: list[ProcedureFact] = []
         self.observation_codes = catalog.observations
-        self.cutoffs = {a: (now - timedelta(days=d) if d is not None else None) for a in catalog.analytes for d in (analyte_window_days(a, t),)}
+        windows = analyte_windows(t)
+        days = {a: windows.get(a, t.window_renal_function_days) for a in catalog.analytes}
+        self.cutoffs = {a: (now - timedelta(days=d) if d is not None else None) for a, d in days.items()}
 
     # ------------------------------------------------------------------ helpers
     def exclude(self, ref: str | None, reason: str) -> None:
@@ -178,7 +183,6 @@ class _Extractor:
         except UnitConversionError as exc:
             self.exclude(ref, f"unit not convertible: {exc}")
             return None
-        ref_low, ref_high = self._reference_range(res, analyte)
         return LabValue(
             analyte=analyte,
             label=entry.label or self.catalog.analytes[analyte].display,
@@ -190,31 +194,31 @@ class _Extractor:
             issued=parse_datetime(res.get("issued")),
             status=status,
             source=Source(ref, version_of(res), coding.get("system", ""), coding["code"], entry.display),
-            ref_high=ref_high,
-            ref_low=ref_low,
+            ref_high=self._reference_high(res, analyte),
         )
 
-    def _reference_range(self, res: dict[str, Any], analyte: str) -> tuple[Decimal | None, Decimal | None]:
+    def _reference_high(self, res: dict[str, Any], analyte: str) -> Decimal | None:
+        """``referenceRange.high`` in the canonical unit, of the first range with a usable bound (the rules read only
+        the upper limit: laboratory ULN for PTH and ALP, paediatric phosphate)."""
         ranges = res.get("referenceRange")
         if not isinstance(ranges, list):
-            return None, None
+            return None
         for rr in ranges:
             if not isinstance(rr, dict):
                 continue
-            out: list[Decimal | None] = []
-            for key in ("low", "high"):
-                q = rr.get(key)
-                v = to_decimal(q.get("value")) if isinstance(q, dict) else None
-                if v is None or not isinstance(q, dict):
-                    out.append(None)
-                    continue
-                try:
-                    out.append(self.catalog.convert(v, _unit_of(q), analyte))
-                except UnitConversionError:
-                    out.append(None)
-            if out[0] is not None or out[1] is not None:
-                return out[0], out[1]
-        return None, None
+            high = self._bound(rr.get("high"), analyte)
+            if high is not None or self._bound(rr.get("low"), analyte) is not None:
+                return high
+        return None
+
+    def _bound(self, q: Any, analyte: str) -> Decimal | None:
+        v = to_decimal(q.get("value")) if isinstance(q, dict) else None
+        if v is None:
+            return None
+        try:
+            return self.catalog.convert(v, _unit_of(q), analyte)
+        except UnitConversionError:
+            return None
 
     def finish_labs(self) -> None:
         """Resolve duplicates at one effective time; structural validation is deferred to first use."""
@@ -240,12 +244,7 @@ class _Extractor:
 
     # ------------------------------------------------------------------ Condition
     def condition(self, res: dict[str, Any]) -> None:
-        entry = coding = None
-        for c in codings(res.get("code")):
-            entry = self.catalog.condition(c.get("system"), c["code"])
-            if entry is not None:
-                coding = c
-                break
+        entry, coding = first_match(res.get("code"), self.catalog.condition)
         if entry is None or coding is None:
             self.ignore("Condition")
             return
@@ -266,8 +265,7 @@ class _Extractor:
         elif clinical not in _COND_CURRENT:
             self.exclude(ref, f"clinicalStatus {clinical}")
             return
-        text = concept_text(res.get("code"))
-        if entry.requires_text and entry.requires_text.lower() not in text.lower():
+        if entry.requires_text and entry.requires_text.lower() not in concept_text(res.get("code")).lower():
             self.exclude(ref, f"{entry.code} counts as {entry.feature} only when its text says '{entry.requires_text}'")
             return
         self.unvalidated[ref] = res  # validated when a rule consults the fact
@@ -275,7 +273,6 @@ class _Extractor:
             ConditionFact(
                 feature=entry.feature,
                 source=Source(ref, version_of(res), coding.get("system", ""), coding["code"], coding.get("display") or entry.display),
-                text=text,
                 onset=parse_datetime(res.get("onsetDateTime")) or parse_datetime(res.get("recordedDate")),
                 clinical_status=clinical,
             )
@@ -292,13 +289,7 @@ class _Extractor:
                 self.exclude(ref, "medicationReference could not be resolved")
                 return
             concept = med.get("code")
-        match = coding = None
-        for c in codings(concept):
-            match = self.catalog.medication(c.get("system"), c["code"])
-            if match is not None and match.features:
-                coding = c
-                break
-            match = None
+        match, coding = first_match(concept, self._risk_medication)
         if match is None or coding is None:
             self.ignore(rtype)
             return
@@ -333,23 +324,16 @@ class _Extractor:
                 start=start,
                 stop=stop,
                 last_activity=last,
-                # The route matters only for the IV calcium/phosphate rules: read it only for those drugs.
-                intravenous=bool(match.features & _ROUTE_FEATURES) and (match.entry.parenteral or self._intravenous(res)),
-                ingredients=tuple(i.display for i in match.ingredients),
+                intravenous=given_intravenously(self.catalog, match, res),
             )
         )
 
-    def _intravenous(self, res: dict[str, Any]) -> bool:
-        return is_intravenous(self.catalog, res)
+    def _risk_medication(self, system: Any, code: str) -> MedicationMatch | None:
+        return risk_medication(self.catalog, system, code)
 
     # ------------------------------------------------------------------ Procedure
     def procedure(self, res: dict[str, Any]) -> None:
-        entry = coding = None
-        for c in codings(res.get("code")):
-            entry = self.catalog.procedure(c.get("system"), c["code"])
-            if entry is not None:
-                coding = c
-                break
+        entry, coding = first_match(res.get("code"), self.catalog.procedure)
         if entry is None or coding is None:
             self.ignore("Procedure")
             return
@@ -376,6 +360,18 @@ class _Extractor:
                 performed=performed,
             )
         )
+
+
+def risk_medication(catalog: Catalog, system: Any, code: str) -> MedicationMatch | None:
+    """The catalog's match for a medication coding, if it maps to at least one feature."""
+    match = catalog.medication(system, code)
+    return match if match is not None and match.features else None
+
+
+def given_intravenously(catalog: Catalog, match: MedicationMatch, res: dict[str, Any]) -> bool:
+    """Whether an IV calcium/phosphate product is given intravenously: a parenteral product, or an IV route on the
+    record. The route is read only for those drugs."""
+    return bool(match.features & IV_FEATURES) and (match.entry.parenteral or is_intravenous(catalog, res))
 
 
 def is_intravenous(catalog: Catalog, res: dict[str, Any]) -> bool:
@@ -497,7 +493,6 @@ def extract_facts(
                 present=True,
                 sex=gender if isinstance(gender, str) else None,
                 birth_date=parse_date(patient.get("birthDate")),
-                version=version_of(patient),
             )
     return CaseFacts(
         patient=info,

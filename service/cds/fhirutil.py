@@ -8,11 +8,13 @@ filtered by code first and only the ones that can inform a decision are validate
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _YEAR = re.compile(r"^\d{4}$")
 _YEAR_MONTH = re.compile(r"^\d{4}-\d{2}$")
@@ -86,6 +88,15 @@ def codings(concept: Any) -> Iterator[dict[str, Any]]:
             for c in items:
                 if isinstance(c, dict) and isinstance(c.get("code"), str):
                     yield c
+
+
+def first_match(concept: Any, lookup: Callable[[Any, str], T | None]) -> tuple[T, dict[str, Any]] | tuple[None, None]:
+    """The first coding of a CodeableConcept that ``lookup(system, code)`` knows, with what it returned."""
+    for c in codings(concept):
+        hit = lookup(c.get("system"), c["code"])
+        if hit is not None:
+            return hit, c
+    return None, None
 
 
 def concept_text(concept: Any) -> str:

@@ -47,14 +47,12 @@ class LabValue:
     status: str
     source: Source
     ref_high: Decimal | None = None  # referenceRange.high in the canonical unit
-    ref_low: Decimal | None = None
 
 
 @dataclass(slots=True, unsafe_hash=True)
 class ConditionFact:
     feature: str
     source: Source
-    text: str
     onset: datetime | None
     clinical_status: str | None
 
@@ -70,7 +68,6 @@ class MedicationFact:
     stop: datetime | None
     last_activity: datetime | None
     intravenous: bool
-    ingredients: tuple[str, ...] = ()
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -86,7 +83,6 @@ class PatientInfo:
     present: bool  # a Patient resource was supplied
     sex: str | None
     birth_date: date | None
-    version: str | None = None
 
 
 @dataclass
@@ -153,11 +149,6 @@ class Calciphylaxis(BaseModel):
     factors: list[Factor] = Field(default_factory=list)
     missing: list[str] = Field(default_factory=list)
     explanation: str = ""
-
-
-class Quantity(BaseModel):
-    value: float
-    unit: str
 
 
 class CaXP(BaseModel):

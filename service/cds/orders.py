@@ -12,8 +12,8 @@ import copy
 from typing import Any
 
 from service.cds.cards import CardContext, evidence_table, make_card, stable_uuid
-from service.cds.extract import is_intravenous
-from service.cds.fhirutil import codings, resource_ref
+from service.cds.extract import IV_FEATURES, given_intravenously, risk_medication
+from service.cds.fhirutil import first_match, resource_ref
 from service.cds.grouping import resolve_medication
 from service.cds.model import Evidence
 from service.cds.rules import RULE_IDS, Outcome, condition_evidence
@@ -50,15 +50,13 @@ def _order_features(order: dict[str, Any], catalog: Catalog) -> tuple[set[str], 
     if concept is None:
         med = resolve_medication(order.get("medicationReference"), {}, order.get("contained"))
         concept = med.get("code") if med else None
-    for c in codings(concept):
-        match = catalog.medication(c.get("system"), c["code"])
-        if match is None or not match.features:
-            continue
-        features = set(match.features) & ORDER_RISK_FEATURES.keys()
-        if features & {"iv_calcium", "iv_phosphate"} and not (match.entry.parenteral or is_intravenous(catalog, order)):
-            features -= {"iv_calcium", "iv_phosphate"}
-        return features, c
-    return set(), None
+    match, coding = first_match(concept, lambda system, code: risk_medication(catalog, system, code))
+    if match is None or coding is None:
+        return set(), None
+    features = set(match.features) & ORDER_RISK_FEATURES.keys()
+    if not given_intravenously(catalog, match, order):
+        features -= IV_FEATURES
+    return features, coding
 
 
 def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardContext, catalog: Catalog) -> list[dict[str, Any]]:
@@ -104,12 +102,12 @@ def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardCo
             f"**The order for {drug} adds {kinds}** in a patient with {setting}. "
             + (
                 "Vitamin K antagonists, calcium-based binders and vitamin D are case-control risk factors for calciphylaxis. "
-                if features - {"iv_calcium", "iv_phosphate"}
+                if features - IV_FEATURES
                 else ""
             )
             + (
                 "Intravenous calcium or phosphate can cause extravasation calcinosis: monitor the IV site. "
-                if features & {"iv_calcium", "iv_phosphate"}
+                if features & IV_FEATURES
                 else ""
             )
             + "\n\n"

@@ -111,8 +111,6 @@ MINOR_LABELS = {
     "thrombophilia": "Thrombophilia",
 }
 
-_Q2 = Decimal("0.01")
-_Q1 = Decimal("0.1")
 
 
 def rnd(value: Decimal, places: int) -> Decimal:
@@ -195,7 +193,6 @@ class Product:
 
 @dataclass
 class Outcome:
-    now: datetime
     age: int | None
     sex: str | None
     renal: str
@@ -220,7 +217,6 @@ class Outcome:
     iatrogenic: list[MedicationFact]
     orders: list[str]  # order-set ids, in order
     notes: list[str]
-    labs_used: dict[str, LabValue]
     stale: dict[str, LabValue]
     explanations: dict[str, str]
 
@@ -453,10 +449,6 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
     albumin = ctx.latest("albumin", mineral_days)
     pth = ctx.latest("pth_intact", pth_days)
     alp = ctx.latest("alp", t.window_alp_days)
-    labs_used: dict[str, LabValue] = {}
-    for name, lab in (("albumin", albumin), ("pth_intact", pth), ("alp", alp)):
-        if lab is not None:
-            labs_used[name] = lab
 
     # ---- major factors
     majors: list[Factor] = []
@@ -636,7 +628,6 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
             continue
         notes.append(f"last known {lab.label} is stale ({iso(lab.effective)}): not used for tiering")
     return Outcome(
-        now=now,
         age=age,
         sex=sex,
         renal=renal,
@@ -661,7 +652,6 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
         iatrogenic=iv,
         orders=orders,
         notes=notes,
-        labs_used=labs_used,
         stale=dict(facts.stale),
         explanations={"calciphylaxis": explanation, "metastatic": met_expl},
     )
