@@ -66,6 +66,11 @@ USAGE_REQUIREMENTS = (
 )
 
 
+def observation_code_tokens(catalog: Catalog) -> list[str]:
+    """``system|code`` of every Observation code the rules need, any system (FHIR searches and subscription criteria)."""
+    return sorted({f"{system}|{code}" for analyte in REQUIRED_ANALYTES for system, code in catalog.codes_for_analyte(analyte)})
+
+
 def observation_codes(catalog: Catalog) -> list[str]:
     codes = sorted({code for analyte in REQUIRED_ANALYTES for system, code in catalog.codes_for_analyte(analyte) if system == LOINC})
     return codes

@@ -23,9 +23,9 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.cds.cards import basis_hash
+from service.cds.discovery import observation_code_tokens
 from service.cds.engine import evaluate_patient
 from service.cds.fhirutil import last_updated_of, resource_ref, subject_reference, version_of
-from service.cds.rules import REQUIRED_ANALYTES
 from service.cds.thresholds import Thresholds
 from service.config import Settings
 from service.db.models import EventStatus
@@ -318,7 +318,7 @@ def _receive_transaction(ctx: MonitorContext, batch: list[_Receipt]) -> None:
             summary, requeue = receipt.summary, receipt.requeue
             for n in receipt.notifications:
                 if isinstance(n, ResourceChanged):
-                    _receive_resource(repos, jobs, n, summary, requeue, ctx.settings, pending=pending)
+                    _receive_resource(n, summary, requeue, pending)
                     continue
                 pending.write(repos, jobs, ctx.settings)
                 if isinstance(n, ResourceDeleted):
@@ -330,7 +330,7 @@ def _receive_transaction(ctx: MonitorContext, batch: list[_Receipt]) -> None:
                 elif isinstance(n, EmptyPing):
                     _receive_ping(repos, jobs, summary, requeue, n.subscription_id or POLL_SUBSCRIPTION)
                 elif isinstance(n, BackportNotification):
-                    _receive_backport(repos, jobs, n, summary, requeue, ctx.settings, pending=pending)
+                    _receive_backport(repos, jobs, n, summary, requeue, pending)
                     pending.write(repos, jobs, ctx.settings)
         pending.write(repos, jobs, ctx.settings)
         for receipt in batch:
@@ -395,30 +395,24 @@ class _Pending:
 
 
 def _record(repos: Repositories, jobs: Jobs, summary: ReceiveSummary, requeue: list[int], *, dedup_key: str, kind: str,
-            status: str = EventStatus.QUEUED, **fields: Any) -> tuple[int, bool]:
+            status: str = EventStatus.QUEUED, **fields: Any) -> None:
     event_id, stored_status, created = repos.ledger.create_many_if_absent([LedgerEntry(dedup_key, kind, status, **fields)])[0]
     _count(summary, requeue, event_id, stored_status, created)
     if created and status == EventStatus.QUEUED:
         jobs.add(TASK_PROCESS_EVENT, event_id)
-    return event_id, created
 
 
-def _receive_resource(repos: Repositories, jobs: Jobs, n: ResourceChanged, summary: ReceiveSummary, requeue: list[int],
-                      settings: Settings, subscription: str | None = None, *, pending: _Pending | None = None) -> None:
-    entry = LedgerEntry(dedup_key(n), "resource", EventStatus.HANDLED, subscription=subscription or n.subscription_id,
+def _receive_resource(n: ResourceChanged, summary: ReceiveSummary, requeue: list[int], pending: _Pending) -> None:
+    entry = LedgerEntry(dedup_key(n), "resource", EventStatus.HANDLED, subscription=n.subscription_id,
                         resource_type=n.resource_type, resource_id=n.id, version_id=n.version_id, patient_ref=patient_of(n.resource))
-    batch = pending if pending is not None else _Pending()
-    batch.add(entry, n.resource, summary, requeue)
-    if pending is None:
-        batch.write(repos, jobs, settings)
+    pending.add(entry, n.resource, summary, requeue)
 
 
 def _receive_backport(repos: Repositories, jobs: Jobs, n: BackportNotification, summary: ReceiveSummary, requeue: list[int],
-                      settings: Settings, *, pending: _Pending | None = None) -> None:
+                      pending: _Pending) -> None:
     sub = n.subscription
     repos.subscriptions.ensure(sub, topic=n.topic, status=n.status)
     repos.subscriptions.touch_heartbeat(sub)
-    batch = pending if pending is not None else _Pending()
     missing: list[int] = []
     if n.type in ("heartbeat", "query-status") and n.events_since_start is not None:
         missing = repos.subscriptions.observe_events_since_start(sub, n.events_since_start)
@@ -426,7 +420,7 @@ def _receive_backport(repos: Repositories, jobs: Jobs, n: BackportNotification, 
         missing.extend(repos.subscriptions.observe_event_number(sub, ev.event_number))
         key = f"{sub}#{ev.event_number}"
         if ev.resource is not None:
-            batch.add(LedgerEntry(key, "backport-event", EventStatus.HANDLED, subscription=sub, event_number=ev.event_number,
+            pending.add(LedgerEntry(key, "backport-event", EventStatus.HANDLED, subscription=sub, event_number=ev.event_number,
                                   resource_type=str(ev.resource.get("resourceType")), resource_id=str(ev.resource.get("id")),
                                   version_id=version_of(ev.resource), patient_ref=patient_of(ev.resource)), ev.resource, summary, requeue)
         else:
@@ -438,8 +432,6 @@ def _receive_backport(repos: Repositories, jobs: Jobs, n: BackportNotification, 
         log.warning("event_gap", subscription=sub, missing=len(missing), first=missing[0], last=missing[-1])
         _record(repos, jobs, summary, requeue, dedup_key=f"{sub}#gap#{missing[0]}-{missing[-1]}", kind="recovery",
                 subscription=sub, payload={"missing": [missing[0], missing[-1]]})
-    if pending is None:
-        batch.write(repos, jobs, settings)
 
 
 # --------------------------------------------------------------------------- worker: one ledger event
@@ -505,8 +497,7 @@ def _fetch_focus(ctx: MonitorContext, repos: Repositories, jobs: Jobs, rtype: st
 def _search_params(ctx: MonitorContext, rtype: str) -> list[tuple[str, str]]:
     if rtype != "Observation":
         return []
-    codes = sorted({f"{s}|{c}" for a in REQUIRED_ANALYTES for s, c in ctx.catalog.codes_for_analyte(a)})
-    return [("code", ",".join(codes))]
+    return [("code", ",".join(observation_code_tokens(ctx.catalog)))]
 
 
 def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.cds.rules import REQUIRED_ANALYTES
+from service.cds.discovery import observation_code_tokens
 from service.terminology.catalog import Catalog
 
 BACKPORT_PROFILE = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription"
@@ -15,9 +15,8 @@ REASON = "calcinosis-cds: keep calciphylaxis and metastatic calcification risk c
 
 
 def r4_criteria(catalog: Catalog) -> list[str]:
-    codes = sorted({f"{s}|{c}" for a in REQUIRED_ANALYTES for s, c in catalog.codes_for_analyte(a)})
     return [
-        "Observation?code=" + ",".join(codes),
+        "Observation?code=" + ",".join(observation_code_tokens(catalog)),
         "Condition?",
         "MedicationRequest?",
         "MedicationStatement?",
