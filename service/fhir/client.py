@@ -55,6 +55,7 @@ from service.fhir.errors import (
     FhirNotFound,
     FhirPermanentError,
     FhirTransientError,
+    json_object,
     redact_url,
 )
 
@@ -340,7 +341,7 @@ class FhirClient:
         self._raise_for_status(resp, method, url)
         page = 1
         while True:
-            bundle = self._json_object(resp, url)
+            bundle = json_object(resp, url)
             if bundle.get("resourceType") != "Bundle":
                 raise FhirPermanentError(f"search {redact_url(url)} did not return a Bundle", url=url)
             yield bundle
@@ -470,7 +471,7 @@ class FhirClient:
             payload = dict(body) if body is not None else _parameters_resource(_normalise_params(params))
             resp = self._send("POST", url, content=orjson.dumps(payload), headers={"Content-Type": FHIR_JSON}, idempotent=safe)
         self._raise_for_status(resp, method, url, resource_type=resource_type, resource_id=resource_id)
-        return self._json_object(resp, url)
+        return json_object(resp, url)
 
     def subscription_events(
         self,
@@ -559,7 +560,7 @@ class FhirClient:
                 self._sleep(delay)
                 continue
             self._raise_for_status(resp, "GET", status_url)
-            manifest = self._json_object(resp, status_url)
+            manifest = json_object(resp, status_url)
             if not isinstance(manifest.get("output"), list):
                 raise FhirPermanentError(f"bulk manifest from {redact_url(status_url)} has no output array", url=status_url)
             errors = manifest.get("error")
@@ -745,19 +746,8 @@ class FhirClient:
             raise FhirTransientError(where, status=status, url=url, retry_after_s=parse_retry_after(resp.headers.get("Retry-After")))
         raise FhirPermanentError(where, status=status, url=url)
 
-    def _json_object(self, resp: httpx.Response, url: str) -> dict[str, Any]:
-        if not resp.content:
-            raise FhirPermanentError(f"empty body from {redact_url(url)}", status=resp.status_code, url=url)
-        try:
-            data = orjson.loads(resp.content)
-        except orjson.JSONDecodeError as exc:
-            raise FhirPermanentError(f"invalid JSON from {redact_url(url)}", status=resp.status_code, url=url) from exc
-        if not isinstance(data, dict):
-            raise FhirPermanentError(f"JSON from {redact_url(url)} is not an object", status=resp.status_code, url=url)
-        return data
-
     def _resource(self, resp: httpx.Response, url: str, *, expect_type: str | None = None) -> dict[str, Any]:
-        data = self._json_object(resp, url)
+        data = json_object(resp, url)
         if expect_type is not None and data.get("resourceType") != expect_type:
             raise FhirPermanentError(f"{redact_url(url)} returned a different resource type", url=url)
         return data
@@ -765,7 +755,7 @@ class FhirClient:
     def _written(self, resp: httpx.Response, url: str, resource_type: str) -> dict[str, Any]:
         """The resource after a write: the body, or (``return=minimal`` servers) a vread of Location."""
         if resp.content and resp.content.strip():
-            data = self._json_object(resp, url)
+            data = json_object(resp, url)
             if data.get("resourceType") == resource_type:
                 return data
         location = resp.headers.get("Location") or resp.headers.get("Content-Location")

@@ -18,7 +18,11 @@ Hierarchy::
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import orjson
 
 __all__ = [
     "FhirAuthError",
@@ -103,3 +107,18 @@ class FhirNotFound(FhirPermanentError):
 
 class FhirAuthError(FhirPermanentError):
     """401/403 from the FHIR server, or the SMART token endpoint refused the client."""
+
+
+def json_object(resp: httpx.Response, url: str, what: str = "") -> dict[str, Any]:
+    """The response body as a JSON object, or :class:`FhirPermanentError` (empty, not JSON, not an object) naming
+    ``what`` and the redacted URL, never the body."""
+    prefix = f"{what}: " if what else ""
+    if not resp.content:
+        raise FhirPermanentError(f"{prefix}empty body from {redact_url(url)}", status=resp.status_code, url=url)
+    try:
+        data = orjson.loads(resp.content)
+    except orjson.JSONDecodeError as exc:
+        raise FhirPermanentError(f"{prefix}invalid JSON from {redact_url(url)}", status=resp.status_code, url=url) from exc
+    if not isinstance(data, dict):
+        raise FhirPermanentError(f"{prefix}JSON from {redact_url(url)} is not an object", status=resp.status_code, url=url)
+    return data

@@ -42,7 +42,7 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from service.fhir.errors import FhirAuthError, FhirPermanentError, FhirTransientError, redact_url
+from service.fhir.errors import FhirAuthError, FhirTransientError, json_object, redact_url
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -299,7 +299,7 @@ class SmartBackendAuth:
                 status=resp.status_code,
                 url=url,
             )
-        return _json_object(resp, what=what, url=url)
+        return json_object(resp, url, what)
 
     def _request_token(self) -> _CachedToken:
         token_url = self.token_endpoint()
@@ -326,7 +326,7 @@ class SmartBackendAuth:
                 status=status,
                 url=token_url,
             )
-        data = _json_object(resp, what="SMART token response", url=token_url)
+        data = json_object(resp, token_url, "SMART token response")
         access_token = data.get("access_token")
         if not isinstance(access_token, str) or not access_token:
             raise FhirAuthError("SMART token response has no access_token", url=token_url)
@@ -349,16 +349,6 @@ def _check_loaded_key(key: PrivateKey, alg: str) -> None:
         raise FhirAuthError("ES384 needs an EC private key on curve P-384")
     if alg not in {"RS384", "ES384"}:
         raise FhirAuthError("unsupported SMART signing algorithm (RS384 or ES384)")
-
-
-def _json_object(resp: httpx.Response, *, what: str, url: str) -> dict[str, Any]:
-    try:
-        data = orjson.loads(resp.content)
-    except orjson.JSONDecodeError as exc:
-        raise FhirPermanentError(f"{what}: invalid JSON from {redact_url(url)}", status=resp.status_code, url=url) from exc
-    if not isinstance(data, dict):
-        raise FhirPermanentError(f"{what}: JSON from {redact_url(url)} is not an object", status=resp.status_code, url=url)
-    return data
 
 
 def _oauth_error_code(resp: httpx.Response) -> str | None:
