@@ -8,9 +8,9 @@ analytes and feature names. The catalog version is a hash of the files' content.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -134,6 +134,29 @@ def _read_yaml(path: Path) -> tuple[Any, _Lines]:
     return data, loader.lines
 
 
+V = TypeVar("V")
+
+
+def _collect(
+    path: Path,
+    data: Any,
+    lines: _Lines,
+    section: str,
+    items: Mapping[str, V],
+    into: dict[str, V],
+    what: str,
+    where: dict[str, tuple[Path, int | None]] | None = None,
+) -> None:
+    """Add a file's named entries of ``section`` to ``into``; a name already there is an error at its line."""
+    for name, value in items.items():
+        line = _line_of(data, [section, name], lines)
+        if name in into:
+            raise _fail(path, line, f"duplicate {what} {name}")
+        into[name] = value
+        if where is not None:
+            where[name] = (path, line)
+
+
 def _line_of(data: Any, loc: Iterable[Any], lines: _Lines) -> int | None:
     """The line of the innermost node on the path ``loc`` into ``data``.
 
@@ -214,17 +237,9 @@ def load_catalog(directory: Path | str | None = None) -> Catalog:
                         raise _fail(path, line, f"unit alias {alias!r} of {u.code} already names {unit_aliases[spelling]}")
                     unit_aliases[spelling] = u.code
         elif isinstance(model, AnalytesFile):
-            for name, a in model.analytes.items():
-                line = _line_of(data, ["analytes", name], lines)
-                if name in analytes:
-                    raise _fail(path, line, f"duplicate analyte {name}")
-                analytes[name] = a
-                analyte_where[name] = (path, line)
+            _collect(path, data, lines, "analytes", model.analytes, analytes, "analyte", analyte_where)
         elif isinstance(model, FeaturesFile):
-            for name, f in model.features.items():
-                if name in features:
-                    raise _fail(path, _line_of(data, ["features", name], lines), f"duplicate feature {name}")
-                features[name] = f
+            _collect(path, data, lines, "features", model.features, features, "feature")
 
     for name, a in analytes.items():
         path, line = analyte_where[name]
@@ -254,20 +269,10 @@ def load_catalog(directory: Path | str | None = None) -> Catalog:
 
     for path, model, data, lines in parsed:
         if isinstance(model, OrderAlternativesFile):
-            for feature_name, alt in model.alternatives.items():
-                line = _line_of(data, ["alternatives", feature_name], lines)
-                if feature_name in alternatives:
-                    raise _fail(path, line, f"duplicate order alternative for {feature_name}")
-                alternatives[feature_name] = alt
-                alternative_where[feature_name] = (path, line)
+            _collect(path, data, lines, "alternatives", model.alternatives, alternatives, "order alternative for", alternative_where)
             continue
         if isinstance(model, OrderSetsFile):
-            for name, os_ in model.order_sets.items():
-                line = _line_of(data, ["order_sets", name], lines)
-                if name in order_sets:
-                    raise _fail(path, line, f"duplicate order set {name}")
-                order_sets[name] = os_
-                order_set_where[name] = (path, line)
+            _collect(path, data, lines, "order_sets", model.order_sets, order_sets, "order set", order_set_where)
             continue
         if not isinstance(model, ObservationsFile | ConditionsFile | MedicationsFile | ProceduresFile | RoutesFile):
             continue
