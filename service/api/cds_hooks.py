@@ -112,7 +112,10 @@ async def read_body(request: Request, limit: int, what: str = "request body") ->
 
 
 async def _read_json(request: Request, limit: int) -> Any:
-    body = await read_body(request, limit)
+    return _parse_json(await read_body(request, limit))
+
+
+def _parse_json(body: bytes) -> Any:
     if not body:
         raise BadRequest("empty request body")
     try:
@@ -140,15 +143,20 @@ async def call_service(service_id: str, request: Request) -> Response:
         if service_id not in SERVICES_BY_ID:
             raise NotFound(f"unknown CDS service {service_id!r}")
         caller = authenticate(request, "service")
-        body = await _read_json(request, ctx.settings.max_hook_request_bytes)
-        answer = await ctx.hooks.answer(service_id, body, datetime.now(UTC))
-        data_path = answer.data_path
-        n_cards = len(answer.cards)
-        for card in answer.cards:
-            CARDS.labels(service_id, card["source"]["topic"]["code"]).inc()
-        if answer.cards:
-            ctx.issued_cards.add(service_id, answer.patient_ref, answer.cards)
-        return json_response(answer.response)
+        raw = await read_body(request, ctx.settings.max_hook_request_bytes)
+        # Parsing, evaluation and the freeing of the parsed body happen within one turn (see service.usecases.turns).
+        async with ctx.turns.turn() as turn:
+            body = _parse_json(raw)
+            answer = await ctx.hooks.answer(service_id, body, datetime.now(UTC), turn)
+            data_path = answer.data_path
+            n_cards = len(answer.cards)
+            for card in answer.cards:
+                CARDS.labels(service_id, card["source"]["topic"]["code"]).inc()
+            if answer.cards:
+                ctx.issued_cards.add(service_id, answer.patient_ref, answer.cards)
+            response = json_response(answer.response)
+            del body, answer
+        return response
     except ServiceError as exc:
         status = exc.status_code
         if status == 412:

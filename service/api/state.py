@@ -21,6 +21,7 @@ from service.terminology.checks import load_rule_catalog
 from service.usecases.audit import IssuedCardRecorder
 from service.usecases.evaluate_hook import HookService, StoredAssessment
 from service.usecases.monitor import MonitorContext
+from service.usecases.turns import CpuTurns
 
 
 @dataclass
@@ -35,6 +36,7 @@ class AppContext:
     discovery: dict[str, Any]
     monitor: MonitorContext
     issued_cards: IssuedCardRecorder
+    turns: CpuTurns = field(default_factory=CpuTurns)  # CDS Hooks calls parse and evaluate one at a time, in arrival order
     _ready_cache: tuple[float, dict[str, Any]] | None = field(default=None, repr=False)
 
     def readiness(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ with an empty card list.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,6 +25,7 @@ from service.cds.thresholds import Thresholds
 from service.errors import BadRequest, NotFound, PrefetchUnavailable
 from service.fhir.hook_fetch import FetchRefused, HookFetcher, check_fhir_server
 from service.terminology.catalog import Catalog
+from service.usecases.turns import Turn
 
 ORDER_HOOKS = frozenset({"order-select", "order-sign"})
 
@@ -50,6 +52,10 @@ class HookAnswer:
     evaluation: Evaluation | None
     cards: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+def _paused(turn: Turn | None) -> AbstractAsyncContextManager[None]:
+    return turn.paused() if turn is not None else nullcontext()
 
 
 def _require(condition: bool, message: str) -> None:
@@ -109,7 +115,9 @@ class HookService:
             _require(isinstance(server, str), "'fhirServer' is required with 'fhirAuthorization'")
         return hook, context
 
-    async def answer(self, service_id: str, body: Any, now: datetime) -> HookAnswer:
+    async def answer(self, service_id: str, body: Any, now: datetime, turn: Turn | None = None) -> HookAnswer:
+        """The cards for one call. ``turn``: the caller's CPU turn (:mod:`service.usecases.turns`), given up while
+        fetching from ``fhirServer`` or reading the stored assessment."""
         hook, context = self.validate(service_id, body)
         patient_ref = f"Patient/{context['patientId']}"
         prefetch: dict[str, Any] = body.get("prefetch") or {}
@@ -131,13 +139,14 @@ class HookService:
         data_path = "prefetch"
         if to_fetch:
             data_path = "fallback"
-            try:
-                await self._fetch_missing(body, context, to_fetch, resources, notes)
-            except PrefetchUnavailable:
-                answer = await self._from_stored(hook, service_id, patient_ref, now)
-                if answer is None:
-                    raise
-                return answer
+            async with _paused(turn):
+                try:
+                    await self._fetch_missing(body, context, to_fetch, resources, notes)
+                except PrefetchUnavailable:
+                    answer = await self._from_stored(hook, service_id, patient_ref, now)
+                    if answer is None:
+                        raise
+                    return answer
         groups = group_by_patient(resources)  # flattens the Bundles once, resolving their urn:uuid fullUrls
         evaluation = evaluate_patient(
             groups.patients.get(patient_ref, []),
