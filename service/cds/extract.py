@@ -18,15 +18,18 @@ Windows are applied by the rules; here only obviously stale lab values are dropp
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from service.cds.fhirutil import (
     codings,
     concept_text,
     first_match,
+    is_number,
     parse_date,
     parse_datetime,
     resource_ref,
@@ -38,6 +41,7 @@ from service.cds.model import (
     CaseFacts,
     ConditionFact,
     Excluded,
+    LabSeries,
     LabValue,
     MedicationFact,
     PatientInfo,
@@ -90,9 +94,9 @@ class _Extractor:
         self.excluded: list[Excluded] = []
         self.ignored: dict[str, int] = {}
         self.inputs: dict[str, str | None] = {}
-        self.labs: dict[str, list[LabValue]] = {}
+        self.labs: dict[str, Sequence[LabValue]] = {}
         self.stale: dict[str, LabValue] = {}
-        self.pending_validation: list[tuple[dict[str, Any], LabValue]] = []
+        self.candidates: list[_LabCandidate] = []
         self.unvalidated: dict[str, dict[str, Any]] = {}
         self.stale_candidates: dict[str, tuple[datetime, dict[str, Any], Any, dict[str, Any], str, str]] = {}
         self.conditions: list[ConditionFact] = []
@@ -157,11 +161,14 @@ class _Extractor:
             if prev is None or prev[0] < effective:
                 self.stale_candidates[entry.analyte] = (effective, res, entry, coding, ref, status)
             return
-        lab = self._lab_value(res, entry, coding, ref, status, effective)
-        if lab is not None:
-            self.pending_validation.append((res, lab))
+        candidate = self._lab_candidate(res, entry, coding, ref, status, effective)
+        if candidate is not None:
+            self.candidates.append(candidate)
 
-    def _lab_value(self, res: dict[str, Any], entry: Any, coding: dict[str, Any], ref: str, status: str, effective: datetime) -> LabValue | None:
+    def _lab_candidate(self, res: dict[str, Any], entry: Any, coding: dict[str, Any], ref: str, status: str,
+                       effective: datetime) -> _LabCandidate | None:
+        """Every check that can exclude a value (reported for each value, read or not); the value itself is
+        converted only when a rule reads it (:class:`LabSeries`)."""
         if res.get("dataAbsentReason") is not None:
             self.exclude(ref, "dataAbsentReason present")
             return None
@@ -172,75 +179,41 @@ class _Extractor:
         if vq.get("comparator"):
             self.exclude(ref, f"value has comparator {vq.get('comparator')}")
             return None
-        raw = to_decimal(vq.get("value"))
-        if raw is None:
+        value = vq.get("value")
+        if not is_number(value):
             self.exclude(ref, "valueQuantity.value is missing or not a number")
             return None
         unit = _unit_of(vq)
-        analyte = entry.analyte
-        try:
-            value = self.catalog.convert(raw, unit, analyte)
-        except UnitConversionError as exc:
-            self.exclude(ref, f"unit not convertible: {exc}")
+        error = self.catalog.conversion_error(unit, entry.analyte)
+        if error is not None:
+            self.exclude(ref, f"unit not convertible: {error}")
             return None
-        return LabValue(
-            analyte=analyte,
-            label=entry.label or self.catalog.analytes[analyte].display,
-            value=value,
-            unit=self.catalog.analytes[analyte].canonical_unit,
-            raw_value=raw,
-            raw_unit=unit or "",
-            effective=effective,
-            issued=parse_datetime(res.get("issued")),
-            status=status,
-            source=Source(ref, version_of(res), coding.get("system", ""), coding["code"], entry.display),
-            ref_high=self._reference_high(res, analyte),
-        )
-
-    def _reference_high(self, res: dict[str, Any], analyte: str) -> Decimal | None:
-        """``referenceRange.high`` in the canonical unit, of the first range with a usable bound (the rules read only
-        the upper limit: laboratory ULN for PTH and ALP, paediatric phosphate)."""
-        ranges = res.get("referenceRange")
-        if not isinstance(ranges, list):
-            return None
-        for rr in ranges:
-            if not isinstance(rr, dict):
-                continue
-            high = self._bound(rr.get("high"), analyte)
-            if high is not None or self._bound(rr.get("low"), analyte) is not None:
-                return high
-        return None
-
-    def _bound(self, q: Any, analyte: str) -> Decimal | None:
-        v = to_decimal(q.get("value")) if isinstance(q, dict) else None
-        if v is None:
-            return None
-        try:
-            return self.catalog.convert(v, _unit_of(q), analyte)
-        except UnitConversionError:
-            return None
+        return _LabCandidate(res, entry, coding, ref, status, effective, parse_datetime(res.get("issued")), value, unit)
 
     def finish_labs(self) -> None:
-        """Resolve duplicates at one effective time; structural validation is deferred to first use."""
+        """Resolve duplicates at one effective time; building each value and validating its resource are deferred
+        to first use."""
         for analyte, (effective, res, entry, coding, ref, status) in self.stale_candidates.items():
-            lab = self._lab_value(res, entry, coding, ref, status, effective)
-            if lab is not None:
-                self.stale[analyte] = lab
-        by_time: dict[tuple[str, datetime], list[LabValue]] = {}
-        for res, lab in self.pending_validation:
-            self.unvalidated[lab.source.reference] = res
-            by_time.setdefault((lab.analyte, lab.effective), []).append(lab)
-        for (analyte, _), labs in by_time.items():
-            if len(labs) > 1:
-                labs.sort(key=_lab_preference, reverse=True)
-                for loser in labs[1:]:
+            candidate = self._lab_candidate(res, entry, coding, ref, status, effective)
+            if candidate is not None:
+                self.stale[analyte] = build_lab(self.catalog, candidate)
+        by_time: dict[tuple[str, datetime], list[_LabCandidate]] = {}
+        for c in self.candidates:
+            self.unvalidated[c.ref] = c.res
+            by_time.setdefault((c.entry.analyte, c.effective), []).append(c)
+        listed: dict[str, list[_LabCandidate]] = {}
+        for (analyte, _), same_time in by_time.items():
+            if len(same_time) > 1:
+                same_time.sort(key=_lab_preference, reverse=True)
+                for loser in same_time[1:]:
                     self.exclude(
-                        loser.source.reference,
-                        f"duplicate {analyte} result at the same time; {labs[0].source.reference} ({labs[0].status}) preferred",
+                        loser.ref, f"duplicate {analyte} result at the same time; {same_time[0].ref} ({same_time[0].status}) preferred"
                     )
-            self.labs.setdefault(analyte, []).append(labs[0])
-        for values in self.labs.values():
-            values.sort(key=lambda lab: (lab.effective, lab.issued or lab.effective), reverse=True)
+            listed.setdefault(analyte, []).append(same_time[0])
+        build = partial(build_lab, self.catalog)
+        for analyte, values in listed.items():
+            values.sort(key=lambda c: (c.effective, c.issued or c.effective), reverse=True)
+            self.labs[analyte] = LabSeries(values, build)
 
     # ------------------------------------------------------------------ Condition
     def condition(self, res: dict[str, Any]) -> None:
@@ -362,6 +335,67 @@ class _Extractor:
         )
 
 
+@dataclass(slots=True)
+class _LabCandidate:
+    """An in-window lab result that passed every check, not yet converted."""
+
+    res: dict[str, Any]
+    entry: Any
+    coding: dict[str, Any]
+    ref: str
+    status: str
+    effective: datetime
+    issued: datetime | None
+    value: Any  # valueQuantity.value as in the JSON (a number)
+    unit: str | None
+
+
+def build_lab(catalog: Catalog, c: _LabCandidate) -> LabValue:
+    """The fact for a checked candidate (its unit is accepted for the analyte, so the conversion cannot fail)."""
+    analyte = c.entry.analyte
+    raw = to_decimal(c.value)
+    assert raw is not None  # checked by _lab_candidate
+    definition = catalog.analytes[analyte]
+    return LabValue(
+        analyte=analyte,
+        label=c.entry.label or definition.display,
+        value=catalog.convert(raw, c.unit, analyte),
+        unit=definition.canonical_unit,
+        raw_value=raw,
+        raw_unit=c.unit or "",
+        effective=c.effective,
+        issued=c.issued,
+        status=c.status,
+        source=Source(c.ref, version_of(c.res), c.coding.get("system", ""), c.coding["code"], c.entry.display),
+        ref_high=_reference_high(catalog, c.res, analyte),
+    )
+
+
+def _reference_high(catalog: Catalog, res: dict[str, Any], analyte: str) -> Decimal | None:
+    """``referenceRange.high`` in the canonical unit, of the first range with a usable bound (the rules read only
+    the upper limit: laboratory ULN for PTH and ALP, paediatric phosphate)."""
+    ranges = res.get("referenceRange")
+    if not isinstance(ranges, list):
+        return None
+    for rr in ranges:
+        if not isinstance(rr, dict):
+            continue
+        high = _bound(catalog, rr.get("high"), analyte)
+        if high is not None or _bound(catalog, rr.get("low"), analyte) is not None:
+            return high
+    return None
+
+
+def _bound(catalog: Catalog, q: Any, analyte: str) -> Decimal | None:
+    v = to_decimal(q.get("value")) if isinstance(q, dict) else None
+    if v is None:
+        return None
+    try:
+        return catalog.convert(v, _unit_of(q), analyte)
+    except UnitConversionError:
+        return None
+
+
 def risk_medication(catalog: Catalog, system: Any, code: str) -> MedicationMatch | None:
     """The catalog's match for a medication coding, if it maps to at least one feature."""
     match = catalog.medication(system, code)
@@ -414,8 +448,8 @@ def _effective(res: dict[str, Any]) -> datetime | None:
     return eff
 
 
-def _lab_preference(lab: LabValue) -> tuple[int, datetime]:
-    return (_OBS_STATUS_RANK.get(lab.status, 0), lab.issued or lab.effective)
+def _lab_preference(c: _LabCandidate) -> tuple[int, datetime]:
+    return (_OBS_STATUS_RANK.get(c.status, 0), c.issued or c.effective)
 
 
 def _status_code(concept: Any) -> str | None:

@@ -7,6 +7,7 @@ filtered by code first and only the ones that can inform a decision are validate
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -72,6 +73,16 @@ def to_decimal(value: Any) -> Decimal | None:
     except (InvalidOperation, ValueError):
         return None
     return d if d.is_finite() else None
+
+
+def is_number(value: Any) -> bool:
+    """Whether :func:`to_decimal` gives a number, without building the Decimal for a plain JSON number."""
+    kind = type(value)
+    if kind is int:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    return to_decimal(value) is not None
 
 
 def iso(dt: datetime | None) -> str | None:

@@ -7,10 +7,11 @@ whose JSON form is the contract's (``CONTRACT.md`` "Assessment"), with extra exp
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,6 +78,44 @@ class ProcedureFact:
     performed: datetime
 
 
+class LabSeries(Sequence[LabValue]):
+    """The in-window values of one analyte, newest first, each built (unit conversion, reference range, fact) the
+    first time it is read. Rules read the newest usable value of most analytes and pair only a few, so most of a
+    year of dialysis-session weights is never built. Whatever could exclude a value was checked when it was listed,
+    so building one cannot fail."""
+
+    __slots__ = ("_build", "_built", "_pending")
+
+    def __init__(self, pending: list[Any], build: Callable[[Any], LabValue]) -> None:
+        self._pending = pending
+        self._build = build
+        self._built: list[LabValue | None] = [None] * len(pending)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @overload
+    def __getitem__(self, index: int) -> LabValue: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[LabValue]: ...
+
+    def __getitem__(self, index: int | slice) -> LabValue | list[LabValue]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        lab = self._built[index]
+        if lab is None:
+            lab = self._built[index] = self._build(self._pending[index])
+        return lab
+
+    def __iter__(self) -> Iterator[LabValue]:
+        for i in range(len(self._pending)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"LabSeries({len(self)} values)"
+
+
 @dataclass(slots=True, unsafe_hash=True)
 class PatientInfo:
     reference: str
@@ -88,7 +127,7 @@ class PatientInfo:
 @dataclass
 class CaseFacts:
     patient: PatientInfo
-    labs: dict[str, list[LabValue]] = field(default_factory=dict)  # newest first, valid in-window values only
+    labs: dict[str, Sequence[LabValue]] = field(default_factory=dict)  # newest first, in-window values passing the checks
     stale: dict[str, LabValue] = field(default_factory=dict)  # newest value older than the widest window
     conditions: list[ConditionFact] = field(default_factory=list)
     medications: list[MedicationFact] = field(default_factory=list)

@@ -33,10 +33,10 @@ class MedicationMatch:
 
     entry: MedicationEntry
     ingredients: tuple[MedicationEntry, ...]
+    features: frozenset[str] = field(init=False)
 
-    @property
-    def features(self) -> frozenset[str]:
-        return frozenset(i.feature for i in self.ingredients if i.feature)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", frozenset(i.feature for i in self.ingredients if i.feature))
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ class Catalog:
     order_sets: dict[str, OrderSet]
     conditions_dotless: dict[tuple[str, str], ConditionEntry] = field(default_factory=dict, repr=False)
     order_alternatives: dict[str, OrderAlternative] = field(default_factory=dict)
+    #: Resolved medication codes (built on first lookup; the catalog never changes after loading).
+    _medication_matches: dict[tuple[str, str], MedicationMatch | None] = field(default_factory=dict, repr=False, compare=False)
+    _conversion_errors: dict[tuple[str | None, str], str | None] = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ lookups
     def observation(self, system: str | None, code: str | None) -> ObservationEntry | None:
@@ -84,7 +87,18 @@ class Catalog:
     def medication(self, system: str | None, code: str | None) -> MedicationMatch | None:
         if system is None or code is None:
             return None
-        entry = self.medications.get((system, code))
+        key = (system, code)
+        try:
+            return self._medication_matches[key]
+        except KeyError:
+            pass
+        match = self._resolve_medication(key)
+        if match is not None or len(self._medication_matches) < 100_000:  # unknown codes from requests: bounded
+            self._medication_matches[key] = match
+        return match
+
+    def _resolve_medication(self, key: tuple[str, str]) -> MedicationMatch | None:
+        entry = self.medications.get(key)
         if entry is None:
             return None
         if entry.feature:
@@ -118,6 +132,23 @@ class Catalog:
         return sorted(k for k, e in self.observations.items() if e.analyte == analyte and (e.use or not used_only))
 
     # ------------------------------------------------------------------ units
+    def conversion_error(self, unit: str | None, analyte: str) -> str | None:
+        """Why a value in ``unit`` cannot be converted for ``analyte`` (None: it can). Depends on the unit and
+        the analyte only, never on the value, so it is remembered."""
+        key = (unit, analyte)
+        try:
+            return self._conversion_errors[key]
+        except KeyError:
+            pass
+        try:
+            self.convert(Decimal(1), unit, analyte)
+            error = None
+        except UnitConversionError as exc:
+            error = str(exc)
+        if len(self._conversion_errors) < 10_000:  # units come from requests: bounded
+            self._conversion_errors[key] = error
+        return error
+
     def canonical_unit_code(self, unit: str | None) -> str | None:
         if unit is None:
             return None

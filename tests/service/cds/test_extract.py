@@ -266,3 +266,39 @@ def test_irrelevant_medication_records_are_not_validated(catalog) -> None:
     outcome = assess(ev, Thresholds(), NOW, catalog)
     assert "M1" not in [f.id for f in outcome.majors]
     assert not any(e.reference == f"MedicationRequest/{old['id']}" for e in ev.excluded)
+
+
+def test_every_in_window_value_is_checked_though_only_read_values_are_built(catalog) -> None:
+    """A year of results: the rules read the newest usable value, so only that one is converted; yet a value
+    nobody reads is still excluded with its reason, and reading the series gives every value, converted."""
+    from service.cds.model import LabSeries
+    from service.cds.rules import assess
+
+    values = [obs(CA_MOL, 2.2 + i / 100, "mmol/L", days=i + 1) for i in range(10)]
+    bad_unit = obs(CA, 9.0, "furlongs", days=11)
+    f = facts(catalog, *values, bad_unit)
+    assert "not a known UCUM unit" in reasons(f)[f"Observation/{bad_unit['id']}"]  # never read, still reported
+    series = f.labs["calcium_total"]
+    assert isinstance(series, LabSeries) and len(series) == 10
+    assess(f, Thresholds(), NOW, catalog)
+    built = [lab for lab in series._built if lab is not None]
+    assert 1 <= len(built) < len(series)
+    assert [round(float(lab.value), 2) for lab in series] == [round((2.2 + i / 100) * 4.0078, 2) for i in range(10)]
+    assert series[0] is series[0] and series[-1].raw_unit == "mmol/L"
+    assert [lab.source.reference for lab in series[1:3]] == [f"Observation/{values[1]['id']}", f"Observation/{values[2]['id']}"]
+
+
+def test_lab_series_builds_each_value_once_in_any_access_order() -> None:
+    from service.cds.model import LabSeries
+
+    calls: list[int] = []
+
+    def build(n: int) -> int:
+        calls.append(n)
+        return n * 10
+
+    series = LabSeries([1, 2, 3], build)  # type: ignore[arg-type]
+    assert series[1] == 20 and calls == [2]
+    assert list(series) == [10, 20, 30] and calls == [2, 1, 3]
+    assert series[-1] == 30 and series[0:2] == [10, 20] and calls == [2, 1, 3]
+    assert len(series) == 3 and repr(series) == "LabSeries(3 values)"

@@ -207,3 +207,23 @@ def test_unacceptable_units_raise(catalog: Catalog, analyte: str, unit: str | No
 def test_mg_l_calcium_always_refused(catalog: Catalog, value: Decimal) -> None:
     with pytest.raises(UnitConversionError):
         catalog.convert(value, "mg/L", "calcium_total")
+
+
+# ----------------------------------------------------------------------------- conversion_error (remembered)
+def _units_to_try(catalog: Catalog) -> list[str | None]:
+    return [None, "", "furlongs", "MG/DL", " mmol/l ", *sorted(catalog.units), *sorted(catalog.unit_aliases)]
+
+
+@given(data=st.data(), value=values)
+def test_conversion_error_says_exactly_when_convert_refuses(catalog: Catalog, data: st.DataObject, value: Decimal) -> None:
+    """Extraction checks a unit with ``conversion_error`` and converts only the values a rule reads: the check must
+    refuse exactly what ``convert`` refuses, with the same reason, whatever the value."""
+    analyte = data.draw(st.sampled_from(sorted(catalog.analytes)))
+    unit = data.draw(st.one_of(st.sampled_from(_units_to_try(catalog)), st.text(max_size=12)))
+    try:
+        catalog.convert(value, unit, analyte)
+        expected = None
+    except UnitConversionError as exc:
+        expected = str(exc)
+    assert catalog.conversion_error(unit, analyte) == expected
+    assert catalog.conversion_error(unit, analyte) == expected  # remembered: same answer
