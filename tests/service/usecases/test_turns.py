@@ -4,10 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from service.usecases.turns import CpuTurns
+
+
+@contextmanager
+def _watched_socket(events: list[str]) -> Iterator[socket.socket]:
+    """A socket pair whose reading end the running loop watches: each read is logged in ``events``."""
+    loop = asyncio.get_running_loop()
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    loop.add_reader(reader.fileno(), lambda: events.append(f"read {reader.recv(16).decode()}"))
+    try:
+        yield writer
+    finally:
+        loop.remove_reader(reader.fileno())
+        reader.close()
+        writer.close()
 
 
 def test_the_loop_reads_sockets_between_turns_and_callers_go_in_arrival_order() -> None:
@@ -17,11 +34,7 @@ def test_the_loop_reads_sockets_between_turns_and_callers_go_in_arrival_order() 
 
     async def main() -> None:
         turns = CpuTurns()
-        loop = asyncio.get_running_loop()
-        reader, writer = socket.socketpair()
-        reader.setblocking(False)
-        loop.add_reader(reader.fileno(), lambda: events.append(f"read {reader.recv(16).decode()}"))
-        try:
+        with _watched_socket(events) as writer:
 
             async def call(name: str) -> None:
                 async with turns.turn():
@@ -31,10 +44,6 @@ def test_the_loop_reads_sockets_between_turns_and_callers_go_in_arrival_order() 
                     events.append(f"{name} end")
 
             await asyncio.gather(call("a"), call("b"), call("c"))
-        finally:
-            loop.remove_reader(reader.fileno())
-            reader.close()
-            writer.close()
 
     asyncio.run(main())
     assert events == ["a start", "a end", "read x", "b start", "b end", "c start", "c end"]
@@ -45,11 +54,7 @@ def test_without_turns_the_same_calls_run_back_to_back() -> None:
     events: list[str] = []
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        reader, writer = socket.socketpair()
-        reader.setblocking(False)
-        loop.add_reader(reader.fileno(), lambda: events.append(f"read {reader.recv(16).decode()}"))
-        try:
+        with _watched_socket(events) as writer:
 
             async def call(name: str) -> None:
                 events.append(f"{name} start")
@@ -59,10 +64,6 @@ def test_without_turns_the_same_calls_run_back_to_back() -> None:
 
             await asyncio.gather(call("a"), call("b"), call("c"))
             await asyncio.sleep(0.01)
-        finally:
-            loop.remove_reader(reader.fileno())
-            reader.close()
-            writer.close()
 
     asyncio.run(main())
     assert events.index("read x") > events.index("c end")
