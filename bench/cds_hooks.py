@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import orjson
+from benchutil import free_port, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "CDS Hooks latency (bench/cds_hooks.py)"
@@ -309,12 +308,6 @@ def run_fhir_stub(data_file: Path, port_file: Path) -> None:
 
 
 # --- processes ----------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_http(url: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -451,25 +444,6 @@ def measure(scenario: str, url: str, body: bytes, concurrency: int, n: int, warm
 
 
 # --- report ---------------------------------------------------------------------------------------------
-def machine() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "os": f"{platform.system()} {platform.release()}",
-        "load": load,
-    }
-
-
 def table(results: list[Result]) -> list[str]:
     lines = ["| scenario | concurrency | req/s | p50 ms | p95 ms | p99 ms |", "|---|---:|---:|---:|---:|---:|"]
     for r in results:

@@ -45,7 +45,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import random
 import signal
 import socket
@@ -62,6 +61,7 @@ from typing import Any
 import orjson
 import psycopg
 import redis
+from benchutil import free_port, machine
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
@@ -266,12 +266,6 @@ async def _load(port: int, items: list[Notification], rate: float, clients: int,
 
 
 # ------------------------------------------------------------------------------- processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _children(pid: int) -> list[int]:
@@ -482,7 +476,7 @@ def run_once(args: argparse.Namespace, workers: int, items: list[Notification]) 
     broker = redis.Redis.from_url(args.redis_url)
     broker.flushdb()
     tmp = Path(tempfile.mkdtemp(prefix="cds-bench-"))
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "CDS_DATABASE_URL": _sqlalchemy_url(args.pg_url, dbname),
@@ -666,8 +660,8 @@ def main() -> None:
 
     counts = [int(w) for w in args.workers.split(",") if w.strip()]
     items = generate(args.patients, args.results, args.seed, args.order)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
-    print(f"machine: {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, {platform.system()} {platform.release()}")
+    info = machine()
+    print(f"machine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, {info['os']}")
     print(
         f"load: {args.patients:,} patients x ({args.results} results + Patient + Condition) = {len(items):,} notifications, "
         f"order={args.order}, rate={'unpaced' if args.rate <= 0 else f'{args.rate:.0f}/s'}, {args.clients} HTTP connections, "
