@@ -141,9 +141,8 @@ def serve(
             log_level="warning",
             access_log=False,
         )
-        # uvicorn's own multi-process path binds the listener without IPPROTO_TCP, so asyncio never sets
-        # TCP_NODELAY on accepted connections and each keep-alive response waits ~40 ms for a delayed ACK
-        # (Kludex/uvicorn#3149): bind it ourselves.
+        # Bound here: a taken port is one line and exit 2, and connections get TCP_NODELAY on the standard asyncio
+        # loop too (see service.serving).
         try:
             listener = tcp_listener(config.host, config.port)
         except OSError as exc:

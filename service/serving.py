@@ -1,9 +1,14 @@
 """The listening socket for ``serve --workers N``.
 
-asyncio turns on ``TCP_NODELAY`` for an accepted connection only when the listener reports
-``proto == IPPROTO_TCP``. A socket made by ``socket.socket(AF_INET)`` reports 0, so a listener bound that way
-(as uvicorn's multi-process supervisor does) leaves Nagle's algorithm on, and every response on a keep-alive
-connection after the first waits for the client's delayed ACK: about 40 ms on Linux.
+Bound here rather than by uvicorn's multi-process supervisor, for two reasons:
+- a taken port is reported as one line with exit 2, like every other CLI error;
+- the standard asyncio loop turns on ``TCP_NODELAY`` for an accepted connection only when the listener reports
+  ``proto == IPPROTO_TCP``, and uvicorn binds with ``socket.socket(AF_INET)``, which reports 0. On that loop,
+  every response on a keep-alive connection after the first would wait about 40 ms for the client's delayed ACK
+  (Kludex/uvicorn#3149).
+
+uvloop, the loop uvicorn picks wherever it is installed (a dependency except on Windows), sets ``TCP_NODELAY`` on
+every connection whatever the listener reports.
 """
 
 from __future__ import annotations
