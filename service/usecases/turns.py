@@ -22,7 +22,8 @@ from contextlib import asynccontextmanager
 
 
 class Turn:
-    """A held turn; :meth:`paused` gives it up around awaited I/O and takes it back after (at the end of the line)."""
+    """A held turn; :meth:`paused` gives it up around awaited I/O and takes it back after (at the end of the line).
+    When the paused block raises, the turn is not taken back: the call is ending, with no work left to queue for."""
 
     def __init__(self, lock: asyncio.Lock) -> None:
         self._lock = lock
@@ -32,11 +33,9 @@ class Turn:
     async def paused(self) -> AsyncIterator[None]:
         self._lock.release()
         self.held = False
-        try:
-            yield
-        finally:
-            await self._lock.acquire()  # cancelled while waiting: not held, and not released by turn()
-            self.held = True
+        yield
+        await self._lock.acquire()  # cancelled while waiting: not held, and not released by turn()
+        self.held = True
 
 
 class CpuTurns:

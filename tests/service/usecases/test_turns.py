@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import pytest
 
 from service.usecases.turns import CpuTurns
+
+T = TypeVar("T")
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` with a deadline: a turn that leaked its lock fails the test instead of hanging the run."""
+    return asyncio.run(asyncio.wait_for(main, 5))
 
 
 @contextmanager
@@ -45,7 +53,7 @@ def test_the_loop_reads_sockets_between_turns_and_callers_go_in_arrival_order() 
 
             await asyncio.gather(call("a"), call("b"), call("c"))
 
-    asyncio.run(main())
+    _run(main())
     assert events == ["a start", "a end", "read x", "b start", "b end", "c start", "c end"]
 
 
@@ -65,7 +73,7 @@ def test_without_turns_the_same_calls_run_back_to_back() -> None:
             await asyncio.gather(call("a"), call("b"), call("c"))
             await asyncio.sleep(0.01)
 
-    asyncio.run(main())
+    _run(main())
     assert events.index("read x") > events.index("c end")
 
 
@@ -92,7 +100,7 @@ def test_a_paused_turn_lets_others_work_and_queues_again_behind_them() -> None:
 
         await asyncio.gather(fallback(), prefetch("p1"), prefetch("p2"))
 
-    asyncio.run(main())
+    _run(main())
     # p2 was waiting before the fetch finished, so the fallback call queues behind it.
     assert events == ["fallback parse", "p1 evaluate", "p2 evaluate", "fallback evaluate"]
 
@@ -131,4 +139,36 @@ def test_errors_and_cancellation_leave_the_turns_usable() -> None:
             done.append("still works")
         return done
 
-    assert asyncio.run(main()) == ["still works"]
+    assert _run(main()) == ["still works"]
+
+
+def test_an_error_while_paused_ends_the_call_without_waiting_for_the_turn() -> None:
+    """A fallback fetch that fails (a 412) is answered at once, not after every call queued meanwhile."""
+
+    async def main() -> list[str]:
+        turns = CpuTurns()
+        events: list[str] = []
+        holder_in, release = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with turns.turn():
+                holder_in.set()
+                await release.wait()
+                events.append("holder done")
+
+        async def failing_fetch() -> None:
+            async with turns.turn() as turn, turn.paused():
+                await holder_in.wait()  # another call has the turn now
+                raise LookupError("fhirServer unreachable")
+
+        fetch = asyncio.create_task(failing_fetch())
+        await asyncio.sleep(0)  # the fetch takes the turn and gives it up while it waits
+        second = asyncio.create_task(holder())
+        with pytest.raises(LookupError):
+            await fetch
+        events.append("failure answered")
+        release.set()
+        await second
+        return events
+
+    assert _run(main()) == ["failure answered", "holder done"]
