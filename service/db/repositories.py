@@ -660,6 +660,13 @@ class PatientResourceRepository(_Repository):
         ).returning(PatientResource.id)
         return self.session.execute(tombstone).first() is not None
 
+    def stored_version(self, resource_type: str, resource_id: str) -> str | None:
+        """The stored versionId of a resource (live or tombstone); None when unknown or stored without one."""
+        stmt = select(PatientResource.version_id).where(
+            PatientResource.resource_type == resource_type, PatientResource.resource_id == resource_id
+        )
+        return self.session.execute(stmt).scalar_one_or_none()
+
     def get(self, resource_type: str, resource_id: str) -> PatientResource | None:
         stmt = (
             select(PatientResource)

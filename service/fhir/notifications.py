@@ -651,7 +651,7 @@ def dedup_key(event: ResourceChanged | ResourceDeleted | NotificationEvent) -> s
     * Resource payloads: ``"{Type}/{id}/_history/{versionId}"``; without a versionId,
       ``"{Type}/{id}/_lastUpdated/{meta.lastUpdated}"``; without either,
       ``"{Type}/{id}/_sha256/{digest}"`` of the canonical (key-sorted) JSON.
-    * Deletions: ``"{Type}/{id}/_deleted"``.
+    * Deletions: ``"{Type}/{id}/_deleted"`` (the receiver appends the stored version the deletion applies to).
     """
     if isinstance(event, NotificationEvent):
         return f"{event.subscription}#{event.event_number}"

@@ -323,8 +323,8 @@ def _receive_transaction(ctx: MonitorContext, batch: list[_Receipt]) -> None:
                 pending.write(repos, jobs, ctx.settings)
                 if isinstance(n, ResourceDeleted):
                     # Keyed by the version it deletes, so delete → recreate → delete is two events, a redelivery one.
-                    stored = repos.resources.get(n.resource_type, n.id)
-                    deletes = (stored.version_id or "?") if stored is not None else "unknown"
+                    # "?" when there is none: processing leaves the version as it was, so a redelivery gets the same key.
+                    deletes = repos.resources.stored_version(n.resource_type, n.id) or "?"
                     _record(repos, jobs, summary, requeue, dedup_key=f"{dedup_key(n)}/{deletes}", kind="deletion",
                             resource_type=n.resource_type, resource_id=n.id, subscription=n.subscription_id)
                 elif isinstance(n, EmptyPing):

@@ -49,6 +49,17 @@ def test_delete_recreate_delete(tmp_path, catalog) -> None:
     assert deleted_state(ctx)
 
 
+def test_redelivered_deletion_of_an_unknown_resource_is_a_duplicate(tmp_path, catalog) -> None:
+    """Processing the first deletion writes a tombstone; the redelivery must still map to the same event."""
+    ctx = context(tmp_path, catalog)
+    first = receive(ctx, [ResourceDeleted("Observation", "o-del")], "r4-resource")
+    assert first.accepted == 1
+    process_event(ctx, first.events[0])
+    assert deleted_state(ctx)
+    again = receive(ctx, [ResourceDeleted("Observation", "o-del")], "r4-resource")
+    assert (again.accepted, again.duplicates) == (0, 1)
+
+
 def test_redelivered_event_is_a_duplicate(tmp_path, catalog) -> None:
     ctx = context(tmp_path, catalog)
     assert receive(ctx, [changed("1")], "r4-resource").accepted == 1
