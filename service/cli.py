@@ -306,8 +306,8 @@ def subscriptions_create(
         [backport_subscription(topic, url, header, settings.heartbeat_timeout_s // 2, filter_)] if topic else r4_subscriptions(mctx.catalog, url, header)
     )
     try:
-        with mctx.client() as client:
-            created = [client.create("Subscription", r) for r in resources]
+        client = mctx.shared_client()
+        created = [client.create("Subscription", r) for r in resources]
     except FhirError as exc:
         fail(f"FHIR server refused: {exc}")
     with session_scope(mctx.sessions) as session:
@@ -327,8 +327,7 @@ def subscriptions_list(endpoint: Annotated[str | None, typer.Option(help="Only t
     if mctx.fhir_client is None:
         fail("set CDS_FHIR_BASE_URL")
     try:
-        with mctx.client() as client:
-            subs = list(client.search("Subscription", []))
+        subs = list(mctx.shared_client().search("Subscription", []))
     except FhirError as exc:
         fail(f"FHIR server refused: {exc}")
     for sub in subs:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -68,6 +67,7 @@ class MonitorContext:
     fhir_client: Callable[[], FhirClient] | None = None  # factory; None when no FHIR server is configured
     _client: FhirClient | None = field(default=None, init=False, repr=False, compare=False)
     _client_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    _group_commit: _GroupCommit = field(default_factory=lambda: _GroupCommit(), init=False, repr=False, compare=False)
 
     @classmethod
     def from_settings(
@@ -107,9 +107,6 @@ class MonitorContext:
                 self._client = self.fhir_client()
             return self._client
 
-    def client(self) -> AbstractContextManager[FhirClient]:
-        """``with ctx.client() as client:`` the shared client (left open for the next caller)."""
-        return nullcontext(self.shared_client())
 
 
 @dataclass
@@ -189,7 +186,7 @@ def receive(ctx: MonitorContext, notifications: list[Any], form: str) -> Receive
     own request. Full resources are written in batches: one ledger INSERT, one version-guarded upsert of the
     new ones and one mark per patient for all the consecutive full resources of the group."""
     request = _Receipt(notifications, form)
-    _GroupCommit.of(ctx).submit(ctx, request)
+    ctx._group_commit.submit(ctx, request)
     if request.error is not None:
         raise request.error
     NOTIFICATIONS.labels(form, "accepted").inc(request.summary.accepted)
@@ -215,7 +212,7 @@ class _Receipt:
 
 
 class _GroupCommit:
-    """Leader/follower group commit of receive() calls (one instance per MonitorContext).
+    """Leader/follower group commit of receive() calls (one per MonitorContext: ``ctx._group_commit``).
 
     A call queues its receipt; if no transaction is running it leads: it takes every queued receipt, writes
     them in one transaction, sends their jobs after the commit, marks them finished, and hands the lead to
@@ -223,23 +220,10 @@ class _GroupCommit:
     and there is no added delay: a group is whatever arrived while the previous transaction ran.
     """
 
-    _created = threading.Lock()
-
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.queue: list[_Receipt] = []
         self.busy = False
-
-    @classmethod
-    def of(cls, ctx: MonitorContext) -> _GroupCommit:
-        group = getattr(ctx, "_group_commit", None)
-        if group is None:
-            with cls._created:
-                group = getattr(ctx, "_group_commit", None)
-                if group is None:
-                    group = cls()
-                    setattr(ctx, "_group_commit", group)  # noqa: B010 - one per context, not a dataclass field
-        return group
 
     def submit(self, ctx: MonitorContext, receipt: _Receipt) -> None:
         with self.lock:
@@ -418,7 +402,7 @@ def _receive_backport(repos: Repositories, jobs: Jobs, n: BackportNotification, 
         missing = repos.subscriptions.observe_events_since_start(sub, n.events_since_start)
     for ev in n.events:
         missing.extend(repos.subscriptions.observe_event_number(sub, ev.event_number))
-        key = f"{sub}#{ev.event_number}"
+        key = dedup_key(ev)
         if ev.resource is not None:
             pending.add(LedgerEntry(key, "backport-event", EventStatus.HANDLED, subscription=sub, event_number=ev.event_number,
                                   resource_type=str(ev.resource.get("resourceType")), resource_id=str(ev.resource.get("id")),
@@ -483,14 +467,13 @@ def _fetch_focus(ctx: MonitorContext, repos: Repositories, jobs: Jobs, rtype: st
         raise PermanentEventError("event has no usable focus reference")
     if rtype not in MONITORED_TYPES:
         return
-    with ctx.client() as client:
-        try:
-            resource = client.read(rtype, rid)
-        except FhirNotFound:
-            apply_deletion(repos, jobs, rtype, rid, ctx.settings)
-            return
-        except FhirPermanentError as exc:
-            raise PermanentEventError(str(exc)) from exc
+    try:
+        resource = ctx.shared_client().read(rtype, rid)
+    except FhirNotFound:
+        apply_deletion(repos, jobs, rtype, rid, ctx.settings)
+        return
+    except FhirPermanentError as exc:
+        raise PermanentEventError(str(exc)) from exc
     apply_resource(repos, jobs, resource, ctx.settings)
 
 
@@ -506,14 +489,14 @@ def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs
     watermark = repos.subscriptions.get_watermark(subscription) or (_now() - timedelta(hours=ctx.settings.poll_initial_lookback_h))
     newest = watermark
     count = 0
-    with ctx.client() as client:
-        for rtype in MONITORED_TYPES:
-            for resource in client.history_since(rtype, watermark, _search_params(ctx, rtype)):
-                apply_resource(repos, jobs, resource, ctx.settings)
-                count += 1
-                updated = last_updated_of(resource)
-                if updated is not None and updated > newest:
-                    newest = updated
+    client = ctx.shared_client()
+    for rtype in MONITORED_TYPES:
+        for resource in client.history_since(rtype, watermark, _search_params(ctx, rtype)):
+            apply_resource(repos, jobs, resource, ctx.settings)
+            count += 1
+            updated = last_updated_of(resource)
+            if updated is not None and updated > newest:
+                newest = updated
     if newest > watermark:
         repos.subscriptions.set_watermark(subscription, newest)
     log.info("fetched_changes", subscription=subscription, resources=count)
@@ -526,8 +509,7 @@ def _recover_gap(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscript
     sub_id = subscription.rstrip("/").split("/")[-1]
     if span and sub_id:
         try:
-            with ctx.client() as client:
-                bundle = client.subscription_events(sub_id, since=span[0], until=span[-1], content="id-only")
+            bundle = ctx.shared_client().subscription_events(sub_id, since=span[0], until=span[-1], content="id-only")
             unresolved = set(range(span[0], span[-1] + 1))
             for n in parse_subscription_status(bundle):
                 for ev in n.events:
@@ -617,29 +599,29 @@ def write_back(ctx: MonitorContext, evaluation_id: int) -> dict[str, str]:
         planned = {_flag_of(r): r for r in row.assessment.get("risk_assessments", [])}
         previous = {flag: repos.writebacks.get(patient_ref, flag) for flag in FLAGS}
     results: dict[str, str] = {}
-    with ctx.client() as client:
-        for flag in FLAGS:
-            resource = planned.get(flag)
-            prior = previous[flag]
-            if resource is None:
-                if prior is None or prior.tier == "none":
-                    continue
-                resource = _retracted(prior, patient_ref, row.evaluated_at)
-            bhash = basis_hash(resource)
-            tier = _tier_of(resource)
-            if prior is not None and prior.basis_hash == bhash and prior.tier == tier:
-                results[flag] = "unchanged"
-                WRITEBACKS.labels("unchanged").inc()
+    client = ctx.shared_client()
+    for flag in FLAGS:
+        resource = planned.get(flag)
+        prior = previous[flag]
+        if resource is None:
+            if prior is None or prior.tier == "none":
                 continue
-            ident = resource["identifier"][0]
-            written = client.conditional_update("RiskAssessment", ident["system"], ident["value"], resource)
-            with unit_of_work(ctx.sessions, ctx.queue) as (session, _):
-                Repositories(session).writebacks.upsert(
-                    patient_ref=patient_ref, flag=flag, identifier_system=ident["system"], identifier_value=ident["value"],
-                    basis_hash=bhash, tier=tier, fhir_id=written.get("id"), fhir_version=version_of(written),
-                )
-            results[flag] = "written"
-            WRITEBACKS.labels("written").inc()
+            resource = _retracted(prior, patient_ref, row.evaluated_at)
+        bhash = basis_hash(resource)
+        tier = _tier_of(resource)
+        if prior is not None and prior.basis_hash == bhash and prior.tier == tier:
+            results[flag] = "unchanged"
+            WRITEBACKS.labels("unchanged").inc()
+            continue
+        ident = resource["identifier"][0]
+        written = client.conditional_update("RiskAssessment", ident["system"], ident["value"], resource)
+        with unit_of_work(ctx.sessions, ctx.queue) as (session, _):
+            Repositories(session).writebacks.upsert(
+                patient_ref=patient_ref, flag=flag, identifier_system=ident["system"], identifier_value=ident["value"],
+                basis_hash=bhash, tier=tier, fhir_id=written.get("id"), fhir_version=version_of(written),
+            )
+        results[flag] = "written"
+        WRITEBACKS.labels("written").inc()
     return results
 
 

@@ -79,11 +79,9 @@ def test_tasks_share_one_fhir_client(tmp_path, catalog) -> None:
 
     ctx = context(tmp_path, catalog)
     with pytest.raises(PermanentEventError):
-        ctx.client()  # no FHIR server configured
+        ctx.shared_client()  # no FHIR server configured
     ctx.fhir_client = factory
-    with ctx.client() as first:
-        pass
-    with ctx.client() as second:
-        assert second is first and not second._http.is_closed  # left open for the next task
-    assert ctx.shared_client() is first and len(built) == 1
+    first = ctx.shared_client()
+    second = ctx.shared_client()
+    assert second is first and not second._http.is_closed and len(built) == 1  # one client, left open for the next task
     first.close()

@@ -80,7 +80,7 @@ def run_behind_a_leader(ctx: monitor.MonitorContext, queue: GatedQueue, follower
     threads = [threading.Thread(target=call, args=(i + 1, n)) for i, n in enumerate(followers)]
     for t in threads:
         t.start()
-    group = monitor._GroupCommit.of(ctx)
+    group = ctx._group_commit
     deadline = time.monotonic() + 10
     while len(group.queue) < len(followers) and time.monotonic() < deadline:  # all queued behind the busy leader
         time.sleep(0.005)
