@@ -46,12 +46,17 @@ def _run(name: str, fn: Any, *args: Any) -> Any:
         TASK_LATENCY.labels(name).observe(time.perf_counter() - started)
 
 
+def _failed(name: str, exc: BaseException, **ids: Any) -> None:
+    """Count and log a task that ends failed (ids and the error's type only, never its text)."""
+    TASKS.labels(name, "failed").inc()
+    log.error("task_failed", task=name, error=type(exc).__name__, **ids)
+
+
 def _gave_up(task: Task, name: str, exc: BaseException, **ids: Any) -> bool:
     """A transient failure: True (counted and logged) when the retries are used up; otherwise call ``_retry``."""
     if task.request.retries < context.get().settings.task_max_retries:
         return False
-    TASKS.labels(name, "failed").inc()
-    log.error("task_gave_up", task=name, error=type(exc).__name__, attempts=task.request.retries + 1, **ids)
+    _failed(name, exc, attempts=task.request.retries + 1, **ids)
     return True
 
 
@@ -74,8 +79,7 @@ def process_event(self: Task, event_id: int) -> str:
         raise _retry(self, TASK_PROCESS_EVENT, exc) from None
     except Exception as exc:
         monitor.mark_failed(ctx, event_id, exc)
-        TASKS.labels(TASK_PROCESS_EVENT, "failed").inc()
-        log.error("event_failed", event_id=event_id, error=type(exc).__name__)
+        _failed(TASK_PROCESS_EVENT, exc, event_id=event_id)
         return EventStatus.FAILED
 
 
