@@ -1132,32 +1132,6 @@ class WritebackRepository(_Repository):
 class IssuedCardRepository(_Repository):
     """``issued_cards``: cards returned to the EHR, for joining feedback in audits."""
 
-    def record(
-        self,
-        *,
-        card_uuid: str,
-        service_id: str,
-        patient_ref: str,
-        topic: str | None = None,
-        rule_id: str | None = None,
-        issued_at: datetime | None = None,
-    ) -> bool:
-        """Store the card unless its uuid is known; returns whether it was created."""
-        stmt = (
-            _insert(self.session, IssuedCard)
-            .values(
-                card_uuid=card_uuid,
-                service_id=service_id,
-                patient_ref=patient_ref,
-                topic=topic,
-                rule_id=rule_id,
-                issued_at=_now(issued_at),
-            )
-            .on_conflict_do_nothing(index_elements=[IssuedCard.card_uuid])
-            .returning(IssuedCard.card_uuid)
-        )
-        return self.session.execute(stmt).first() is not None
-
     def record_many(self, rows: Sequence[dict[str, Any]], issued_at: datetime | None = None) -> None:
         """Store a batch of cards (``card_uuid``, ``service_id``, ``patient_ref``, ``topic``, ``rule_id``) in one
         executemany of a prebuilt statement; uuids already known are skipped."""

@@ -47,15 +47,12 @@ def test_feedback_is_idempotent(db_session_factory: sessionmaker[Session], t0: d
 def test_issued_cards_and_the_audit_join(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
     with session_scope(db_session_factory) as session:
         cards = IssuedCardRepository(session)
-        assert cards.record(
-            card_uuid="c1",
-            service_id=SERVICE,
-            patient_ref="Patient/p1",
-            topic="calciphylaxis",
-            rule_id="calci.high",
+        cards.record_many(
+            [{"card_uuid": "c1", "service_id": SERVICE, "patient_ref": "Patient/p1", "topic": "calciphylaxis", "rule_id": "calci.high"}],
             issued_at=t0,
         )
-        assert not cards.record(card_uuid="c1", service_id=SERVICE, patient_ref="Patient/p1")
+        # a known uuid is not stored again (the card read below keeps its rule and time)
+        cards.record_many([{"card_uuid": "c1", "service_id": SERVICE, "patient_ref": "Patient/p1", "topic": None, "rule_id": None}])
         CardFeedbackRepository(session).record_feedback(
             service_id=SERVICE, card_uuid="c1", outcome="accepted", outcome_timestamp=t0, now=t0
         )
