@@ -18,7 +18,7 @@ Windows are applied by the rules; here only obviously stale lab values are dropp
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -94,7 +94,7 @@ class _Extractor:
         self.excluded: list[Excluded] = []
         self.ignored: dict[str, int] = {}
         self.inputs: dict[str, str | None] = {}
-        self.labs: dict[str, Sequence[LabValue]] = {}
+        self.labs: dict[str, LabSeries] = {}
         self.stale: dict[str, LabValue] = {}
         self.candidates: list[_LabCandidate] = []
         self.unvalidated: dict[str, dict[str, Any]] = {}

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Literal, overload
+from typing import Any, Literal, Protocol, overload
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,6 +78,11 @@ class ProcedureFact:
     performed: datetime
 
 
+class _Dated(Protocol):
+    @property
+    def effective(self) -> datetime: ...
+
+
 class LabSeries(Sequence[LabValue]):
     """The in-window values of one analyte, newest first, each built (unit conversion, reference range, fact) the
     first time it is read. Rules read the newest usable value of most analytes and pair only a few, so most of a
@@ -86,13 +91,22 @@ class LabSeries(Sequence[LabValue]):
 
     __slots__ = ("_build", "_built", "_pending")
 
-    def __init__(self, pending: list[Any], build: Callable[[Any], LabValue]) -> None:
+    def __init__(self, pending: Sequence[_Dated], build: Callable[[Any], LabValue]) -> None:
         self._pending = pending
         self._build = build
         self._built: list[LabValue | None] = [None] * len(pending)
 
+    @classmethod
+    def of(cls, labs: Sequence[LabValue]) -> LabSeries:
+        """A series of values already built."""
+        return cls(labs, lambda lab: lab)
+
     def __len__(self) -> int:
         return len(self._pending)
+
+    def effective(self, index: int) -> datetime:
+        """The effective time of a value, without building it."""
+        return self._pending[index].effective
 
     @overload
     def __getitem__(self, index: int) -> LabValue: ...
@@ -127,7 +141,7 @@ class PatientInfo:
 @dataclass
 class CaseFacts:
     patient: PatientInfo
-    labs: dict[str, Sequence[LabValue]] = field(default_factory=dict)  # newest first, in-window values passing the checks
+    labs: dict[str, LabSeries] = field(default_factory=dict)  # newest first, in-window values passing the checks
     stale: dict[str, LabValue] = field(default_factory=dict)  # newest value older than the widest window
     conditions: list[ConditionFact] = field(default_factory=list)
     medications: list[MedicationFact] = field(default_factory=list)

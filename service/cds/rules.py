@@ -243,15 +243,19 @@ class _Ctx:
 
     def closest(self, analyte: str, days: int, moment: datetime, max_hours: int) -> LabValue | None:
         """The usable in-window value nearest to ``moment`` and at most ``max_hours`` from it (ties: the newest).
-        Only candidates in that order are validated, not the whole window."""
+        Candidates are chosen by their times alone; only those tried, in that order, are built and validated."""
+        series = self.f.labs.get(analyte)
+        if series is None:
+            return None
         limit = timedelta(hours=max_hours)
-        candidates = [
-            (abs(lab.effective - moment), i, lab)
-            for i, lab in enumerate(self.f.labs.get(analyte, ()))
-            if within(lab.effective, self.now, days) and abs(lab.effective - moment) <= limit
-        ]
-        candidates.sort(key=lambda c: (c[0], c[1]))
-        return next((lab for _, _, lab in candidates if self.f.usable(lab)), None)
+        candidates = []
+        for i in range(len(series)):
+            effective = series.effective(i)
+            gap = abs(effective - moment)
+            if gap <= limit and within(effective, self.now, days):
+                candidates.append((gap, i))
+        candidates.sort()
+        return next((series[i] for _, i in candidates if self.f.usable(series[i])), None)
 
     def meds(self, feature: str, relevant: Callable[[MedicationFact], bool] | None = None) -> list[MedicationFact]:
         """Medication facts of a feature that pass the rule's own filter first, then structural validation."""
@@ -308,9 +312,8 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
     if ca is not None:
         out.measured = ca
         out.measured_mg_dl = rnd(ca.value, 2)
-        alb = ctx.closest("albumin", mineral_days, ca.effective, t.albumin_pair_hours) or ctx.closest(
-            "albumin", mineral_days, ca.effective, t.albumin_pair_max_hours
-        )
+        # The nearest usable albumin within the wider limit is the one within the narrower when there is one.
+        alb = ctx.closest("albumin", mineral_days, ca.effective, max(t.albumin_pair_hours, t.albumin_pair_max_hours))
         out.albumin = alb
         if alb is None:
             out.corrected_mg_dl = out.measured_mg_dl
@@ -382,8 +385,8 @@ def calcium_phosphate_product(ctx: _Ctx, mineral_days: int) -> tuple[Product | N
     p = ctx.latest("phosphate", mineral_days)
     if p is None or ctx.latest("calcium_total", mineral_days) is None:
         return None, ""
-    same = ctx.closest("calcium_total", mineral_days, p.effective, t.pair_same_draw_hours)
-    ca = same or ctx.closest("calcium_total", mineral_days, p.effective, t.pair_max_lag_hours)
+    # The nearest usable calcium within the wider limit; "with lag" when it is not of the same draw.
+    ca = ctx.closest("calcium_total", mineral_days, p.effective, max(t.pair_same_draw_hours, t.pair_max_lag_hours))
     if ca is None:
         return None, f"no total calcium within {t.pair_max_lag_hours} h of the latest phosphate: no Ca×P product"
     value = rnd(rnd(ca.value, 2) * rnd(p.value, 2), 1)
@@ -391,7 +394,7 @@ def calcium_phosphate_product(ctx: _Ctx, mineral_days: int) -> tuple[Product | N
     p_mm = p.value / _mg_dl_per_mmol_l(ctx.catalog, "phosphate")
     value_si = rnd(ca_mm * p_mm, 2)
     hours = Decimal(abs((p.effective - ca.effective).total_seconds())) / Decimal(3600)
-    lag = same is None
+    lag = abs(p.effective - ca.effective) > timedelta(hours=t.pair_same_draw_hours)
     note = f"paired with lag: calcium and phosphate {fmt(rnd(hours, 1))} h apart" if lag else ""
     return Product(value, value_si, ca, p, rnd(hours, 1), lag), note
 

@@ -22,29 +22,17 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-_MODULES = {
-    "Observation": "observation",
-    "Condition": "condition",
-    "MedicationRequest": "medicationrequest",
-    "MedicationStatement": "medicationstatement",
-    "MedicationAdministration": "medicationadministration",
-    "Procedure": "procedure",
-    "Patient": "patient",
-    "RiskAssessment": "riskassessment",
-    "Bundle": "bundle",
-    "ServiceRequest": "servicerequest",
-}
-
 
 @cache
 def _model(resource_type: str) -> Any:
-    module = importlib.import_module(f"fhir.resources.R4B.{_MODULES[resource_type]}")
+    module = importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}")
     return getattr(module, resource_type)
 
 
 _COMMON = ("resourceType", "id", "meta", "contained")
 _MEDICATION = ("status", "medicationCodeableConcept", "medicationReference", "subject")
-#: Per type: the elements extraction and the rules read (``service/cds/extract.py``), and those R4 requires.
+#: Per type: the elements extraction and the rules read (``service/cds/extract.py``), and those R4 requires. Only
+#: these types can inform a decision; any other is not validated.
 _USED: dict[str, tuple[str, ...]] = {
     "Patient": ("resourceType", "id", "meta", "gender", "birthDate", "deceasedBoolean", "deceasedDateTime", "active"),
     "Observation": (
@@ -59,13 +47,6 @@ _USED: dict[str, tuple[str, ...]] = {
 }
 
 
-def _used_elements(resource: dict[str, Any]) -> dict[str, Any]:
-    used = _USED.get(resource.get("resourceType"))  # type: ignore[arg-type]
-    if used is not None:
-        return {k: resource[k] for k in used if k in resource}
-    if "text" in resource:
-        return {k: v for k, v in resource.items() if k != "text"}
-    return resource
 
 
 class _VerdictCache:
@@ -97,9 +78,10 @@ _VERDICTS = _VerdictCache()
 def validation_error(resource: dict[str, Any]) -> str | None:
     """None when the elements the rules read are valid FHIR R4 for the type, else a short value-free reason."""
     rtype = resource.get("resourceType")
-    if rtype not in _MODULES:
+    if not isinstance(rtype, str) or rtype not in _USED:
         return None
-    used = _used_elements(resource)
+    elements = _USED[rtype]
+    used = {k: resource[k] for k in elements if k in resource}
     try:
         key = hashlib.blake2b(orjson.dumps(used, option=orjson.OPT_SORT_KEYS), digest_size=20).digest()
     except TypeError:  # not JSON-serialisable: cannot be FHIR JSON
@@ -129,6 +111,10 @@ _WARM_UP: tuple[dict[str, Any], ...] = (
     {"resourceType": "Condition", "id": "warm-up", "subject": {"reference": "Patient/warm-up"}, "code": {"text": "warm-up"}},
     {"resourceType": "MedicationRequest", "id": "warm-up", "status": "active", "intent": "order",
      "medicationCodeableConcept": {"text": "warm-up"}, "subject": {"reference": "Patient/warm-up"}},
+    {"resourceType": "MedicationStatement", "id": "warm-up", "status": "active", "medicationCodeableConcept": {"text": "warm-up"},
+     "subject": {"reference": "Patient/warm-up"}},
+    {"resourceType": "MedicationAdministration", "id": "warm-up", "status": "completed",
+     "medicationCodeableConcept": {"text": "warm-up"}, "subject": {"reference": "Patient/warm-up"}, "effectiveDateTime": "2020-01-01"},
     {"resourceType": "Procedure", "id": "warm-up", "status": "completed", "subject": {"reference": "Patient/warm-up"}},
 )
 

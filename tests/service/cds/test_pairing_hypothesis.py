@@ -8,7 +8,7 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.cds.model import CaseFacts, LabValue, PatientInfo, Source
+from service.cds.model import CaseFacts, LabSeries, LabValue, PatientInfo, Source
 from service.cds.rules import _Ctx
 from service.cds.thresholds import Thresholds
 
@@ -44,7 +44,7 @@ def reference(labs: list[LabValue], valid: dict[str, bool], moment: datetime, ma
 def test_closest_matches_validate_everything_first(hours, validity, moment_hours, max_hours, days) -> None:
     labs = sorted((lab(i, h) for i, h in enumerate(hours)), key=lambda v: v.effective, reverse=True)
     valid = {v.source.reference: validity[i] for i, v in enumerate(labs)}
-    facts = CaseFacts(patient=PatientInfo("Patient/p", True, None, None), labs={"albumin": labs})
+    facts = CaseFacts(patient=PatientInfo("Patient/p", True, None, None), labs={"albumin": LabSeries.of(labs)})
     facts._valid.update(valid)  # verdicts known up front: no FHIR needed
     ctx = _Ctx(facts, Thresholds(), NOW, catalog=None)  # type: ignore[arg-type]
     moment = NOW - timedelta(hours=moment_hours)
@@ -52,8 +52,8 @@ def test_closest_matches_validate_everything_first(hours, validity, moment_hours
 
 
 def test_only_the_candidates_tried_are_validated() -> None:
-    labs = [lab(0, 1), lab(1, 30), lab(2, 700), lab(3, 900)]
-    facts = CaseFacts(patient=PatientInfo("Patient/p", True, None, None), labs={"albumin": labs})
+    labs = [lab(0, 1), lab(1, 30), lab(4, 60), lab(2, 700), lab(3, 900)]
+    facts = CaseFacts(patient=PatientInfo("Patient/p", True, None, None), labs={"albumin": LabSeries.of(labs)})
     consulted: list[str] = []
     real = facts.usable
 
@@ -64,4 +64,4 @@ def test_only_the_candidates_tried_are_validated() -> None:
     facts.usable = usable  # type: ignore[method-assign]
     ctx = _Ctx(facts, Thresholds(), NOW, catalog=None)  # type: ignore[arg-type]
     assert ctx.closest("albumin", 90, NOW, 72) is labs[1]  # the nearest (a0) is invalid: the next nearest
-    assert consulted == ["Observation/a0", "Observation/a1"]  # a2 and a3 are never validated
+    assert consulted == ["Observation/a0", "Observation/a1"]  # a4 (in range, farther), a2 and a3 are never validated
