@@ -71,13 +71,8 @@ def observation_code_tokens(catalog: Catalog) -> list[str]:
     return sorted({f"{system}|{code}" for analyte in REQUIRED_ANALYTES for system, code in catalog.codes_for_analyte(analyte)})
 
 
-def observation_codes(catalog: Catalog) -> list[str]:
-    codes = sorted({code for analyte in REQUIRED_ANALYTES for system, code in catalog.codes_for_analyte(analyte) if system == LOINC})
-    return codes
-
-
 def prefetch_templates(catalog: Catalog) -> dict[str, str]:
-    codes = ",".join(f"{LOINC}|{c}" for c in observation_codes(catalog))
+    codes = ",".join(t for t in observation_code_tokens(catalog) if t.startswith(f"{LOINC}|"))
     templates = {
         "patient": "Patient/{{context.patientId}}",
         "observations": f"Observation?patient={{{{context.patientId}}}}&code={codes}&_sort=-date",

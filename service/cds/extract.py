@@ -262,7 +262,7 @@ class _Extractor:
                 self.exclude(ref, "medicationReference could not be resolved")
                 return
             concept = med.get("code")
-        match, coding = first_match(concept, self._risk_medication)
+        match, coding = first_match(concept, self.catalog.medication_with_features)
         if match is None or coding is None:
             self.ignore(rtype)
             return
@@ -300,9 +300,6 @@ class _Extractor:
                 intravenous=given_intravenously(self.catalog, match, res),
             )
         )
-
-    def _risk_medication(self, system: Any, code: str) -> MedicationMatch | None:
-        return risk_medication(self.catalog, system, code)
 
     # ------------------------------------------------------------------ Procedure
     def procedure(self, res: dict[str, Any]) -> None:
@@ -396,19 +393,13 @@ def _bound(catalog: Catalog, q: Any, analyte: str) -> Decimal | None:
         return None
 
 
-def risk_medication(catalog: Catalog, system: Any, code: str) -> MedicationMatch | None:
-    """The catalog's match for a medication coding, if it maps to at least one feature."""
-    match = catalog.medication(system, code)
-    return match if match is not None and match.features else None
-
-
 def given_intravenously(catalog: Catalog, match: MedicationMatch, res: dict[str, Any]) -> bool:
     """Whether an IV calcium/phosphate product is given intravenously: a parenteral product, or an IV route on the
     record. The route is read only for those drugs."""
-    return bool(match.features & IV_FEATURES) and (match.entry.parenteral or is_intravenous(catalog, res))
+    return bool(match.features & IV_FEATURES) and (match.entry.parenteral or _is_intravenous(catalog, res))
 
 
-def is_intravenous(catalog: Catalog, res: dict[str, Any]) -> bool:
+def _is_intravenous(catalog: Catalog, res: dict[str, Any]) -> bool:
     """Route IV from a dosage route coding mapped as intravenous, or from route.text (mapped text patterns)."""
     dosages: list[Any] = []
     for key in ("dosageInstruction", "dosage"):

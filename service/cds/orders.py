@@ -12,7 +12,7 @@ import copy
 from typing import Any
 
 from service.cds.cards import CardContext, evidence_table, make_card, stable_uuid
-from service.cds.extract import IV_FEATURES, given_intravenously, risk_medication
+from service.cds.extract import IV_FEATURES, given_intravenously
 from service.cds.fhirutil import first_match, resource_ref
 from service.cds.grouping import resolve_medication
 from service.cds.model import Evidence
@@ -50,7 +50,7 @@ def _order_features(order: dict[str, Any], catalog: Catalog) -> tuple[set[str], 
     if concept is None:
         med = resolve_medication(order.get("medicationReference"), {}, order.get("contained"))
         concept = med.get("code") if med else None
-    match, coding = first_match(concept, lambda system, code: risk_medication(catalog, system, code))
+    match, coding = first_match(concept, catalog.medication_with_features)
     if match is None or coding is None:
         return set(), None
     features = set(match.features) & ORDER_RISK_FEATURES.keys()

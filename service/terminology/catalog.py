@@ -57,8 +57,8 @@ class Catalog:
     order_sets: dict[str, OrderSet]
     conditions_dotless: dict[tuple[str, str], ConditionEntry] = field(default_factory=dict, repr=False)
     order_alternatives: dict[str, OrderAlternative] = field(default_factory=dict)
-    #: Resolved medication codes (built on first lookup; the catalog never changes after loading).
-    _medication_matches: dict[tuple[str, str], MedicationMatch | None] = field(default_factory=dict, repr=False, compare=False)
+    #: Every medication code resolved to its ingredients once (the catalog never changes after loading).
+    _medication_matches: dict[tuple[str, str], MedicationMatch] = field(init=False, repr=False, compare=False)
     _conversion_errors: dict[tuple[str | None, str], str | None] = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ lookups
@@ -84,23 +84,20 @@ class Catalog:
             return hit
         return _longest_prefix(self.procedure_prefixes, system, code)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_medication_matches", {key: self._resolve_medication(entry) for key, entry in self.medications.items()})
+
     def medication(self, system: str | None, code: str | None) -> MedicationMatch | None:
         if system is None or code is None:
             return None
-        key = (system, code)
-        try:
-            return self._medication_matches[key]
-        except KeyError:
-            pass
-        match = self._resolve_medication(key)
-        if match is not None or len(self._medication_matches) < 100_000:  # unknown codes from requests: bounded
-            self._medication_matches[key] = match
-        return match
+        return self._medication_matches.get((system, code))
 
-    def _resolve_medication(self, key: tuple[str, str]) -> MedicationMatch | None:
-        entry = self.medications.get(key)
-        if entry is None:
-            return None
+    def medication_with_features(self, system: str | None, code: str | None) -> MedicationMatch | None:
+        """:meth:`medication`, when the code maps to at least one feature (a drug the rules weigh)."""
+        match = self.medication(system, code)
+        return match if match is not None and match.features else None
+
+    def _resolve_medication(self, entry: MedicationEntry) -> MedicationMatch:
         if entry.feature:
             return MedicationMatch(entry, (entry,))
         ingredients = tuple(
