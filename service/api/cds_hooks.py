@@ -111,10 +111,6 @@ async def read_body(request: Request, limit: int, what: str = "request body") ->
     return body
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    return _parse_json(await read_body(request, limit))
-
-
 def _parse_json(body: bytes) -> Any:
     if not body:
         raise BadRequest("empty request body")
@@ -192,7 +188,7 @@ async def feedback(service_id: str, request: Request) -> Response:
     if service_id not in SERVICES_BY_ID:
         raise NotFound(f"unknown CDS service {service_id!r}")
     authenticate(request, "feedback")
-    raw = await _read_json(request, 1_000_000)
+    raw = _parse_json(await read_body(request, 1_000_000))
     try:
         parsed = FeedbackRequest.model_validate(raw)
     except ValidationError as exc:

@@ -60,7 +60,9 @@ class HookFetcher:
         return dict(zip(keys, results, strict=True))
 
     async def _fetch(self, base: str, query: str, headers: dict[str, str]) -> FetchResult:
-        url: str | None = base.rstrip("/") + "/" + query.lstrip("/")
+        root = base.rstrip("/") + "/"
+        server = origin_of(base)
+        url: str | None = root + query.lstrip("/")
         result = FetchResult()
         try:
             async with asyncio.timeout(self.timeout_s * self.max_pages):
@@ -82,8 +84,8 @@ class HookFetcher:
                         )
                         nxt = next_link(doc)
                         if nxt is not None:
-                            nxt = urljoin(base.rstrip("/") + "/", nxt)
-                            url = nxt if origin_of(nxt) == origin_of(base) else None  # never follow a link off the server
+                            nxt = urljoin(root, nxt)
+                            url = nxt if origin_of(nxt) == server else None  # never follow a link off the server
                     elif doc.get("resourceType") == "OperationOutcome":
                         result.error = "server answered an OperationOutcome"
                     else:
