@@ -6,6 +6,8 @@ import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from service.fhir.notifications import ResourceChanged
+
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
 ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
@@ -202,3 +204,9 @@ def esrd() -> dict[str, Any]:
 
 def bundle(*resources: dict[str, Any], btype: str = "collection") -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": btype, "entry": [{"resource": r} for r in resources]}
+
+
+def changed(rid: str, patient: str = "p1", version: str = "1") -> ResourceChanged:
+    """A total calcium result delivered as a full-resource notification, as the receiver parses it."""
+    resource = obs(CA, 9.0, rid=rid, subject=f"Patient/{patient}", meta={"versionId": version})
+    return ResourceChanged(resource_type="Observation", id=rid, version_id=version, last_updated=None, resource=resource)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from service.cds.extract import extract_facts
 from service.cds.grouping import group_by_patient
+from service.cds.model import LabSeries
+from service.cds.rules import assess
 from service.cds.thresholds import Thresholds
 from tests.builders import (
     CA,
@@ -261,7 +263,6 @@ def test_irrelevant_medication_records_are_not_validated(catalog) -> None:
     from tests.builders import esrd, renal_panel
 
     ev = extract_facts([esrd(), *renal_panel(), old], patient_ref=PATIENT, catalog=catalog, thresholds=Thresholds(), now=NOW)
-    from service.cds.rules import assess
 
     outcome = assess(ev, Thresholds(), NOW, catalog)
     assert "M1" not in [f.id for f in outcome.majors]
@@ -271,8 +272,6 @@ def test_irrelevant_medication_records_are_not_validated(catalog) -> None:
 def test_every_in_window_value_is_checked_though_only_read_values_are_built(catalog) -> None:
     """A year of results: the rules read the newest usable value, so only that one is converted; yet a value
     nobody reads is still excluded with its reason, and reading the series gives every value, converted."""
-    from service.cds.model import LabSeries
-    from service.cds.rules import assess
 
     values = [obs(CA_MOL, 2.2 + i / 100, "mmol/L", days=i + 1) for i in range(10)]
     bad_unit = obs(CA, 9.0, "furlongs", days=11)
@@ -289,7 +288,6 @@ def test_every_in_window_value_is_checked_though_only_read_values_are_built(cata
 
 
 def test_lab_series_builds_each_value_once_in_any_access_order() -> None:
-    from service.cds.model import LabSeries
 
     calls: list[int] = []
 

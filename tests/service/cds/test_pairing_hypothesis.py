@@ -21,6 +21,11 @@ def lab(i: int, hours_ago: int) -> LabValue:
     return LabValue("albumin", "Albumin", Decimal("3.1"), "g/dL", Decimal("3.1"), "g/dL", when, None, "final", source)
 
 
+def ctx_for(labs: list[LabValue]) -> _Ctx:
+    facts = CaseFacts(patient=PatientInfo("Patient/p", True, None, None), labs={"albumin": LabSeries.of(labs)})
+    return _Ctx(facts, Thresholds(), NOW, catalog=None)  # type: ignore[arg-type]
+
+
 def reference(labs: list[LabValue], valid: dict[str, bool], moment: datetime, max_hours: int, days: int) -> LabValue | None:
     """The rule as first written: every in-window value validated, then the nearest within max_hours."""
     best, best_gap = None, None
@@ -44,24 +49,22 @@ def reference(labs: list[LabValue], valid: dict[str, bool], moment: datetime, ma
 def test_closest_matches_validate_everything_first(hours, validity, moment_hours, max_hours, days) -> None:
     labs = sorted((lab(i, h) for i, h in enumerate(hours)), key=lambda v: v.effective, reverse=True)
     valid = {v.source.reference: validity[i] for i, v in enumerate(labs)}
-    facts = CaseFacts(patient=PatientInfo("Patient/p", True, None, None), labs={"albumin": LabSeries.of(labs)})
-    facts._valid.update(valid)  # verdicts known up front: no FHIR needed
-    ctx = _Ctx(facts, Thresholds(), NOW, catalog=None)  # type: ignore[arg-type]
+    ctx = ctx_for(labs)
+    ctx.f._valid.update(valid)  # verdicts known up front: no FHIR needed
     moment = NOW - timedelta(hours=moment_hours)
     assert ctx.closest("albumin", days, moment, max_hours) == reference(labs, valid, moment, max_hours, days)
 
 
 def test_only_the_candidates_tried_are_validated() -> None:
     labs = [lab(0, 1), lab(1, 30), lab(4, 60), lab(2, 700), lab(3, 900)]
-    facts = CaseFacts(patient=PatientInfo("Patient/p", True, None, None), labs={"albumin": LabSeries.of(labs)})
+    ctx = ctx_for(labs)
     consulted: list[str] = []
-    real = facts.usable
+    real = ctx.f.usable
 
     def usable(fact):  # type: ignore[no-untyped-def]
         consulted.append(fact.source.reference)
         return fact.source.reference != "Observation/a0" and real(fact)
 
-    facts.usable = usable  # type: ignore[method-assign]
-    ctx = _Ctx(facts, Thresholds(), NOW, catalog=None)  # type: ignore[arg-type]
+    ctx.f.usable = usable  # type: ignore[method-assign]
     assert ctx.closest("albumin", 90, NOW, 72) is labs[1]  # the nearest (a0) is invalid: the next nearest
     assert consulted == ["Observation/a0", "Observation/a1"]  # a4 (in range, farther), a2 and a3 are never validated

@@ -20,8 +20,9 @@ from tests.service.fhir.conftest import observation
 MakeClient = Callable[..., FhirClient]
 
 
-def _auth(srv: FakeFhirServer, keys: KeyPair, **kwargs: object) -> SmartBackendAuth:
-    kwargs.setdefault("fhir_base_url", srv.base_url)
+def _auth(srv: FakeFhirServer | None, keys: KeyPair, **kwargs: object) -> SmartBackendAuth:
+    if srv is not None:
+        kwargs.setdefault("fhir_base_url", srv.base_url)
     return SmartBackendAuth(
         client_id="cds-backend",
         private_key=keys.private_pem,
@@ -157,15 +158,8 @@ def test_key_and_algorithm_must_match(rsa_keys: KeyPair, ec_keys: KeyPair, tmp_p
 
 
 def _auth_answering(handler: Callable[[httpx.Request], httpx.Response], keys: KeyPair) -> SmartBackendAuth:
-    """An ES384 client of https://ehr.example.org/fhir whose HTTP calls ``handler`` answers."""
-    return SmartBackendAuth(
-        client_id="c",
-        private_key=keys.private_pem,
-        alg="ES384",
-        scope="s",
-        fhir_base_url="https://ehr.example.org/fhir",
-        transport=httpx.MockTransport(handler),
-    )
+    """A client of https://ehr.example.org/fhir whose HTTP calls ``handler`` answers."""
+    return _auth(None, keys, fhir_base_url="https://ehr.example.org/fhir", transport=httpx.MockTransport(handler))
 
 
 def test_discovery_refuses_an_https_to_http_downgrade(ec_keys: KeyPair) -> None:

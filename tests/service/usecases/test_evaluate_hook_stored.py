@@ -1,4 +1,5 @@
-"""The CDS Hooks service answers from a fresh stored assessment when the EHR's data cannot be had."""
+"""HookService.answer: from a fresh stored assessment when the EHR's data cannot be had, and prefetch Bundles
+whose entries name the patient by fullUrl."""
 
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ def service(catalog, stored: StoredAssessment | None) -> HookService:
     )
 
 
-def call(svc: HookService, hook: str = "patient-view", service_id: str = "calcinosis-risk"):
-    body = {"hook": hook, "hookInstance": "i", "context": {"patientId": "p1", "draftOrders": {"resourceType": "Bundle"}}}
+def call(svc: HookService, hook: str = "patient-view", service_id: str = "calcinosis-risk", prefetch: dict | None = None):
+    body: dict = {"hook": hook, "hookInstance": "i", "context": {"patientId": "p1", "draftOrders": {"resourceType": "Bundle"}}}
+    if prefetch is not None:
+        body["prefetch"] = prefetch
     return asyncio.run(svc.answer(service_id, body, NOW))
 
 
@@ -62,9 +65,9 @@ def test_no_stored_assessment_412(catalog) -> None:
 
 def test_prefetch_bundle_with_urn_uuid_references(catalog) -> None:
     """A searchset whose entries reference the patient by fullUrl (urn:uuid) is still attributed to the patient."""
-    from tests.builders import ALB, CA, P, condition, obs, patient
+    from tests.builders import ALB, CA, P, ago, condition, obs, patient
 
-    now_iso = NOW.isoformat().replace("+00:00", "Z")
+    now_iso = ago(now=NOW)
     subject = "urn:uuid:0f1e"
     labs = [obs(code, v, u, when=now_iso, subject=subject) for code, v, u in ((CA, 10.0, "mg/dL"), (P, 7.5, "mg/dL"), (ALB, 2.8, "g/dL"))]
     esrd_dx = condition("46177005", subject=subject)
@@ -73,14 +76,9 @@ def test_prefetch_bundle_with_urn_uuid_references(catalog) -> None:
         "type": "searchset",
         "entry": [{"fullUrl": subject, "resource": patient("p1")}, *({"resource": r} for r in (*labs, esrd_dx))],
     }
-    body = {
-        "hook": "patient-view",
-        "hookInstance": "i",
-        "context": {"patientId": "p1"},
-        "prefetch": {"patient": None, "observations": bundle, "conditions": None, "medicationRequests": None,
-                     "medicationStatements": None, "medicationAdministrations": None, "procedures": None},
-    }
-    answer = asyncio.run(service(catalog, None).answer("calcinosis-risk", body, NOW))
+    prefetch = {"patient": None, "observations": bundle, "conditions": None, "medicationRequests": None,
+                "medicationStatements": None, "medicationAdministrations": None, "procedures": None}
+    answer = call(service(catalog, None), prefetch=prefetch)
     assert answer.evaluation is not None
     assert answer.evaluation.assessment.renal_context == "R2"
     assert answer.evaluation.assessment.metastatic_calcification.ca_x_p is not None

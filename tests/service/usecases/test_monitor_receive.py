@@ -1,30 +1,22 @@
-"""Receiving deletions: keyed by the version deleted (delete → recreate → delete is two events)."""
+"""Receiving: deletions keyed by the version deleted (delete → recreate → delete is two events), redeliveries,
+and the FHIR client the monitor's tasks share."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.cds.thresholds import Thresholds
 from service.config import Settings
-from service.db.migrate import upgrade_to_head
 from service.db.repositories import Repositories
-from service.db.session import make_engine, make_session_factory, session_scope
-from service.fhir.notifications import ResourceChanged, ResourceDeleted
+from service.db.session import session_scope
+from service.fhir.notifications import ResourceDeleted
 from service.queue import MemoryQueue
 from service.usecases.monitor import MonitorContext, process_event, receive
-from tests.builders import CA, obs
+from tests.builders import changed
 
 
-def context(tmp_path, catalog) -> MonitorContext:
-    url = f"sqlite:///{tmp_path / 'm.sqlite'}"
-    upgrade_to_head(url)
-    settings = Settings(data_dir=tmp_path, database_url=url)
-    return MonitorContext(settings=settings, catalog=catalog, thresholds=Thresholds(), sessions=make_session_factory(make_engine(url)), queue=MemoryQueue())
-
-
-def changed(version: str) -> ResourceChanged:
-    o = obs(CA, 9.0, rid="o-del", meta={"versionId": version})
-    return ResourceChanged(resource_type="Observation", id="o-del", version_id=version, last_updated=None, resource=o)
+@pytest.fixture
+def ctx(db_session_factory, catalog, tmp_path) -> MonitorContext:
+    return MonitorContext.from_settings(Settings(data_dir=tmp_path), catalog=catalog, sessions=db_session_factory, queue=MemoryQueue())
 
 
 def deleted_state(ctx: MonitorContext) -> bool:
@@ -34,14 +26,13 @@ def deleted_state(ctx: MonitorContext) -> bool:
         return bool(row.deleted)
 
 
-def test_delete_recreate_delete(tmp_path, catalog) -> None:
-    ctx = context(tmp_path, catalog)
-    receive(ctx, [changed("1")], "r4-resource")
+def test_delete_recreate_delete(ctx: MonitorContext) -> None:
+    receive(ctx, [changed("o-del", version="1")], "r4-resource")
     first = receive(ctx, [ResourceDeleted("Observation", "o-del")], "r4-resource")
     assert first.accepted == 1
     process_event(ctx, first.events[0])
     assert deleted_state(ctx)
-    receive(ctx, [changed("2")], "r4-resource")
+    receive(ctx, [changed("o-del", version="2")], "r4-resource")
     assert not deleted_state(ctx)
     second = receive(ctx, [ResourceDeleted("Observation", "o-del")], "r4-resource")
     assert second.accepted == 1 and second.duplicates == 0  # not mistaken for the first deletion
@@ -49,9 +40,8 @@ def test_delete_recreate_delete(tmp_path, catalog) -> None:
     assert deleted_state(ctx)
 
 
-def test_redelivered_deletion_of_an_unknown_resource_is_a_duplicate(tmp_path, catalog) -> None:
+def test_redelivered_deletion_of_an_unknown_resource_is_a_duplicate(ctx: MonitorContext) -> None:
     """Processing the first deletion writes a tombstone; the redelivery must still map to the same event."""
-    ctx = context(tmp_path, catalog)
     first = receive(ctx, [ResourceDeleted("Observation", "o-del")], "r4-resource")
     assert first.accepted == 1
     process_event(ctx, first.events[0])
@@ -60,14 +50,13 @@ def test_redelivered_deletion_of_an_unknown_resource_is_a_duplicate(tmp_path, ca
     assert (again.accepted, again.duplicates) == (0, 1)
 
 
-def test_redelivered_event_is_a_duplicate(tmp_path, catalog) -> None:
-    ctx = context(tmp_path, catalog)
-    assert receive(ctx, [changed("1")], "r4-resource").accepted == 1
-    again = receive(ctx, [changed("1")], "r4-resource")
+def test_redelivered_event_is_a_duplicate(ctx: MonitorContext) -> None:
+    assert receive(ctx, [changed("o-del", version="1")], "r4-resource").accepted == 1
+    again = receive(ctx, [changed("o-del", version="1")], "r4-resource")
     assert (again.accepted, again.duplicates) == (0, 1)
 
 
-def test_tasks_share_one_fhir_client(tmp_path, catalog) -> None:
+def test_tasks_share_one_fhir_client(ctx: MonitorContext) -> None:
     from service.fhir.client import FhirClient
     from service.usecases.monitor import PermanentEventError
 
@@ -77,7 +66,6 @@ def test_tasks_share_one_fhir_client(tmp_path, catalog) -> None:
         built.append(FhirClient("https://ehr.example.org/fhir"))
         return built[-1]
 
-    ctx = context(tmp_path, catalog)
     with pytest.raises(PermanentEventError):
         ctx.shared_client()  # no FHIR server configured
     ctx.fhir_client = factory

@@ -14,10 +14,9 @@ from service.cds.thresholds import Thresholds
 from service.config import Settings
 from service.db.models import InboundEvent
 from service.db.session import session_scope
-from service.fhir.notifications import ResourceChanged
 from service.queue import TASK_EVALUATE, MemoryQueue
 from service.usecases import monitor
-from tests.builders import CA, obs
+from tests.builders import changed
 
 
 class GatedQueue(MemoryQueue):
@@ -38,11 +37,6 @@ class GatedQueue(MemoryQueue):
         elif self.fail:
             raise ConnectionError("broker down")
         super().send(name, args, countdown)
-
-
-def changed(rid: str, patient: str, version: str = "1") -> ResourceChanged:
-    resource = obs(CA, 9.0, rid=rid, subject=f"Patient/{patient}", meta={"versionId": version})
-    return ResourceChanged(resource_type="Observation", id=rid, version_id=version, last_updated=None, resource=resource)
 
 
 @pytest.fixture
