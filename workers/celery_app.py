@@ -44,8 +44,9 @@ app.conf.update(
 
 @worker_init.connect
 def _warm_up(**_: object) -> None:
-    """In the worker's main process, before any pool process is forked (and for ``--pool solo``, which runs tasks in
-    this process): the FHIR models' first validation, then the collector settled; forked children inherit both."""
+    """In the worker's main process, before any pool process is forked: the FHIR models' first validation, then the
+    collector settled; forked children inherit both. (With ``--pool solo`` tasks run in this process, which builds
+    its context at the first task, after this.)"""
     from service.cds.validate import warm_up
     from service.runtime import settle_gc
 
@@ -54,7 +55,7 @@ def _warm_up(**_: object) -> None:
 
 
 @worker_process_init.connect
-def _fresh_connections(**_: object) -> None:
+def _process_context(**_: object) -> None:
     """Each forked worker process opens its own database connections, builds its context before the first task
     (mappings, statements), then settles the garbage collector."""
     from service.runtime import settle_gc
