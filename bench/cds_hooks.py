@@ -38,7 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import orjson
-from benchutil import free_port, machine
+from benchutil import free_port, machine, process_tree_cpu_s
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "CDS Hooks latency (bench/cds_hooks.py)"
@@ -393,6 +393,7 @@ class Result:
     seconds: float
     latencies_ms: list[float]
     round_p95_ms: list[float] = field(default_factory=list)  # p95 of each round, in order
+    server_cpu_s: float | None = None  # CPU the service's processes used during the measured requests (Linux only)
 
     def add(self, other: Result) -> None:
         """Pool another round of the same scenario and level."""
@@ -400,10 +401,17 @@ class Result:
         self.seconds += other.seconds
         self.latencies_ms += other.latencies_ms
         self.round_p95_ms += other.round_p95_ms
+        if self.server_cpu_s is not None and other.server_cpu_s is not None:
+            self.server_cpu_s += other.server_cpu_s
+        else:
+            self.server_cpu_s = None
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds
+
+    def server_cpu_ms_per_request(self) -> str:
+        return "n/a" if self.server_cpu_s is None else f"{1000 * self.server_cpu_s / self.requests:.2f}"
 
     def pct(self, p: int) -> float:
         return statistics.quantiles(self.latencies_ms, n=100, method="inclusive")[p - 1]
@@ -434,20 +442,30 @@ async def _load(url: str, body: bytes, concurrency: int, n: int, expect_cards: b
         return time.perf_counter() - started, latencies
 
 
-def measure(scenario: str, url: str, body: bytes, concurrency: int, n: int, warmup: int) -> Result:
+def measure(scenario: str, url: str, body: bytes, concurrency: int, n: int, warmup: int, server_pid: int) -> Result:
     expect_cards = scenario != "floor"
     asyncio.run(_load(url, body, concurrency, warmup, expect_cards))
+    cpu_before = process_tree_cpu_s(server_pid)
     seconds, latencies = asyncio.run(_load(url, body, concurrency, n, expect_cards))
+    cpu_after = process_tree_cpu_s(server_pid)
     result = Result(scenario, concurrency, n, seconds, latencies)
+    if cpu_before is not None and cpu_after is not None:
+        result.server_cpu_s = cpu_after - cpu_before
     result.round_p95_ms.append(result.pct(95))
     return result
 
 
 # --- report ---------------------------------------------------------------------------------------------
 def table(results: list[Result]) -> list[str]:
-    lines = ["| scenario | concurrency | req/s | p50 ms | p95 ms | p99 ms |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| scenario | concurrency | req/s | p50 ms | p95 ms | p99 ms | service CPU ms/req |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
-        lines.append(f"| {r.scenario} | {r.concurrency} | {r.rps:.0f} | {r.pct(50):.1f} | {r.pct(95):.1f} | {r.pct(99):.1f} |")
+        lines.append(
+            f"| {r.scenario} | {r.concurrency} | {r.rps:.0f} | {r.pct(50):.1f} | {r.pct(95):.1f} | {r.pct(99):.1f} "
+            f"| {r.server_cpu_ms_per_request()} |"
+        )
     return lines
 
 
@@ -515,10 +533,10 @@ def main() -> None:
             for level in levels:
                 for scenario in scenarios:
                     url, body = bodies[scenario]
-                    result = measure(scenario, url, body, level, args.requests, args.warmup)
+                    result = measure(scenario, url, body, level, args.requests, args.warmup, processes.service.pid)
                     p50, p95, p99 = result.pct(50), result.pct(95), result.pct(99)
                     print(f"round {round_no} {scenario:>8} c={level:<3} {result.rps:7.0f} req/s  p50 {p50:7.1f}  p95 {p95:7.1f}  "
-                          f"p99 {p99:7.1f} ms", flush=True)
+                          f"p99 {p99:7.1f} ms  service CPU {result.server_cpu_ms_per_request()} ms/req", flush=True)
                     if (scenario, level) in pooled:
                         pooled[(scenario, level)].add(result)
                     else:

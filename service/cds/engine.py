@@ -29,15 +29,25 @@ DEFAULT_TOPIC_SYSTEM = "https://calcinosis-cds.org/fhir/CodeSystem/card-topic"
 
 @dataclass(frozen=True)
 class Evaluation:
-    assessment: Assessment
+    """One patient's result. The cards are rendered at once; the full :class:`Assessment` (the JSON the CLI, the
+    monitor and the audit store) is built on first read, so a CDS Hooks call, which only answers with cards,
+    never pays for it."""
+
     outcome: Outcome
     facts: CaseFacts
     context: CardContext
+    cards: list[dict[str, Any]]
+    evaluated_at: str
+    notes: tuple[str, ...] = ()
+
+    @cached_property
+    def assessment(self) -> Assessment:
+        return _assessment(self)
 
     @cached_property
     def risk_assessments(self) -> list[dict[str, Any]]:
         """The RiskAssessments to write back (built on demand: a CDS Hooks call never needs them)."""
-        return risk_assessments(self.outcome, self.context, self.assessment.evaluated_at)
+        return risk_assessments(self.outcome, self.context, self.evaluated_at)
 
 
 def inputs_hash(ordered: list[tuple[str, str | None]]) -> str:
@@ -55,6 +65,7 @@ def evaluate_patient(
     now: datetime,
     medications: dict[str, dict[str, Any]] | None = None,
     topic_system: str = DEFAULT_TOPIC_SYSTEM,
+    notes: Iterable[str] = (),
 ) -> Evaluation:
     facts = extract_facts(resources, patient_ref=patient_ref, catalog=catalog, thresholds=thresholds, now=now, medications=medications)
     outcome = assess(facts, thresholds, now, catalog)
@@ -69,13 +80,17 @@ def evaluate_patient(
         inputs_hash=ihash,
     )
     cards = render_cards(outcome, ctx, catalog, card_for_low_complete=thresholds.card_for_low_complete)
-    now_iso = iso(now) or ""
+    return Evaluation(outcome, facts, ctx, cards, iso(now) or "", tuple(notes))
+
+
+def _assessment(evaluation: Evaluation) -> Assessment:
+    outcome, facts, ctx = evaluation.outcome, evaluation.facts, evaluation.context
     calcium = outcome.calcium
-    assessment = Assessment(
-        patient=patient_ref,
-        evaluated_at=now_iso,
-        rules_version=rules_version,
-        mappings_version=catalog.version,
+    return Assessment(
+        patient=ctx.patient,
+        evaluated_at=evaluation.evaluated_at,
+        rules_version=ctx.rules_version,
+        mappings_version=ctx.mappings_version,
         renal_context=outcome.renal,
         calciphylaxis=Calciphylaxis(
             tier=outcome.calciphylaxis_tier,
@@ -101,7 +116,7 @@ def evaluate_patient(
             hyperphosphatemia=outcome.hyperphosphatemia,
             explanation=outcome.explanations["metastatic"],
         ),
-        cards=cards,
+        cards=evaluation.cards,
         excluded=facts.excluded,
         patient_resource_present=facts.patient.present,
         sex=facts.patient.sex,
@@ -118,12 +133,11 @@ def evaluate_patient(
             "note": calcium.correction_note or None,
         },
         suggested_orders=outcome.orders,
-        notes=outcome.notes,
+        notes=[*outcome.notes, *evaluation.notes],
         ignored=facts.ignored,
-        inputs=[{"reference": r, "version": v} for r, v in ordered_inputs],
-        inputs_hash=ihash,
+        inputs=[{"reference": r, "version": v} for r, v in sorted(facts.inputs.items())],
+        inputs_hash=ctx.inputs_hash,
     )
-    return Evaluation(assessment, outcome, facts, ctx)
 
 
 def evaluate_groups(

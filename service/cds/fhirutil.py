@@ -163,15 +163,32 @@ def normalize_reference(ref: Any, aliases: dict[str, str] | None = None) -> str 
     return None
 
 
-def subject_reference(resource: dict[str, Any], aliases: dict[str, str] | None = None) -> str | None:
-    """The Patient a clinical resource is about, as ``Patient/id`` (None if absent or not a Patient)."""
+def subject_reference(
+    resource: dict[str, Any], aliases: dict[str, str] | None = None, memo: dict[str, str | None] | None = None
+) -> str | None:
+    """The Patient a clinical resource is about, as ``Patient/id`` (None if absent or not a Patient).
+
+    ``memo``: answers by reference string, kept by a caller that reads many resources with the same ``aliases``
+    (a patient's record names the same subject in every resource)."""
     for key in ("subject", "patient"):
         ref = resource.get(key)
         if isinstance(ref, dict):
-            norm = normalize_reference(ref.get("reference"), aliases)
-            if norm is not None and norm.startswith("Patient/"):
+            target = ref.get("reference")
+            if memo is not None and isinstance(target, str):
+                if target in memo:
+                    norm = memo[target]
+                else:
+                    norm = memo[target] = _patient_reference(target, aliases)
+            else:
+                norm = _patient_reference(target, aliases)
+            if norm is not None:
                 return norm
     return None
+
+
+def _patient_reference(target: Any, aliases: dict[str, str] | None) -> str | None:
+    norm = normalize_reference(target, aliases)
+    return norm if norm is not None and norm.startswith("Patient/") else None
 
 
 def age_in_years(birth: date | None, now: datetime) -> int | None:

@@ -98,6 +98,7 @@ def group_by_patient(items: Iterable[Any]) -> PatientGroups:
     for alias, target in aliases.items():
         if target.startswith("Medication/"):
             by_target.setdefault(target, []).append(alias)
+    subjects: dict[str, str | None] = {}  # every resource of a record names the same few subjects
     for key, res in latest.items():
         rtype = res["resourceType"]
         if rtype == "Patient":
@@ -107,7 +108,7 @@ def group_by_patient(items: Iterable[Any]) -> PatientGroups:
             for alias in by_target.get(key, ()):
                 groups.medications[alias] = res
         else:
-            patient = subject_reference(res, aliases)
+            patient = subject_reference(res, aliases, subjects)
             if patient is None:
                 groups.unattributed.append(Excluded(reference=key, reason="patient could not be determined from subject"))
                 continue

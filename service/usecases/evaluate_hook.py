@@ -16,7 +16,6 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from service.cds.cards import CardContext
 from service.cds.discovery import REQUIRED_KEYS, SERVICES_BY_ID, prefetch_templates, render_template
 from service.cds.engine import Evaluation, evaluate_patient
 from service.cds.grouping import group_by_patient
@@ -156,8 +155,8 @@ class HookService:
             now=now,
             medications=groups.medications,
             topic_system=self.topic_system,
+            notes=notes,
         )
-        evaluation.assessment.notes.extend(notes)
         cards = self.cards_for(hook, context, evaluation)
         return HookAnswer({"cards": cards}, service_id, patient_ref, data_path, evaluation, cards, notes)
 
@@ -216,18 +215,11 @@ class HookService:
 
     def cards_for(self, hook: str, context: dict[str, Any], evaluation: Evaluation) -> list[dict[str, Any]]:
         if hook not in ORDER_HOOKS:
-            return evaluation.assessment.cards
-        a = evaluation.assessment
-        ctx = CardContext(
-            patient=a.patient,
-            rules_version=a.rules_version,
-            mappings_version=a.mappings_version,
-            topic_system=self.topic_system,
-            inputs_hash=a.inputs_hash,
-        )
+            return evaluation.cards
+        ctx = evaluation.context
         selections = context.get("selections") if hook == "order-select" else None
         orders = draft_medication_requests(context.get("draftOrders"), selections)
         order_cards = order_risk_cards(orders, evaluation.outcome, ctx, self.catalog)
         if hook == "order-select":
             return order_cards
-        return [*order_cards, *a.cards]
+        return [*order_cards, *evaluation.cards]
