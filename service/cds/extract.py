@@ -32,7 +32,6 @@ from service.cds.fhirutil import (
     is_number,
     parse_date,
     parse_datetime,
-    resource_ref,
     to_decimal,
     version_of,
 )
@@ -115,7 +114,9 @@ class _Extractor:
         self.ignored[rtype] = self.ignored.get(rtype, 0) + 1
 
     def note_input(self, res: dict[str, Any]) -> str:
-        ref = resource_ref(res) or f"{res.get('resourceType')}/(no id)"
+        rtype, rid = res.get("resourceType"), res.get("id")
+        # resource_ref() written out (a call per resource of the record)
+        ref = f"{rtype}/{rid}" if isinstance(rtype, str) and isinstance(rid, str) and rid else f"{rtype}/(no id)"
         self.inputs[ref] = version_of(res)
         return ref
 
@@ -286,7 +287,7 @@ class _Extractor:
         else:
             current = status == "in-progress" or overlaps
         self.unvalidated[ref] = res  # validated when a rule consults the fact
-        last = max((d for d in (start, stop) if d is not None), default=None)
+        last = start if stop is None else stop if start is None else max(start, stop)
         self.medication_facts.append(
             MedicationFact(
                 features=match.features,

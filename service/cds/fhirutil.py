@@ -88,6 +88,12 @@ def is_number(value: Any) -> bool:
 def iso(dt: datetime | None) -> str | None:
     if dt is None:
         return None
+    return _iso(dt)
+
+
+@lru_cache(maxsize=65_536)
+def _iso(dt: datetime) -> str:
+    # Memoised like _parse_datetime_text: the instants of a chart come back on every card of every evaluation.
     return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -103,10 +109,16 @@ def codings(concept: Any) -> Iterator[dict[str, Any]]:
 
 def first_match(concept: Any, lookup: Callable[[Any, str], T | None]) -> tuple[T, dict[str, Any]] | tuple[None, None]:
     """The first coding of a CodeableConcept that ``lookup(system, code)`` knows, with what it returned."""
-    for c in codings(concept):
-        hit = lookup(c.get("system"), c["code"])
-        if hit is not None:
-            return hit, c
+    # The loop of codings() written out: this runs for every medication, condition and procedure of a record.
+    items = concept.get("coding") if isinstance(concept, dict) else None
+    if isinstance(items, list):
+        for c in items:
+            if isinstance(c, dict):
+                code = c.get("code")
+                if isinstance(code, str):
+                    hit = lookup(c.get("system"), code)
+                    if hit is not None:
+                        return hit, c
     return None, None
 
 

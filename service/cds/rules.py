@@ -113,9 +113,13 @@ MINOR_LABELS = {
 
 
 
+_QUANTUM = tuple(Decimal(1).scaleb(-places) for places in range(7))
+
+
 def rnd(value: Decimal, places: int) -> Decimal:
     """Round half up to ``places`` decimals (§2.1: rounding before comparison avoids float artefacts)."""
-    return value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    quantum = _QUANTUM[places] if 0 <= places < len(_QUANTUM) else Decimal(1).scaleb(-places)
+    return value.quantize(quantum, rounding=ROUND_HALF_UP)
 
 
 def fmt(value: Decimal) -> str:

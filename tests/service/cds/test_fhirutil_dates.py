@@ -38,3 +38,17 @@ def test_round_trips_any_instant_to_utc(moment: datetime, offset_minutes: int) -
     text = aware.isoformat()
     assert parse_datetime(text) == aware.astimezone(UTC)
     assert parse_datetime(text) == parse_datetime(text)  # memoised: the same answer again
+
+
+@given(
+    moment=st.datetimes(min_value=datetime(1900, 1, 2), max_value=datetime(2100, 1, 1)),
+    offset_minutes=st.integers(min_value=-14 * 60, max_value=14 * 60),
+)
+def test_iso_is_the_utc_instant_however_the_same_instant_was_written(moment: datetime, offset_minutes: int) -> None:
+    aware = moment.replace(tzinfo=timezone(timedelta(minutes=offset_minutes)))
+    expected = aware.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    assert fhirutil.iso(aware) == expected
+    # The memo holds equal instants as one key: the same instant written in UTC must give the same text.
+    assert fhirutil.iso(aware.astimezone(UTC)) == expected
+    assert fhirutil.iso(aware) == expected
+    assert expected.endswith("Z")
