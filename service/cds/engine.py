@@ -50,9 +50,9 @@ class Evaluation:
         return risk_assessments(self.outcome, self.context, self.evaluated_at)
 
 
-def inputs_hash(ordered: list[tuple[str, str | None]]) -> str:
+def inputs_hash(inputs: dict[str, str | None]) -> str:
     """Hash of the (reference, version) pairs read, in reference order."""
-    text = "\n".join(f"{ref}@{ver or ''}" for ref, ver in ordered)
+    text = "\n".join(f"{ref}@{ver or ''}" for ref, ver in sorted(inputs.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -70,8 +70,7 @@ def evaluate_patient(
     facts = extract_facts(resources, patient_ref=patient_ref, catalog=catalog, thresholds=thresholds, now=now, medications=medications)
     outcome = assess(facts, thresholds, now, catalog)
     rules_version = thresholds.rules_version()
-    ordered_inputs = sorted(facts.inputs.items())
-    ihash = inputs_hash(ordered_inputs)
+    ihash = inputs_hash(facts.inputs)
     ctx = CardContext(
         patient=patient_ref,
         rules_version=rules_version,

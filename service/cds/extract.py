@@ -32,6 +32,7 @@ from service.cds.fhirutil import (
     is_number,
     parse_date,
     parse_datetime,
+    resource_ref,
     to_decimal,
     version_of,
 )
@@ -101,7 +102,6 @@ class _Extractor:
         self.conditions: list[ConditionFact] = []
         self.medication_facts: list[MedicationFact] = []
         self.procedures: list[ProcedureFact] = []
-        self.observation_codes = catalog.observations
         windows = analyte_windows(t)
         days = {a: windows.get(a, t.window_renal_function_days) for a in catalog.analytes}
         self.cutoffs = {a: (now - timedelta(days=d) if d is not None else None) for a, d in days.items()}
@@ -114,30 +114,15 @@ class _Extractor:
         self.ignored[rtype] = self.ignored.get(rtype, 0) + 1
 
     def note_input(self, res: dict[str, Any]) -> str:
-        rtype, rid = res.get("resourceType"), res.get("id")
-        # resource_ref() written out (a call per resource of the record)
-        ref = f"{rtype}/{rid}" if isinstance(rtype, str) and isinstance(rid, str) and rid else f"{rtype}/(no id)"
+        ref = resource_ref(res) or f"{res.get('resourceType')}/(no id)"
         self.inputs[ref] = version_of(res)
         return ref
 
     # ------------------------------------------------------------------ Observation
     def observation(self, res: dict[str, Any]) -> None:
-        # Hot path: most Observations in a record are not ours, so the code lookup comes first and is tight.
-        entry = coding = None
-        concept = res.get("code")
-        items = concept.get("coding") if isinstance(concept, dict) else None
-        if isinstance(items, list):
-            lookup = self.observation_codes.get
-            for c in items:
-                if isinstance(c, dict):
-                    code = c.get("code")
-                    if isinstance(code, str):
-                        entry = lookup((c.get("system"), code))  # type: ignore[arg-type]
-                        if entry is not None:
-                            coding = c
-                            break
+        entry, coding = first_match(res.get("code"), self.catalog.observation)  # most Observations are not ours
         if entry is None or coding is None:
-            self.ignored["Observation"] = self.ignored.get("Observation", 0) + 1
+            self.ignore("Observation")
             return
         ref = self.note_input(res)
         if not entry.use:
@@ -287,7 +272,7 @@ class _Extractor:
         else:
             current = status == "in-progress" or overlaps
         self.unvalidated[ref] = res  # validated when a rule consults the fact
-        last = start if stop is None else stop if start is None else max(start, stop)
+        last = max(start, stop) if start is not None and stop is not None else start or stop
         self.medication_facts.append(
             MedicationFact(
                 features=match.features,

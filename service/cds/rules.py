@@ -111,8 +111,6 @@ MINOR_LABELS = {
     "thrombophilia": "Thrombophilia",
 }
 
-
-
 _QUANTUM = tuple(Decimal(1).scaleb(-places) for places in range(7))
 
 

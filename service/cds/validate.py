@@ -47,8 +47,6 @@ _USED: dict[str, tuple[str, ...]] = {
 }
 
 
-
-
 class _VerdictCache:
     """Verdicts by content digest: the same resource content always gets the same verdict, so a chart opened
     again, or a patient re-evaluated by the monitor, does not pay for model validation twice. Bounded (LRU)."""
