@@ -14,21 +14,54 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def process_tree_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process and its live children (Linux /proc), or None where /proc is absent."""
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total = 0.0
-    pids = [pid]
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
     try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-        for p in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                out.extend(int(c) for c in fh.read().split())
+    except OSError:
+        return []
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (Linux /proc; just ``[pid]`` elsewhere)."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo.extend(_children(p))
+    return pids
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (0 when it is gone or /proc is absent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
             # Fields after the parenthesised command name: utime and stime are the 12th and 13th of them.
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    except (OSError, ValueError, IndexError):
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def process_tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds of a process and its descendants, or None where /proc is absent."""
+    if not Path(f"/proc/{pid}/stat").exists():
         return None
-    return total
+    return sum(cpu_s(p) for p in process_tree(pid))
 
 
 def machine() -> dict[str, str]:

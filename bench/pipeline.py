@@ -5,7 +5,7 @@ For each worker count (default 1, 2 and 4) the bench
 1. creates a fresh PostgreSQL database, migrates it (``calcinosis-cds migrate``) and flushes its Redis db;
 2. starts the API (``calcinosis-cds serve``) and N Celery workers (N separate processes, each
    ``calcinosis-cds worker --concurrency 1``, so each has a consumer process and one pool process);
-3. generates ``--patients`` patients, each with a Patient, a Condition (ESRD, CKD 4 or hypertension) and
+3. generates ``--patients`` patients, each with a Patient, a Condition (ESRD, CKD 4 or type 2 diabetes) and
    ``--results`` lab Observations (Ca, phosphate, albumin, PTH in panels, recent dates, realistic values);
 4. sends every resource as an R4 rest-hook notification with payload (HAPI's ``PUT
    /fhir/notifications/{Type}/{id}``, shared-secret channel header) from ``--clients`` concurrent HTTP
@@ -61,7 +61,7 @@ from typing import Any
 import orjson
 import psycopg
 import redis
-from benchutil import free_port, machine
+from benchutil import cpu_s, free_port, machine, process_tree, rss_kib
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
@@ -130,13 +130,13 @@ def generate(patients: int, results: int, seed: int, order: str) -> list[Notific
     for i in range(patients):
         pid = f"bench{i:05d}"
         kind = rng.random()
-        if kind < 0.45:
+        esrd = kind < 0.45
+        if esrd:
             renal = ("46177005", "End-stage renal disease")  # ESRD: on dialysis
         elif kind < 0.65:
             renal = ("431857002", "Chronic kidney disease stage 4")
         else:
             renal = ("44054006", "Diabetes mellitus type 2")
-        esrd = kind < 0.45
         patient = {
             "resourceType": "Patient",
             "id": pid,
@@ -246,8 +246,8 @@ async def _load(port: int, items: list[Notification], rate: float, clients: int,
                 if time.time() > deadline:
                     continue
                 rec = records[i]
+                rec.sent = time.time()
                 for attempt in range(5):  # 5xx: the FHIR server would retry; so do we
-                    rec.sent = time.time() if attempt == 0 else rec.sent
                     try:
                         rec.status = await asyncio.wait_for(_request(reader, writer, heads[i], items[i].body), REQUEST_TIMEOUT_S)
                     except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
@@ -268,46 +268,6 @@ async def _load(port: int, items: list[Notification], rate: float, clients: int,
 # ------------------------------------------------------------------------------- processes
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as fh:
-                out.extend(int(c) for c in fh.read().split())
-    except OSError:
-        return []
-    return out
-
-
-def _tree(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        todo.extend(_children(p))
-    return pids
-
-
-def _rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _cpu_s(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def _cpu_by_command(names: tuple[str, ...]) -> dict[int, float]:
     """CPU seconds so far of every process whose command name is one of ``names`` (PostgreSQL, Redis)."""
     out: dict[int, float] = {}
@@ -320,7 +280,7 @@ def _cpu_by_command(names: tuple[str, ...]) -> dict[int, float]:
         except OSError:
             continue
         if comm in names:
-            out[int(entry)] = _cpu_s(int(entry))
+            out[int(entry)] = cpu_s(int(entry))
     return out
 
 
@@ -349,11 +309,11 @@ class Sampler(threading.Thread):
 
     def sample(self) -> None:
         for name, root in self.roots.items():
-            pids = _tree(root)
+            pids = process_tree(root)
             self.members[name].update(pids)
-            self.peak_kib[name] = max(self.peak_kib[name], sum(_rss_kib(p) for p in pids))
+            self.peak_kib[name] = max(self.peak_kib[name], sum(rss_kib(p) for p in pids))
             for p in pids:
-                self.cpu[p] = max(self.cpu.get(p, 0.0), _cpu_s(p))
+                self.cpu[p] = max(self.cpu.get(p, 0.0), cpu_s(p))
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
@@ -374,7 +334,7 @@ def _start_profilers(directory: Path, workers: int, roots: dict[str, int]) -> li
     spy = str(Path(sys.executable).with_name("py-spy"))
     targets = [("api", roots["api"])]
     for w in range(workers):
-        targets.extend((f"worker{w}-{pid}", pid) for pid in _tree(roots[f"worker{w}"]))
+        targets.extend((f"worker{w}-{pid}", pid) for pid in process_tree(roots[f"worker{w}"]))
     procs = []
     for name, pid in targets:
         out = directory / f"{name}-w{workers}.txt"
