@@ -79,9 +79,7 @@ class HookFetcher:
                         return result
                     url = None
                     if doc.get("resourceType") == "Bundle":
-                        result.resources.extend(
-                            r for r in entry_resources(doc, include_included=True) if r.get("resourceType") != "OperationOutcome"
-                        )
+                        result.resources.extend(entry_resources(doc, include_included=True))
                         nxt = next_link(doc)
                         if nxt is not None:
                             nxt = urljoin(root, nxt)

@@ -59,7 +59,7 @@ class Catalog:
     order_alternatives: dict[str, OrderAlternative] = field(default_factory=dict)
     #: Every medication code resolved to its ingredients once (the catalog never changes after loading).
     _medication_matches: dict[tuple[str, str], MedicationMatch] = field(init=False, repr=False, compare=False)
-    _conversion_errors: dict[tuple[str | None, str], str | None] = field(default_factory=dict, repr=False, compare=False)
+    _conversion_errors: dict[tuple[str | None, str], str | None] = field(init=False, default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ lookups
     def observation(self, system: str | None, code: str | None) -> ObservationEntry | None:
@@ -133,10 +133,8 @@ class Catalog:
         """Why a value in ``unit`` cannot be converted for ``analyte`` (None: it can). Depends on the unit and
         the analyte only, never on the value, so it is remembered."""
         key = (unit, analyte)
-        try:
+        if key in self._conversion_errors:
             return self._conversion_errors[key]
-        except KeyError:
-            pass
         try:
             self.convert(Decimal(1), unit, analyte)
             error = None
