@@ -838,7 +838,11 @@ class EvaluationQueueRepository(_Repository):
 
     def mark_dirty_many(self, changes: Mapping[str, int], *, now: datetime | None = None) -> list[str]:
         """Record ``changes[patient]`` changes per patient (the same as that many ``mark_dirty`` calls in this
-        transaction); returns the patients that were not already dirty (the caller enqueues those), in order."""
+        transaction); returns the patients that were not already dirty (the caller enqueues those), in order.
+
+        On PostgreSQL several patients take :meth:`_mark_batch` (two statements for the lot); one patient takes
+        :meth:`_mark`, whose UPDATE comes first and is the only statement when the patient already has a queue
+        row, the common case for a patient whose results keep arriving."""
         ts = _now(now)
         pending = {ref: count for ref, count in changes.items() if count > 0}
         if len(pending) > 1 and self.session.get_bind().dialect.name == "postgresql":
@@ -852,6 +856,7 @@ class EvaluationQueueRepository(_Repository):
         of the others (each returning the ``dirty_since`` it replaced). Both take their rows in patient order,
         inserts before updates, so two batches never wait for each other in a cycle."""
         became_dirty: set[str] = set()
+
         def marks() -> str:
             return json_dumps([{"p": ref, "n": pending[ref]} for ref in sorted(pending)])
 

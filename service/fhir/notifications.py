@@ -175,7 +175,7 @@ class BackportNotification:
 Notification = EmptyPing | ResourceChanged | ResourceDeleted | BackportNotification
 
 
-# --- authentication and limits ----------------------------------------------------------------
+# --- authentication ---------------------------------------------------------------------------
 def _lower_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     if headers is None:
         return {}
@@ -232,6 +232,7 @@ def verify_medplum_signature(raw_body: bytes, headers: Mapping[str, str] | None,
     return hmac.compare_digest(expected.encode("ascii"), signature.lower().encode("ascii"))
 
 
+# --- parsing ----------------------------------------------------------------------------------
 def parse_notification(
     body: bytes | str,
     headers: Mapping[str, str] | None = None,

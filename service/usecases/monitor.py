@@ -29,8 +29,8 @@ from service.cds.thresholds import Thresholds
 from service.config import Settings
 from service.db.models import EventStatus
 from service.db.repositories import LedgerEntry, Repositories, ResourceVersion
-from service.db.session import session_scope
-from service.fhir.client import FhirClient
+from service.db.session import make_engine, make_session_factory, session_scope
+from service.fhir.client import FhirClient, client_from_settings
 from service.fhir.errors import FhirNotFound, FhirPermanentError
 from service.fhir.notifications import (
     BackportNotification,
@@ -43,8 +43,9 @@ from service.fhir.notifications import (
 )
 from service.logging import get_logger
 from service.metrics import EVALUATIONS, NOTIFICATIONS, WRITEBACKS
-from service.queue import TASK_EVALUATE, TASK_PROCESS_EVENT, TASK_WRITEBACK, Jobs, TaskQueue, unit_of_work
+from service.queue import TASK_EVALUATE, TASK_PROCESS_EVENT, TASK_WRITEBACK, CeleryQueue, Jobs, TaskQueue, unit_of_work
 from service.terminology.catalog import Catalog
+from service.terminology.checks import load_rule_catalog
 
 log = get_logger("calcinosis-cds.monitor")
 
@@ -80,11 +81,6 @@ class MonitorContext:
         queue: TaskQueue | None = None,
     ) -> MonitorContext:
         """The one way to assemble the monitor's dependencies from settings (API, workers and CLI alike)."""
-        from service.db.session import make_engine, make_session_factory
-        from service.fhir.client import client_from_settings
-        from service.queue import CeleryQueue
-        from service.terminology.checks import load_rule_catalog
-
         if sessions is None:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             sessions = make_session_factory(make_engine(settings.effective_database_url, settings.db_pool_size))
@@ -234,20 +230,15 @@ class _GroupCommit:
             receipt.wake.wait()  # finished, or handed the lead
             if receipt.finished:
                 return
+        # Leading: the batch holds this call's own receipt (queued under the lock that made it leader, and only
+        # a leader empties the queue), and _commit_receipts finishes every receipt of its batch.
+        with self.lock:
+            batch, self.queue = self.queue, []
         try:
-            while True:
-                with self.lock:
-                    batch, self.queue = self.queue, []
-                if batch:
-                    _commit_receipts(ctx, batch)
-                with self.lock:
-                    if receipt.finished:
-                        self._hand_off()
-                        return
-        except BaseException:
+            _commit_receipts(ctx, batch)
+        finally:
             with self.lock:
                 self._hand_off()
-            raise
 
     def _hand_off(self) -> None:
         """Under the lock: wake the oldest queued receipt to lead (busy stays True), or go idle."""
