@@ -126,7 +126,7 @@ def serve(
     """Run the API (CDS Hooks services, FHIR notification receiver, health and metrics) with uvicorn."""
     import uvicorn
 
-    settings, _, _ = _load_context()  # settings, mappings and thresholds checked here: one line and exit 2, not a traceback
+    settings, catalog, thresholds = _load_context()  # checked here: one line and exit 2, not a traceback
     if workers > 1:  # each process builds its own app from the same settings (nothing is built in the supervisor)
         from uvicorn.supervisors import Multiprocess
 
@@ -151,7 +151,8 @@ def serve(
         return
     from service.main import create_app
 
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="warning", access_log=False)
+    app = create_app(settings, catalog=catalog, thresholds=thresholds)
+    uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning", access_log=False)
 
 
 @app.command()

@@ -13,16 +13,18 @@ from service.api import cds_hooks, health, notifications, patients
 from service.api.handlers import install_handlers
 from service.api.models import CdsRequest, FeedbackRequest
 from service.api.state import build_context
+from service.cds.thresholds import Thresholds
 from service.cds.validate import warm_up
 from service.config import Settings, get_settings
 from service.logging import configure_logging, get_logger
 from service.runtime import settle_gc
+from service.terminology.catalog import Catalog
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, catalog: Catalog | None = None, thresholds: Thresholds | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
-    ctx = build_context(settings)  # refuses to start on a bad mapping file
+    ctx = build_context(settings, catalog=catalog, thresholds=thresholds)  # refuses to start on a bad mapping file
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

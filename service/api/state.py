@@ -64,9 +64,10 @@ class AppContext:
         return result
 
 
-def build_context(settings: Settings) -> AppContext:
-    catalog = load_rule_catalog(settings.mappings_dir)
-    thresholds = settings.effective_thresholds()
+def build_context(settings: Settings, *, catalog: Catalog | None = None, thresholds: Thresholds | None = None) -> AppContext:
+    """``catalog``/``thresholds``: already loaded and checked from these settings (``serve`` checks them first)."""
+    catalog = catalog if catalog is not None else load_rule_catalog(settings.mappings_dir)
+    thresholds = thresholds if thresholds is not None else settings.effective_thresholds()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_database_url, settings.db_pool_size)
     fetcher = HookFetcher(timeout_s=settings.fhir_timeout_s, max_pages=settings.fhir_max_pages)
