@@ -1,18 +1,23 @@
-"""Prefetch fallback paging: next links resolved against the server, never followed off it, bounded in pages."""
+"""The prefetch fallback fetcher against a FHIR server on a real socket (aiohttp's web server in the same loop):
+paging by next links resolved against the server and never followed off it, bounded in pages; the EHR's token;
+concurrent keys; every failure a short reason, never an exception."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-import httpx
+import orjson
+from aiohttp import web
 
-from service.fhir.hook_fetch import HookFetcher
+from service.fhir.hook_fetch import FetchResult, HookFetcher
 
-BASE = "https://ehr.example.org/fhir"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def bundle(ids: list[str], next_url: str | None = None) -> dict:
-    doc: dict = {
+def bundle(ids: list[str], next_url: str | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",
         "entry": [{"resource": {"resourceType": "Observation", "id": i}, "search": {"mode": "match"}} for i in ids]
@@ -23,40 +28,199 @@ def bundle(ids: list[str], next_url: str | None = None) -> dict:
     return doc
 
 
-def fetch(pages: dict[str, dict], max_pages: int = 5) -> tuple[list[str], str | None, list[str]]:
+def fhir_json(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/fhir+json")
+
+
+async def serve(handler: Handler) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}/fhir"
+
+
+def fetch(
+    handler_for: Callable[[str], Handler], queries: dict[str, str] | None = None, *, max_pages: int = 5, timeout_s: float = 5
+) -> dict[str, FetchResult]:
+    """Start a server whose handler knows its own base URL, fetch ``queries`` from it, stop both."""
+
+    async def run() -> dict[str, FetchResult]:
+        base_box: list[str] = []
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await handler_for(base_box[0])(request)
+
+        runner, base = await serve(handler)
+        base_box.append(base)
+        fetcher = HookFetcher(timeout_s=timeout_s, max_pages=max_pages)
+        try:
+            return await fetcher.fetch_all(base, "t0k3n", queries or {"labs": "Observation?patient=p1"})
+        finally:
+            await fetcher.aclose()
+            await runner.cleanup()
+
+    return asyncio.run(run())
+
+
+def pages_handler(pages: Callable[[str], dict[str, Any]], seen: list[str]) -> Callable[[str], Handler]:
+    """Answer from ``pages(base)``, keyed by path and query, recording what was asked."""
+
+    def for_base(base: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            key = request.path_qs
+            seen.append(key)
+            answers = pages(base)
+            return fhir_json(answers[key]) if key in answers else fhir_json({"resourceType": "OperationOutcome"}, 404)
+
+        return handler
+
+    return for_base
+
+
+def ids(result: FetchResult) -> list[str]:
+    return [r["id"] for r in result.resources]
+
+
+def test_relative_and_absolute_next_links_on_the_same_server_are_followed() -> None:
     seen: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(str(request.url))
-        return httpx.Response(200, json=pages[request.url.path + ("?" + request.url.query.decode() if request.url.query else "")])
+    def pages(base: str) -> dict[str, Any]:
+        shouting = base.replace("http://", "HTTP://")  # the same origin, written differently
+        return {
+            "/fhir/Observation?patient=p1": bundle(["a"], "Observation?patient=p1&page=2"),
+            "/fhir/Observation?patient=p1&page=2": bundle(["b"], f"{shouting}/Observation?patient=p1&page=3"),
+            "/fhir/Observation?patient=p1&page=3": bundle(["c"]),
+        }
 
-    async def run():
-        fetcher = HookFetcher(timeout_s=5, max_pages=max_pages, transport=httpx.MockTransport(handler))
+    result = fetch(pages_handler(pages, seen))["labs"]
+    assert (ids(result), result.error, len(seen)) == (["a", "b", "c"], None, 3)
+
+
+def test_a_next_link_to_another_server_is_not_followed() -> None:
+    seen: list[str] = []
+    pages = {"/fhir/Observation?patient=p1": bundle(["a"], "http://elsewhere.invalid/fhir/Observation?page=2")}
+    result = fetch(pages_handler(lambda _base: pages, seen))["labs"]
+    assert (ids(result), result.error, seen) == (["a"], None, ["/fhir/Observation?patient=p1"])
+
+
+def test_paging_stops_at_max_pages() -> None:
+    seen: list[str] = []
+    pages = {
+        "/fhir/Observation?patient=p1": bundle(["a"], "Observation?patient=p1&page=2"),
+        "/fhir/Observation?patient=p1&page=2": bundle(["b"], "Observation?patient=p1"),  # a loop
+    }
+    result = fetch(pages_handler(lambda _base: pages, seen), max_pages=3)["labs"]
+    assert (ids(result), result.error, len(seen)) == (["a", "b", "a"], None, 3)
+
+
+def test_the_ehr_token_and_the_fhir_media_type_are_sent_and_a_read_is_one_resource() -> None:
+    asked: list[tuple[str | None, str | None]] = []
+
+    def for_base(_base: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            asked.append((request.headers.get("Authorization"), request.headers.get("Accept")))
+            return fhir_json({"resourceType": "Patient", "id": "p1"})
+
+        return handler
+
+    result = fetch(for_base, {"patient": "Patient/p1"})["patient"]
+    assert ([r["id"] for r in result.resources], result.error) == (["p1"], None)
+    assert asked == [("Bearer t0k3n", "application/fhir+json")]
+
+
+def test_keys_are_fetched_concurrently() -> None:
+    """Each answer waits until all three requests have arrived: only concurrent requests can all succeed."""
+    arrived = 0
+    all_in = asyncio.Event()
+
+    def for_base(_base: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            nonlocal arrived
+            arrived += 1
+            if arrived == 3:
+                all_in.set()
+            await asyncio.wait_for(all_in.wait(), timeout=2)
+            return fhir_json(bundle([request.path.rsplit("/", 1)[-1]]))
+
+        return handler
+
+    results = fetch(for_base, {"labs": "Observation", "problems": "Condition", "procedures": "Procedure"})
+    assert {k: (ids(r), r.error) for k, r in results.items()} == {
+        "labs": (["Observation"], None),
+        "problems": (["Condition"], None),
+        "procedures": (["Procedure"], None),
+    }
+
+
+def test_each_failure_is_a_short_reason_and_the_other_keys_still_arrive() -> None:
+    def for_base(base: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            kind = request.path.rsplit("/", 1)[-1]
+            if kind == "ok":
+                return fhir_json(bundle(["x"]))
+            if kind == "forbidden":
+                return fhir_json({"resourceType": "OperationOutcome"}, 403)
+            if kind == "redirect":  # never followed, even to the same server
+                raise web.HTTPFound(f"{base}/ok")
+            if kind == "html":
+                return web.Response(text="<html>login</html>", content_type="text/html")
+            if kind == "array":
+                return fhir_json([{"resourceType": "Observation"}])
+            if kind == "outcome":
+                return fhir_json({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing"}]})
+            await asyncio.sleep(2)  # "slow"
+            return fhir_json(bundle(["late"]))
+
+        return handler
+
+    keys = ["ok", "forbidden", "redirect", "html", "array", "outcome", "slow"]
+    results = fetch(for_base, {k: k for k in keys}, timeout_s=0.3)
+    assert {k: r.error for k, r in results.items()} == {
+        "ok": None,
+        "forbidden": "HTTP 403",
+        "redirect": "HTTP 302",
+        "html": "response is not JSON",
+        "array": "response is not a FHIR resource",
+        "outcome": "server answered an OperationOutcome",
+        "slow": "timed out",
+    }
+    assert ids(results["ok"]) == ["x"]
+
+
+def test_a_server_that_refuses_connections_is_unreachable() -> None:
+    async def run() -> FetchResult:
+        runner, base = await serve(lambda _r: fhir_json({}))
+        await runner.cleanup()  # the port is now closed
+        fetcher = HookFetcher(timeout_s=2, max_pages=1)
         try:
-            return (await fetcher.fetch_all(BASE, "t", {"labs": "Observation?patient=p1"}))["labs"]
+            return (await fetcher.fetch_all(base, None, {"labs": "Observation"}))["labs"]
         finally:
             await fetcher.aclose()
 
     result = asyncio.run(run())
-    return [r["id"] for r in result.resources], result.error, seen
+    assert (result.resources, result.error) == ([], "unreachable (ClientConnectorError)")
 
 
-def test_relative_and_absolute_next_links_on_the_same_server_are_followed() -> None:
-    ids, error, seen = fetch({
-        "/fhir/Observation?patient=p1": bundle(["a"], "Observation?patient=p1&page=2"),
-        "/fhir/Observation?patient=p1&page=2": bundle(["b"], "HTTPS://EHR.example.org:443/fhir/Observation?patient=p1&page=3"),
-        "/fhir/Observation?patient=p1&page=3": bundle(["c"]),
-    })
-    assert (ids, error, len(seen)) == (["a", "b", "c"], None, 3)
+def test_one_fetcher_serves_one_loop_after_another() -> None:
+    """Built before any loop runs (as the app builds it), then used from two loops in turn."""
+    fetcher = HookFetcher(timeout_s=2, max_pages=1)
 
+    async def once() -> list[str]:
+        runner, base = await serve(lambda _r: fhir_json(bundle(["a"])))
+        try:
+            return ids((await fetcher.fetch_all(base, None, {"labs": "Observation"}))["labs"])
+        finally:
+            await runner.cleanup()
 
-def test_a_next_link_to_another_server_is_not_followed() -> None:
-    ids, error, seen = fetch({"/fhir/Observation?patient=p1": bundle(["a"], "https://elsewhere.example.com/fhir/Observation?page=2")})
-    assert (ids, error, len(seen)) == (["a"], None, 1)
+    async def once_and_close() -> list[str]:
+        try:
+            return await once()
+        finally:
+            await fetcher.aclose()
 
-
-def test_paging_stops_at_max_pages() -> None:
-    pages = {"/fhir/Observation?patient=p1": bundle(["a"], "Observation?patient=p1&page=2")}
-    pages["/fhir/Observation?patient=p1&page=2"] = bundle(["b"], "Observation?patient=p1")  # a loop
-    ids, error, seen = fetch(pages, max_pages=3)
-    assert (ids, error, len(seen)) == (["a", "b", "a"], None, 3)
+    assert asyncio.run(once()) == ["a"]  # left open: a later loop opens its own session
+    assert asyncio.run(once_and_close()) == ["a"]
