@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install Debian's Chromium for the cross-origin browser test (tests/service/api/test_browser_cross_origin.py),
+# if it is not there. Used by .ci/run; the test skips without it locally and fails without it under CI=true.
+set -u
+command -v chromium >/dev/null 2>&1 && exit 0
+command -v apt-get >/dev/null 2>&1 || { echo "no apt-get: install Chromium yourself" >&2; exit 0; }
+echo "installing chromium (Debian package)" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+  || echo "chromium could not be installed" >&2
+exit 0
