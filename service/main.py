@@ -56,6 +56,9 @@ def create_app(settings: Settings | None = None, *, catalog: Catalog | None = No
         allow_methods=["GET", "POST", "PUT", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         max_age=600,
+        # Chrome's Private Network Access preflight (a public page such as the CDS Hooks Sandbox calling a service on
+        # localhost or a private address): answered yes for the allowed origins; without it the preflight fails
+        allow_private_network=True,
     )
     install_handlers(app)
     app.include_router(cds_hooks.router)

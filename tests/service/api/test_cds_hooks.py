@@ -391,3 +391,18 @@ def test_cors_preflight_and_response_headers(signed_client: TestClient, issuer: 
     refused = call(signed_client, RISK, hook_request(RISK, patient.pid, prefetch=patient.prefetch()), headers={"Origin": origin})
     assert refused.status_code == 401
     assert refused.headers["access-control-allow-origin"] in ("*", origin), "errors must reach the browser too"
+
+
+def test_a_private_network_preflight_from_a_public_page_is_allowed(signed_client: TestClient) -> None:
+    """Chrome's Private Network Access: the public Sandbox page calling a service on localhost asks first."""
+    preflight = signed_client.options(
+        f"/cds-services/{RISK}",
+        headers={
+            "Origin": "https://sandbox.cds-hooks.org",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+            "Access-Control-Request-Private-Network": "true",
+        },
+    )
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-private-network"] == "true"
