@@ -11,6 +11,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -93,6 +94,9 @@ class Settings(BaseSettings):
     # --- FHIR fetch (prefetch fallback and monitoring) -------------------------------------------
     fhir_timeout_s: float = 5.0
     fhir_max_pages: int = 5
+    hook_fetch_proxy: str | None = Field(
+        None, description="HTTP proxy for the CDS Hooks prefetch fallback (fetches from fhirServer); unset: direct connections"
+    )
     fhir_max_retries: int = 3
     fhir_retry_backoff_s: float = Field(0.5, description="First retry delay; doubles per attempt (full jitter)")
     fhir_retry_after_max_s: float = Field(30.0, description="Cap on any single retry delay, Retry-After included")
@@ -147,6 +151,18 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_path_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("hook_fetch_proxy", mode="before")
+    @classmethod
+    def _proxy_url(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if not v.strip():
+                return None
+            parts = urlsplit(v.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("CDS_HOOK_FETCH_PROXY must be an http(s) URL")
+            return v.strip()
+        return v
 
     @model_validator(mode="after")
     def _safe(self) -> Settings:

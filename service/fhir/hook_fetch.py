@@ -51,15 +51,23 @@ def check_fhir_server(url: str, allowlist: list[str], dev_mode: bool) -> None:
 class HookFetcher:
     """Concurrent, bounded FHIR reads for one event loop at a time (``aclose`` on that loop when done).
 
-    :param connector: a factory of the aiohttp connector (tests: a custom resolver); default a
-        ``TCPConnector`` with no per-host limit beyond aiohttp's 100 connections in all.
+    :param proxy: an HTTP proxy URL for every fetch (``CDS_HOOK_FETCH_PROXY``); None connects directly. The
+        environment's proxy variables and ``.netrc`` are not consulted: aiohttp would read them on every request,
+        in two thread-pool hops, and settings come only from ``service.config``.
+    :param connector: a factory of the aiohttp connector; default a ``TCPConnector`` (at most 100 connections).
     """
 
     def __init__(
-        self, *, timeout_s: float, max_pages: int, connector: Callable[[], aiohttp.BaseConnector] | None = None
+        self,
+        *,
+        timeout_s: float,
+        max_pages: int,
+        proxy: str | None = None,
+        connector: Callable[[], aiohttp.BaseConnector] | None = None,
     ) -> None:
         self.timeout_s = timeout_s
         self.max_pages = max_pages
+        self.proxy = proxy
         self._connector = connector
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -79,7 +87,7 @@ class HookFetcher:
                 connector=self._connector() if self._connector is not None else None,
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                 headers={"Accept": "application/fhir+json"},
-                trust_env=True,  # proxy variables honoured, as by httpx elsewhere in the service
+                trust_env=False,
                 raise_for_status=False,
             )
             self._session, self._loop = session, loop
@@ -106,7 +114,7 @@ class HookFetcher:
             async with asyncio.timeout(self.timeout_s * self.max_pages):
                 pages = 0
                 while url is not None and pages < self.max_pages:
-                    async with client.get(url, headers=headers, allow_redirects=False) as response:
+                    async with client.get(url, headers=headers, allow_redirects=False, proxy=self.proxy) as response:
                         pages += 1
                         if response.status >= 300:  # redirects are not followed (the allowlist names the server)
                             result.error = f"HTTP {response.status}"

@@ -224,3 +224,31 @@ def test_one_fetcher_serves_one_loop_after_another() -> None:
 
     assert asyncio.run(once()) == ["a"]  # left open: a later loop opens its own session
     assert asyncio.run(once_and_close()) == ["a"]
+
+
+def test_a_configured_proxy_carries_every_fetch_and_the_environment_is_not_read(monkeypatch) -> None:
+    """The EHR's host does not resolve here; only the proxy (an HTTP server that answers absolute-form requests)
+    can have answered. ``HTTP_PROXY`` pointing elsewhere is ignored: settings come from ``service.config``."""
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # the discard port: any use of it would fail
+    asked: list[str] = []
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        asked.append(str(request.url))
+        return fhir_json(bundle(["via-proxy"]))
+
+    async def run(use_proxy: bool) -> FetchResult:
+        runner, proxy_base = await serve(proxy)
+        proxy_url = proxy_base.removesuffix("/fhir")
+        fetcher = HookFetcher(timeout_s=2, max_pages=1, proxy=proxy_url if use_proxy else None)
+        try:
+            return (await fetcher.fetch_all("http://ehr.invalid/fhir", "t", {"labs": "Observation?patient=p1"}))["labs"]
+        finally:
+            await fetcher.aclose()
+            await runner.cleanup()
+
+    through = asyncio.run(run(True))
+    assert (ids(through), through.error) == (["via-proxy"], None)
+    assert asked == ["http://ehr.invalid/fhir/Observation?patient=p1"]
+
+    direct = asyncio.run(run(False))  # no proxy configured: a direct connection to a host that does not resolve
+    assert direct.error == "unreachable (ClientConnectorDNSError)" and len(asked) == 1
