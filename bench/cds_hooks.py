@@ -3,7 +3,8 @@
 Starts ``python -m service serve`` (uvicorn, one process unless ``--server-workers``, development mode, a temporary data directory,
 ``CDS_BENCH_FLOOR_ROUTE=1``) and, for the fallback scenario, a minimal FHIR server in another process.
 Then, for each scenario and concurrency level, sends warm-up requests followed by measured ones
-(asyncio + httpx, one keep-alive connection per concurrent caller) and prints req/s and p50/p95/p99.
+(asyncio + aiohttp, or httpx with ``--client httpx``; one keep-alive connection per concurrent caller) and prints
+req/s, p50/p95/p99 and the CPU per request of the service and of the client.
 
 Scenarios (same patient, a dialysis patient with one year of records, ~200 resources, dated relative to now):
   full      every prefetch key filled in the request body
@@ -13,7 +14,7 @@ Scenarios (same patient, a dialysis patient with one year of records, ~200 resou
 Targets: p95(full) / p95(floor) <= 3 at concurrency 8; p95(fallback) well under 500 ms.
 
 Usage: python bench/cds_hooks.py [--requests 400] [--rounds 3] [--warmup 50] [--concurrency 1,8,32] [--server-workers 1]
-                                 [--scenarios full,fallback,floor] [--markdown docs/benchmarks.md]
+                                 [--scenarios full,fallback,floor] [--client aiohttp|httpx] [--markdown docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import httpx
 import orjson
 from benchutil import free_port, machine, process_tree_cpu_s
@@ -394,11 +398,13 @@ class Result:
     latencies_ms: list[float]
     round_p95_ms: list[float] = field(default_factory=list)  # p95 of each round, in order
     server_cpu_s: float | None = None  # CPU the service's processes used during the measured requests (Linux only)
+    client_cpu_s: float = 0.0  # CPU this process (the load client) used during the measured requests
 
     def add(self, other: Result) -> None:
         """Pool another round of the same scenario and level."""
         self.requests += other.requests
         self.seconds += other.seconds
+        self.client_cpu_s += other.client_cpu_s
         self.latencies_ms += other.latencies_ms
         self.round_p95_ms += other.round_p95_ms
         if self.server_cpu_s is not None and other.server_cpu_s is not None:
@@ -413,27 +419,58 @@ class Result:
     def server_cpu_ms_per_request(self) -> str:
         return "n/a" if self.server_cpu_s is None else f"{1000 * self.server_cpu_s / self.requests:.2f}"
 
+    def client_cpu_ms_per_request(self) -> str:
+        return f"{1000 * self.client_cpu_s / self.requests:.2f}"
+
     def pct(self, p: int) -> float:
         return statistics.quantiles(self.latencies_ms, n=100, method="inclusive")[p - 1]
 
 
-async def _load(url: str, body: bytes, concurrency: int, n: int, expect_cards: bool) -> tuple[float, list[float]]:
+#: How one request is sent: ``post(body) -> (status, content)``.
+Post = Callable[[bytes], Awaitable[tuple[int, bytes]]]
+
+
+@asynccontextmanager
+async def _client(kind: str, url: str, concurrency: int) -> AsyncIterator[Post]:
+    """A keep-alive client with one connection per concurrent caller. ``aiohttp`` costs the client process about a
+    fifth of what ``httpx`` does per request, so the floor then measures the service rather than the client."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if kind == "aiohttp":
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=60)
+        ) as session:
+
+            async def post_aiohttp(body: bytes) -> tuple[int, bytes]:
+                async with session.post(url, data=body, headers=headers) as response:
+                    return response.status, await response.read()
+
+            yield post_aiohttp
+    else:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+
+            async def post_httpx(body: bytes) -> tuple[int, bytes]:
+                response = await client.post(url, content=body, headers=headers)
+                return response.status_code, response.content
+
+            yield post_httpx
+
+
+async def _load(client: str, url: str, body: bytes, concurrency: int, n: int, expect_cards: bool) -> tuple[float, list[float]]:
     latencies: list[float] = []
     remaining = n
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+    async with _client(client, url, concurrency) as post:
 
         async def caller() -> None:
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
                 t0 = time.perf_counter()
-                response = await client.post(url, content=body, headers=headers)
+                status, content = await post(body)
                 elapsed = (time.perf_counter() - t0) * 1000
-                if response.status_code != 200:
-                    raise RuntimeError(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
-                if expect_cards and b"calciphylaxis-risk" not in response.content:
+                if status != 200:
+                    raise RuntimeError(f"{url}: HTTP {status}: {content[:300]!r}")
+                if expect_cards and b"calciphylaxis-risk" not in content:
                     raise RuntimeError(f"{url}: the expected calciphylaxis-risk card is missing")
                 latencies.append(elapsed)
 
@@ -442,13 +479,15 @@ async def _load(url: str, body: bytes, concurrency: int, n: int, expect_cards: b
         return time.perf_counter() - started, latencies
 
 
-def measure(scenario: str, url: str, body: bytes, concurrency: int, n: int, warmup: int, server_pid: int) -> Result:
+def measure(
+    scenario: str, url: str, body: bytes, concurrency: int, n: int, warmup: int, server_pid: int, client: str = "aiohttp"
+) -> Result:
     expect_cards = scenario != "floor"
-    asyncio.run(_load(url, body, concurrency, warmup, expect_cards))
-    cpu_before = process_tree_cpu_s(server_pid)
-    seconds, latencies = asyncio.run(_load(url, body, concurrency, n, expect_cards))
-    cpu_after = process_tree_cpu_s(server_pid)
-    result = Result(scenario, concurrency, n, seconds, latencies)
+    asyncio.run(_load(client, url, body, concurrency, warmup, expect_cards))
+    cpu_before, client_before = process_tree_cpu_s(server_pid), time.process_time()
+    seconds, latencies = asyncio.run(_load(client, url, body, concurrency, n, expect_cards))
+    cpu_after, client_after = process_tree_cpu_s(server_pid), time.process_time()
+    result = Result(scenario, concurrency, n, seconds, latencies, client_cpu_s=client_after - client_before)
     if cpu_before is not None and cpu_after is not None:
         result.server_cpu_s = cpu_after - cpu_before
     result.round_p95_ms.append(result.pct(95))
@@ -458,13 +497,13 @@ def measure(scenario: str, url: str, body: bytes, concurrency: int, n: int, warm
 # --- report ---------------------------------------------------------------------------------------------
 def table(results: list[Result]) -> list[str]:
     lines = [
-        "| scenario | concurrency | req/s | p50 ms | p95 ms | p99 ms | service CPU ms/req |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| scenario | concurrency | req/s | p50 ms | p95 ms | p99 ms | service CPU ms/req | client CPU ms/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.scenario} | {r.concurrency} | {r.rps:.0f} | {r.pct(50):.1f} | {r.pct(95):.1f} | {r.pct(99):.1f} "
-            f"| {r.server_cpu_ms_per_request()} |"
+            f"| {r.server_cpu_ms_per_request()} | {r.client_cpu_ms_per_request()} |"
         )
     return lines
 
@@ -503,6 +542,9 @@ def main() -> None:
     parser.add_argument("--scenarios", default="full,fallback,floor")
     parser.add_argument("--markdown", type=Path, help="write the results into this Markdown file's section")
     parser.add_argument("--server-workers", type=int, default=1, help="uvicorn worker processes of the service (serve --workers)")
+    parser.add_argument(
+        "--client", choices=("aiohttp", "httpx"), default="aiohttp", help="the load client (httpx: the figures of sessions 1-4)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (service log)")
     parser.add_argument("--fhir-stub", nargs=2, metavar=("DATA", "PORTFILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -533,10 +575,11 @@ def main() -> None:
             for level in levels:
                 for scenario in scenarios:
                     url, body = bodies[scenario]
-                    result = measure(scenario, url, body, level, args.requests, args.warmup, processes.service.pid)
+                    result = measure(scenario, url, body, level, args.requests, args.warmup, processes.service.pid, args.client)
                     p50, p95, p99 = result.pct(50), result.pct(95), result.pct(99)
                     print(f"round {round_no} {scenario:>8} c={level:<3} {result.rps:7.0f} req/s  p50 {p50:7.1f}  p95 {p95:7.1f}  "
-                          f"p99 {p99:7.1f} ms  service CPU {result.server_cpu_ms_per_request()} ms/req", flush=True)
+                          f"p99 {p99:7.1f} ms  service CPU {result.server_cpu_ms_per_request()} ms/req  "
+                          f"client CPU {result.client_cpu_ms_per_request()} ms/req", flush=True)
                     if (scenario, level) in pooled:
                         pooled[(scenario, level)].add(result)
                     else:
@@ -559,7 +602,7 @@ def main() -> None:
                 "",
                 f"The service runs as `python -m service serve --workers {args.server_workers}` (uvicorn with uvloop and httptools, "
                 f"{args.server_workers} process(es), development mode, SQLite in a temporary "
-                f"directory); the client is asyncio + httpx in another process, one keep-alive connection per concurrent caller; "
+                f"directory); the client is asyncio + {args.client} in another process, one keep-alive connection per concurrent caller; "
                 f"{args.rounds} interleaved round(s) of {args.warmup} warm-up then {args.requests} measured requests per row, "
                 f"pooled (the ratio is also given per round). Patient: a dialysis patient with one year "
                 f"of records, {record.count()} resources ({len(full_body) / 1024:.0f} KiB full-prefetch body). `fallback` sends no "
