@@ -6,6 +6,8 @@ command -v chromium >/dev/null 2>&1 && exit 0
 command -v apt-get >/dev/null 2>&1 || { echo "no apt-get: install Chromium yourself" >&2; exit 0; }
 echo "installing chromium (Debian package)" >&2
 export DEBIAN_FRONTEND=noninteractive
-apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
-  || echo "chromium could not be installed" >&2
+log=$(mktemp)
+apt-get install -y -q chromium >"$log" 2>&1 || { apt-get update -q >>"$log" 2>&1 && apt-get install -y -q chromium >>"$log" 2>&1; } \
+  || { echo "chromium could not be installed:" >&2; tail -n 20 "$log" >&2; }
+rm -f "$log"
 exit 0

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.cds.thresholds import Thresholds
@@ -49,6 +50,7 @@ class Settings(BaseSettings):
         env_file=None,
         extra="ignore",
         frozen=True,
+        hide_input_in_errors=True,  # a refused setting may hold a credential: errors name the setting, not its value
     )
 
     # --- deployment ---------------------------------------------------------------------------
@@ -94,8 +96,8 @@ class Settings(BaseSettings):
     # --- FHIR fetch (prefetch fallback and monitoring) -------------------------------------------
     fhir_timeout_s: float = 5.0
     fhir_max_pages: int = 5
-    hook_fetch_proxy: str | None = Field(
-        None, description="HTTP proxy for the CDS Hooks prefetch fallback (fetches from fhirServer); unset: direct connections"
+    hook_fetch_proxy: SecretStr | None = Field(
+        None, description="HTTP proxy URL (it may carry credentials) for the CDS Hooks prefetch fallback; unset: direct connections"
     )
     fhir_max_retries: int = 3
     fhir_retry_backoff_s: float = Field(0.5, description="First retry delay; doubles per attempt (full jitter)")
@@ -155,14 +157,22 @@ class Settings(BaseSettings):
     @field_validator("hook_fetch_proxy", mode="before")
     @classmethod
     def _proxy_url(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            if not v.strip():
-                return None
-            parts = urlsplit(v.strip())
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError("CDS_HOOK_FETCH_PROXY must be an http(s) URL")
-            return v.strip()
-        return v
+        """scheme://[user:password@]host[:port] and nothing more; the error never repeats the value (credentials)."""
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if not isinstance(raw, str):
+            return v
+        if not raw.strip():
+            return None
+        try:
+            parts = urlsplit(raw.strip())
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        if not (
+            port_ok and parts.scheme in ("http", "https") and parts.hostname and parts.path in ("", "/") and not parts.query and not parts.fragment
+        ):
+            raise PydanticCustomError("proxy_url", "CDS_HOOK_FETCH_PROXY must be http(s)://[user:password@]host[:port]")
+        return raw.strip()
 
     @model_validator(mode="after")
     def _safe(self) -> Settings:

@@ -57,8 +57,9 @@ def create_app(settings: Settings | None = None, *, catalog: Catalog | None = No
         allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         max_age=600,
         # Chrome's Private Network Access preflight (a public page such as the CDS Hooks Sandbox calling a service on
-        # localhost or a private address): answered yes for the allowed origins; without it the preflight fails
-        allow_private_network=True,
+        # localhost or a private address): answered yes when the origins are named, or for a development or Sandbox
+        # set-up (both refused in production); never for every origin of a production service on a private network
+        allow_private_network=settings.cors_origins != ["*"] or settings.dev_mode or settings.trust_sandbox,
     )
     install_handlers(app)
     app.include_router(cds_hooks.router)

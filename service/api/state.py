@@ -70,7 +70,12 @@ def build_context(settings: Settings, *, catalog: Catalog | None = None, thresho
     thresholds = thresholds if thresholds is not None else settings.effective_thresholds()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_database_url, settings.db_pool_size)
-    fetcher = HookFetcher(timeout_s=settings.fhir_timeout_s, max_pages=settings.fhir_max_pages, proxy=settings.hook_fetch_proxy)
+    fetcher = HookFetcher(
+        timeout_s=settings.fhir_timeout_s,
+        max_pages=settings.fhir_max_pages,
+        max_bytes=settings.max_hook_request_bytes,
+        proxy=settings.hook_fetch_proxy.get_secret_value() if settings.hook_fetch_proxy is not None else None,
+    )
     sessions = make_session_factory(engine)
 
     def stored(patient_ref: str) -> StoredAssessment | None:

@@ -77,7 +77,8 @@ log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 FHIR_NDJSON = "application/fhir+ndjson"
-DEFAULT_USER_AGENT = "calcinosis-cds/0.1 (+httpx)"
+PRODUCT = "calcinosis-cds/0.1"
+DEFAULT_USER_AGENT = f"{PRODUCT} (+httpx)"
 
 #: Statuses worth retrying (rate limited, bad gateway, unavailable, gateway timeout).
 RETRY_STATUSES = frozenset({429, 502, 503, 504})

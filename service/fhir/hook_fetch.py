@@ -14,15 +14,18 @@ that first uses it (the fetcher is built before uvicorn starts its loop) and clo
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+import certifi
 import orjson
 
-from service.fhir.client import entry_resources, next_link, origin_of
+from service.fhir.client import FHIR_JSON, PRODUCT, entry_resources, next_link, origin_of
 
 
 class FetchRefused(Exception):
@@ -51,10 +54,13 @@ def check_fhir_server(url: str, allowlist: list[str], dev_mode: bool) -> None:
 class HookFetcher:
     """Concurrent, bounded FHIR reads for one event loop at a time (``aclose`` on that loop when done).
 
+    :param max_bytes: the largest response body read (compressed bodies are counted as decompressed); a larger one
+        is an error for its key.
     :param proxy: an HTTP proxy URL for every fetch (``CDS_HOOK_FETCH_PROXY``); None connects directly. The
         environment's proxy variables and ``.netrc`` are not consulted: aiohttp would read them on every request,
         in two thread-pool hops, and settings come only from ``service.config``.
-    :param connector: a factory of the aiohttp connector; default a ``TCPConnector`` (at most 100 connections).
+    :param connector: a factory of the aiohttp connector; default a ``TCPConnector`` (at most 100 connections)
+        whose TLS trusts certifi's CA bundle, as the httpx clients of ``service.fhir`` do.
     """
 
     def __init__(
@@ -62,31 +68,34 @@ class HookFetcher:
         *,
         timeout_s: float,
         max_pages: int,
+        max_bytes: int = 20_000_000,
         proxy: str | None = None,
         connector: Callable[[], aiohttp.BaseConnector] | None = None,
     ) -> None:
         self.timeout_s = timeout_s
         self.max_pages = max_pages
+        self.max_bytes = max_bytes
         self.proxy = proxy
-        self._connector = connector
+        self._connector = connector or _default_connector
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     async def _client(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         session = self._session
         if session is None or session.closed or self._loop is not loop:
             if session is not None and not session.closed and self._loop is not None and self._loop.is_closed():
-                # left open on a loop that has ended (tests run one loop after another): its connections died
-                # with that loop; mark it closed so nothing warns about it later
+                # left open on a loop that has ended (tests run one loop after another): mark it and its connector
+                # closed; the sockets went with that loop
                 connector = session.connector
                 session.detach()
                 if connector is not None:
                     await connector.close()
             session = aiohttp.ClientSession(
-                connector=self._connector() if self._connector is not None else None,
+                connector=self._connector(),
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                headers={"Accept": "application/fhir+json"},
+                headers={"Accept": FHIR_JSON, "User-Agent": f"{PRODUCT} (+aiohttp)"},
                 trust_env=False,
                 raise_for_status=False,
             )
@@ -94,11 +103,15 @@ class HookFetcher:
         return session
 
     async def aclose(self) -> None:
+        """Close the session; later fetches answer "shutting down" for every key instead of opening another."""
+        self._closed = True
         session, self._session = self._session, None
         if session is not None and not session.closed and self._loop is asyncio.get_running_loop():
             await session.close()
 
     async def fetch_all(self, base: str, token: str | None, queries: dict[str, str]) -> dict[str, FetchResult]:
+        if self._closed:
+            return {k: FetchResult(error="the service is shutting down") for k in queries}
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         client = await self._client()
         keys = list(queries)
@@ -107,7 +120,6 @@ class HookFetcher:
 
     async def _fetch(self, client: aiohttp.ClientSession, base: str, query: str, headers: dict[str, str]) -> FetchResult:
         root = base.rstrip("/") + "/"
-        server = origin_of(base)
         url: str | None = root + query.lstrip("/")
         result = FetchResult()
         try:
@@ -119,7 +131,10 @@ class HookFetcher:
                         if response.status >= 300:  # redirects are not followed (the allowlist names the server)
                             result.error = f"HTTP {response.status}"
                             return result
-                        body = await response.read()
+                        body = await self._read(response)
+                    if body is None:
+                        result.error = f"response larger than {self.max_bytes} bytes"
+                        return result
                     doc = orjson.loads(body)
                     if not isinstance(doc, dict):
                         result.error = "response is not a FHIR resource"
@@ -129,8 +144,7 @@ class HookFetcher:
                         result.resources.extend(entry_resources(doc, include_included=True))
                         nxt = next_link(doc)
                         if nxt is not None:
-                            nxt = urljoin(root, nxt)
-                            url = nxt if origin_of(nxt) == server else None  # never follow a link off the server
+                            url = _same_server(urljoin(root, nxt), root)
                     elif doc.get("resourceType") == "OperationOutcome":
                         result.error = "server answered an OperationOutcome"
                     else:
@@ -141,6 +155,39 @@ class HookFetcher:
             result.error = f"unreachable ({type(exc).__name__})"
         except orjson.JSONDecodeError:
             result.error = "response is not JSON"
-        except ValueError:  # a URL aiohttp/yarl cannot send (after the JSON error, which is a ValueError too)
-            result.error = "not a valid request URL"
+        except (ValueError, RuntimeError) as exc:
+            # ValueError: a URL or header aiohttp/yarl refuses to send (checked after the JSON error, a ValueError
+            # too); RuntimeError: the session was closed between two pages at shutdown
+            result.error = f"request could not be made ({type(exc).__name__})"
         return result
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes | None:
+        """The body, or None past ``max_bytes`` (announced or counted while reading)."""
+        if response.content_length is not None and response.content_length > self.max_bytes:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > self.max_bytes:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _same_server(url: str, root: str) -> str | None:
+    """``url`` when it is on the fhirServer (same origin, under its base path), else None: a next link is never
+    followed off the server, nor to another base on the same host (another tenant), with the EHR's token."""
+    if origin_of(url) != origin_of(root):
+        return None
+    base_path, path = urlsplit(root).path.rstrip("/"), urlsplit(url).path
+    return url if path == base_path or path.startswith(base_path + "/") else None  # HAPI pages at the base itself
+
+
+def _default_connector() -> aiohttp.BaseConnector:
+    return aiohttp.TCPConnector(ssl=_tls_context())
+
+
+@cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=certifi.where())

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -138,16 +140,19 @@ def run_page(page: str) -> dict[str, Any]:
     browser = chromium()
     with page_origin(page) as (url, result), tempfile.TemporaryDirectory() as profile:
         process = subprocess.Popen(
-            [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", url],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: the renderer and GPU processes are stopped with it
         )
         try:
             return result(60)
         finally:
-            process.terminate()
+            os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
 
 

@@ -393,9 +393,8 @@ def test_cors_preflight_and_response_headers(signed_client: TestClient, issuer: 
     assert refused.headers["access-control-allow-origin"] in ("*", origin), "errors must reach the browser too"
 
 
-def test_a_private_network_preflight_from_a_public_page_is_allowed(signed_client: TestClient) -> None:
-    """Chrome's Private Network Access: the public Sandbox page calling a service on localhost asks first."""
-    preflight = signed_client.options(
+def private_network_preflight(client: TestClient) -> httpx.Response:
+    return client.options(
         f"/cds-services/{RISK}",
         headers={
             "Origin": "https://sandbox.cds-hooks.org",
@@ -404,5 +403,24 @@ def test_a_private_network_preflight_from_a_public_page_is_allowed(signed_client
             "Access-Control-Request-Private-Network": "true",
         },
     )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"cors_origins": ["https://sandbox.cds-hooks.org"]}, {"cors_origins": ["*"], "dev_mode": True}],
+    ids=["named-origin", "development-mode"],
+)
+def test_a_private_network_preflight_from_a_public_page_is_allowed(make_client: Callable[..., TestClient], settings: dict[str, Any]) -> None:
+    """Chrome's Private Network Access: the public Sandbox page calling a service on localhost asks first."""
+    preflight = private_network_preflight(make_client(**settings))
     assert preflight.status_code == 200, preflight.text
     assert preflight.headers["access-control-allow-private-network"] == "true"
+
+
+def test_a_private_network_preflight_is_refused_when_every_origin_is_allowed_in_production_settings(signed_client: TestClient) -> None:
+    """CORS open to every origin must not also open a service on a private network to every public page."""
+    preflight = private_network_preflight(signed_client)
+    assert preflight.status_code == 400
+    assert "access-control-allow-private-network" not in preflight.headers
+
+

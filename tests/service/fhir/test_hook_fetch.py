@@ -5,10 +5,12 @@ concurrent keys; every failure a short reason, never an exception."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp import web
 
 from service.fhir.hook_fetch import FetchResult, HookFetcher
@@ -44,7 +46,12 @@ async def serve(handler: Handler) -> tuple[web.AppRunner, str]:
 
 
 def fetch(
-    handler_for: Callable[[str], Handler], queries: dict[str, str] | None = None, *, max_pages: int = 5, timeout_s: float = 5
+    handler_for: Callable[[str], Handler],
+    queries: dict[str, str] | None = None,
+    *,
+    max_pages: int = 5,
+    timeout_s: float = 5,
+    max_bytes: int = 1_000_000,
 ) -> dict[str, FetchResult]:
     """Start a server whose handler knows its own base URL, fetch ``queries`` from it, stop both."""
 
@@ -56,7 +63,7 @@ def fetch(
 
         runner, base = await serve(handler)
         base_box.append(base)
-        fetcher = HookFetcher(timeout_s=timeout_s, max_pages=max_pages)
+        fetcher = HookFetcher(timeout_s=timeout_s, max_pages=max_pages, max_bytes=max_bytes)
         try:
             return await fetcher.fetch_all(base, "t0k3n", queries or {"labs": "Observation?patient=p1"})
         finally:
@@ -105,6 +112,32 @@ def test_a_next_link_to_another_server_is_not_followed() -> None:
     pages = {"/fhir/Observation?patient=p1": bundle(["a"], "http://elsewhere.invalid/fhir/Observation?page=2")}
     result = fetch(pages_handler(lambda _base: pages, seen))["labs"]
     assert (ids(result), result.error, seen) == (["a"], None, ["/fhir/Observation?patient=p1"])
+
+
+def test_a_next_link_to_another_base_on_the_same_host_is_not_followed() -> None:
+    """Another tenant's FHIR base on the same origin never gets this EHR's token."""
+    seen: list[str] = []
+
+    def pages(base: str) -> dict[str, Any]:
+        other_tenant = base.replace("/fhir", "/fhir-other")
+        return {"/fhir/Observation?patient=p1": bundle(["a"], f"{other_tenant}/Observation?page=2")}
+
+    result = fetch(pages_handler(pages, seen))["labs"]
+    assert (ids(result), result.error, seen) == (["a"], None, ["/fhir/Observation?patient=p1"])
+
+
+def test_a_next_link_to_the_base_itself_is_followed() -> None:
+    """HAPI pages at the base URL (``/fhir?_getpages=…``), without the trailing slash."""
+    seen: list[str] = []
+
+    def pages(base: str) -> dict[str, Any]:
+        return {
+            "/fhir/Observation?patient=p1": bundle(["a"], f"{base}?_getpages=abc&_getpagesoffset=1"),
+            "/fhir?_getpages=abc&_getpagesoffset=1": bundle(["b"]),
+        }
+
+    result = fetch(pages_handler(pages, seen))["labs"]
+    assert (ids(result), result.error, len(seen)) == (["a", "b"], None, 2)
 
 
 def test_paging_stops_at_max_pages() -> None:
@@ -172,13 +205,21 @@ def test_each_failure_is_a_short_reason_and_the_other_keys_still_arrive() -> Non
                 return fhir_json([{"resourceType": "Observation"}])
             if kind == "outcome":
                 return fhir_json({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing"}]})
-            await asyncio.sleep(2)  # "slow"
-            return fhir_json(bundle(["late"]))
+            if kind == "big":  # announced too large
+                return web.Response(body=b" " * 2_000, content_type="application/fhir+json")
+            # "streamed": too large, without a Content-Length
+            response = web.StreamResponse(headers={"Content-Type": "application/fhir+json"})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for _ in range(4):
+                await response.write(b" " * 600)
+            await response.write_eof()
+            return response
 
         return handler
 
-    keys = ["ok", "forbidden", "redirect", "html", "array", "outcome", "slow"]
-    results = fetch(for_base, {k: k for k in keys}, timeout_s=0.3)
+    keys = ["ok", "forbidden", "redirect", "html", "array", "outcome", "big", "streamed"]
+    results = fetch(for_base, {k: k for k in keys}, max_bytes=1_000)
     assert {k: r.error for k, r in results.items()} == {
         "ok": None,
         "forbidden": "HTTP 403",
@@ -186,9 +227,22 @@ def test_each_failure_is_a_short_reason_and_the_other_keys_still_arrive() -> Non
         "html": "response is not JSON",
         "array": "response is not a FHIR resource",
         "outcome": "server answered an OperationOutcome",
-        "slow": "timed out",
+        "big": "response larger than 1000 bytes",
+        "streamed": "response larger than 1000 bytes",
     }
     assert ids(results["ok"]) == ["x"]
+
+
+def test_a_server_slower_than_the_timeout_is_timed_out() -> None:
+    def for_base(_base: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            await asyncio.sleep(1.5)  # well past the 0.2 s timeout; the server's shutdown waits for it
+            return fhir_json(bundle(["late"]))
+
+        return handler
+
+    result = fetch(for_base, {"labs": "Observation"}, timeout_s=0.2)["labs"]
+    assert (result.resources, result.error) == ([], "timed out")
 
 
 def test_a_server_that_refuses_connections_is_unreachable() -> None:
@@ -226,29 +280,53 @@ def test_one_fetcher_serves_one_loop_after_another() -> None:
     assert asyncio.run(once_and_close()) == ["a"]
 
 
-def test_a_configured_proxy_carries_every_fetch_and_the_environment_is_not_read(monkeypatch) -> None:
-    """The EHR's host does not resolve here; only the proxy (an HTTP server that answers absolute-form requests)
-    can have answered. ``HTTP_PROXY`` pointing elsewhere is ignored: settings come from ``service.config``."""
-    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # the discard port: any use of it would fail
-    asked: list[str] = []
+def test_a_configured_proxy_carries_every_fetch_and_the_environment_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the configured proxy (an HTTP server that answers absolute-form requests) can have answered for a host that
+    is not this one. ``HTTP_PROXY`` names another recording server, which must see nothing: settings come from
+    ``service.config``, not the environment."""
+    asked: dict[str, list[str]] = {"configured": [], "environment": []}
 
-    async def proxy(request: web.Request) -> web.StreamResponse:
-        asked.append(str(request.url))
-        return fhir_json(bundle(["via-proxy"]))
+    def recording(name: str) -> Handler:
+        async def proxy(request: web.Request) -> web.StreamResponse:
+            asked[name].append(str(request.url))
+            return fhir_json(bundle([f"via-{name}"]))
+
+        return proxy
 
     async def run(use_proxy: bool) -> FetchResult:
-        runner, proxy_base = await serve(proxy)
-        proxy_url = proxy_base.removesuffix("/fhir")
-        fetcher = HookFetcher(timeout_s=2, max_pages=1, proxy=proxy_url if use_proxy else None)
+        configured, configured_base = await serve(recording("configured"))
+        environment, environment_base = await serve(recording("environment"))
+        monkeypatch.setenv("HTTP_PROXY", environment_base.removesuffix("/fhir"))
+        monkeypatch.setenv("http_proxy", environment_base.removesuffix("/fhir"))
+        target = closed_port_base() if not use_proxy else "http://ehr.example.org/fhir"
+        fetcher = HookFetcher(timeout_s=2, max_pages=1, proxy=configured_base.removesuffix("/fhir") if use_proxy else None)
         try:
-            return (await fetcher.fetch_all("http://ehr.invalid/fhir", "t", {"labs": "Observation?patient=p1"}))["labs"]
+            return (await fetcher.fetch_all(target, "t", {"labs": "Observation?patient=p1"}))["labs"]
         finally:
             await fetcher.aclose()
-            await runner.cleanup()
+            await configured.cleanup()
+            await environment.cleanup()
 
     through = asyncio.run(run(True))
-    assert (ids(through), through.error) == (["via-proxy"], None)
-    assert asked == ["http://ehr.invalid/fhir/Observation?patient=p1"]
+    assert (ids(through), through.error) == (["via-configured"], None)
+    assert asked["configured"] == ["http://ehr.example.org/fhir/Observation?patient=p1"]
 
-    direct = asyncio.run(run(False))  # no proxy configured: a direct connection to a host that does not resolve
-    assert direct.error == "unreachable (ClientConnectorDNSError)" and len(asked) == 1
+    direct = asyncio.run(run(False))  # no proxy configured: a direct connection, refused
+    assert direct.error == "unreachable (ClientConnectorError)"
+    assert asked == {"configured": ["http://ehr.example.org/fhir/Observation?patient=p1"], "environment": []}
+
+
+def test_after_aclose_every_key_answers_shutting_down() -> None:
+    async def run() -> dict[str, FetchResult]:
+        fetcher = HookFetcher(timeout_s=1, max_pages=1)
+        await fetcher.aclose()
+        return await fetcher.fetch_all(closed_port_base(), None, {"labs": "Observation", "problems": "Condition"})
+
+    assert {k: r.error for k, r in asyncio.run(run()).items()} == dict.fromkeys(("labs", "problems"), "the service is shutting down")
+
+
+def closed_port_base() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/fhir"
