@@ -7,8 +7,8 @@ Spec references (FHIR R4 ``http.html`` unless noted):
 * **search** - ``GET [base]/[type]?params`` or ``POST [base]/[type]/_search`` (form body, which
   keeps patient ids out of URLs and access logs). Results are ``searchset`` Bundles; the next
   page is the Bundle link with ``relation = next``. The client follows at most ``max_pages``
-  pages and only links on the *same origin* as the base URL - a next link elsewhere would
-  receive the bearer token, so it is refused with :class:`FhirPermanentError`.
+  pages and only links under the base URL (same origin and base path, :func:`within_base`) - a next
+  link elsewhere would receive the bearer token, so it is refused with :class:`FhirPermanentError`.
 * **create / update** - ``POST [base]/[type]`` and ``PUT [base]/[type]/[id]``, with
   ``Prefer: return=representation``; optional ``If-Match`` (version-aware update) and
   ``If-None-Exist`` (conditional create).
@@ -200,6 +200,16 @@ def origin_of(url: str | httpx.URL) -> tuple[str, str, int | None]:
     return scheme, (parts.hostname or "").lower(), port
 
 
+def within_base(url: str, base: str) -> bool:
+    """Whether ``url`` is on the FHIR server whose base URL is ``base``: the same origin and a path at or under the
+    base's (HAPI pages at the base itself, ``/fhir?_getpages=…``). A next link that is not, whether on another host
+    or on another base of the same host (another tenant), is never followed with the server's token."""
+    if origin_of(url) != origin_of(base):
+        return False
+    base_path, path = urlsplit(base).path.rstrip("/"), urlsplit(url).path
+    return path == base_path or path.startswith(base_path + "/")
+
+
 def _check_type(resource_type: str) -> str:
     if not isinstance(resource_type, str) or not _RESOURCE_TYPE.match(resource_type):
         raise ValueError("invalid FHIR resource type")
@@ -324,7 +334,7 @@ class FhirClient:
         method: Literal["GET", "POST"] = "GET",
         max_pages: int | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Yield searchset Bundles page by page, following ``next`` links (same origin only)."""
+        """Yield searchset Bundles page by page, following ``next`` links (under the base URL only)."""
         limit = max(1, max_pages if max_pages is not None else self.max_pages)
         query = _normalise_params(params)
         if method == "POST":
@@ -350,8 +360,10 @@ class FhirClient:
             if next_url is None:
                 return
             next_url = urljoin(self.base_url + "/", next_url)
-            if not self.is_same_origin(next_url):
-                raise FhirPermanentError(f"refusing to follow a next link to another origin ({redact_url(next_url)})", url=next_url)
+            if not within_base(next_url, self.base_url):
+                raise FhirPermanentError(
+                    f"refusing to follow a next link off the FHIR base, to another origin or path ({redact_url(next_url)})", url=next_url
+                )
             if page >= limit:
                 log.warning("search truncated at max_pages", extra={"url": redact_url(url), "max_pages": limit})
                 return

@@ -2,7 +2,7 @@
 
 CDS Hooks 2.0: a prefetch key that is absent (or holds an OperationOutcome) is fetched by the service;
 ``null`` means "no data" and is not refetched. Queries run concurrently, each with a timeout, following
-``next`` links on the same origin up to a bound. ``fhirServer`` must be https and on the allowlist (no
+``next`` links under the fhirServer base (:func:`service.fhir.client.within_base`) up to a bound. ``fhirServer`` must be https and on the allowlist (no
 server-side request forgery), except in development mode.
 
 The client is aiohttp rather than the httpx the rest of ``service.fhir`` uses: a fallback call makes one
@@ -25,7 +25,7 @@ import aiohttp
 import certifi
 import orjson
 
-from service.fhir.client import FHIR_JSON, PRODUCT, entry_resources, next_link, origin_of
+from service.fhir.client import FHIR_JSON, PRODUCT, entry_resources, next_link, within_base
 
 
 class FetchRefused(Exception):
@@ -144,7 +144,8 @@ class HookFetcher:
                         result.resources.extend(entry_resources(doc, include_included=True))
                         nxt = next_link(doc)
                         if nxt is not None:
-                            url = _same_server(urljoin(root, nxt), root)
+                            nxt = urljoin(root, nxt)
+                            url = nxt if within_base(nxt, root) else None
                     elif doc.get("resourceType") == "OperationOutcome":
                         result.error = "server answered an OperationOutcome"
                     else:
@@ -173,15 +174,6 @@ class HookFetcher:
                 return None
             chunks.append(chunk)
         return b"".join(chunks)
-
-
-def _same_server(url: str, root: str) -> str | None:
-    """``url`` when it is on the fhirServer (same origin, under its base path), else None: a next link is never
-    followed off the server, nor to another base on the same host (another tenant), with the EHR's token."""
-    if origin_of(url) != origin_of(root):
-        return None
-    base_path, path = urlsplit(root).path.rstrip("/"), urlsplit(url).path
-    return url if path == base_path or path.startswith(base_path + "/") else None  # HAPI pages at the base itself
 
 
 def _default_connector() -> aiohttp.BaseConnector:

@@ -115,6 +115,20 @@ def test_next_link_to_another_origin_is_refused(fhir_server: FakeFhirServer, mak
         assert other.requests == []
 
 
+def test_next_link_to_another_base_on_the_same_origin_is_refused(fhir_server: FakeFhirServer, make_client: MakeClient) -> None:
+    """Another tenant's FHIR base on the same host never gets this server's token."""
+    for i in range(3):
+        fhir_server.put(observation(f"o{i}"))
+    fhir_server.next_link_base = f"{fhir_server.origin}/fhir-other-tenant"
+    client = make_client(fhir_server, auth="s3cret")
+    seen: list[str] = []
+    with pytest.raises(FhirPermanentError, match="off the FHIR base"):
+        for r in client.search("Observation", {"_count": 1}, max_pages=10):
+            seen.append(r["id"])
+    assert seen == ["o0"]
+    assert fhir_server.count(r"/fhir-other-tenant") == 0
+
+
 def test_history_since_uses_last_updated_gt(fhir_server: FakeFhirServer, make_client: MakeClient) -> None:
     t0 = datetime(2024, 3, 1, tzinfo=UTC)
     fhir_server.put(observation("old"), last_updated=t0)
