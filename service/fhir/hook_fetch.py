@@ -14,15 +14,13 @@ that first uses it (the fetcher is built before uvicorn starts its loop) and clo
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
-import certifi
+import httpx
 import orjson
 
 from service.fhir.client import FHIR_JSON, PRODUCT, entry_resources, next_link, within_base
@@ -60,7 +58,7 @@ class HookFetcher:
         environment's proxy variables and ``.netrc`` are not consulted: aiohttp would read them on every request,
         in two thread-pool hops, and settings come only from ``service.config``.
     :param connector: a factory of the aiohttp connector; default a ``TCPConnector`` (at most 100 connections)
-        whose TLS trusts certifi's CA bundle, as the httpx clients of ``service.fhir`` do.
+        whose TLS context is httpx's, so it trusts what the httpx clients of ``service.fhir`` trust.
     """
 
     def __init__(
@@ -177,9 +175,5 @@ class HookFetcher:
 
 
 def _default_connector() -> aiohttp.BaseConnector:
-    return aiohttp.TCPConnector(ssl=_tls_context())
-
-
-@cache
-def _tls_context() -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=certifi.where())
+    # httpx's TLS context: the trust of the httpx clients (certifi's bundle, or SSL_CERT_FILE/SSL_CERT_DIR)
+    return aiohttp.TCPConnector(ssl=httpx.create_ssl_context())
