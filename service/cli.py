@@ -126,33 +126,26 @@ def serve(
     """Run the API (CDS Hooks services, FHIR notification receiver, health and metrics) with uvicorn."""
     import uvicorn
 
+    from service.serving import tcp_listener
+
     settings, catalog, thresholds = _load_context()  # checked here: one line and exit 2, not a traceback
+    bind_host, bind_port = host or settings.host, port or settings.port
+    # Bound here for any number of processes: a taken port is one line and exit 2, and connections get
+    # TCP_NODELAY on the standard asyncio loop too (see service.serving).
+    try:
+        listener = tcp_listener(bind_host, bind_port)
+    except OSError as exc:
+        fail(f"cannot listen on {bind_host}:{bind_port}: {exc.strerror or exc}")
+    options: dict[str, Any] = {"host": bind_host, "port": bind_port, "log_level": "warning", "access_log": False}
     if workers > 1:  # each process builds its own app from the same settings (nothing is built in the supervisor)
         from uvicorn.supervisors import Multiprocess
 
-        from service.serving import tcp_listener
-
-        config = uvicorn.Config(
-            "service.main:create_app",
-            factory=True,
-            workers=workers,
-            host=host or settings.host,
-            port=port or settings.port,
-            log_level="warning",
-            access_log=False,
-        )
-        # Bound here: a taken port is one line and exit 2, and connections get TCP_NODELAY on the standard asyncio
-        # loop too (see service.serving).
-        try:
-            listener = tcp_listener(config.host, config.port)
-        except OSError as exc:
-            fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}")
-        Multiprocess(config, sockets=[listener]).run()
+        Multiprocess(uvicorn.Config("service.main:create_app", factory=True, workers=workers, **options), sockets=[listener]).run()
         return
     from service.main import create_app
 
     app = create_app(settings, catalog=catalog, thresholds=thresholds)
-    uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning", access_log=False)
+    uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[listener])
 
 
 @app.command()

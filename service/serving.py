@@ -1,6 +1,6 @@
-"""The listening socket for ``serve --workers N``.
+"""The listening socket of ``serve``, one process or ``--workers N``.
 
-Bound here rather than by uvicorn's multi-process supervisor, for two reasons:
+Bound here rather than by uvicorn, for two reasons:
 - a taken port is reported as one line with exit 2, like every other CLI error;
 - the standard asyncio loop turns on ``TCP_NODELAY`` for an accepted connection only when the listener reports
   ``proto == IPPROTO_TCP``, and uvicorn binds with ``socket.socket(AF_INET)``, which reports 0. On that loop,

@@ -30,7 +30,8 @@ def test_serve_loads_the_mappings_once(monkeypatch: pytest.MonkeyPatch, tmp_path
     for module in (checks, state, monitor):
         monkeypatch.setattr(module, "load_rule_catalog", counting)
     served: list[Any] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **_: served.append(app))  # the server itself is not under test
+    # the server itself is not under test
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: served.append(server.config.app))
     try:
         result = CliRunner().invoke(cli.app, ["serve", "--port", "0"])
     finally:

@@ -1,4 +1,5 @@
-"""``serve --workers N`` listens on a socket whose accepted connections get TCP_NODELAY (no 40 ms delayed-ACK stalls)."""
+"""``serve`` (one process or ``--workers N``) listens on a socket whose accepted connections get TCP_NODELAY (no 40 ms
+delayed-ACK stalls), bound before the server starts."""
 
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ def test_serve_with_two_workers_answers_on_one_keep_alive_connection(tmp_path) -
         api.stop()
 
 
-def test_serve_with_workers_on_a_taken_port_is_one_line_exit_2(tmp_path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_taken_port_is_one_line_exit_2(tmp_path, workers: str) -> None:
     from tests.integration.support import base_env, run_cli
 
     taken = tcp_listener("127.0.0.1", 0)
@@ -85,7 +87,7 @@ def test_serve_with_workers_on_a_taken_port_is_one_line_exit_2(tmp_path) -> None
     port = taken.getsockname()[1]
     try:
         env = base_env(CDS_DATA_DIR=str(tmp_path))
-        result = run_cli(["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"], env)
+        result = run_cli(["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", workers], env)
     finally:
         taken.close()
     assert result.returncode == 2
