@@ -20,11 +20,14 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
 
 from tests.conftest import require_service
 from tests.schema import assert_valid
@@ -99,41 +102,24 @@ def chromium() -> str:
 
 @contextlib.contextmanager
 def page_origin(page: str) -> Iterator[tuple[str, Callable[[float], dict[str, Any]]]]:
-    """Serve ``page`` at ``/`` on its own origin; yield its URL and a function that waits for the posted result."""
+    """Serve ``page`` at ``/`` on its own origin (uvicorn on another port); yield its URL and a function that waits
+    for the result the page posts to ``/result``."""
     posted: list[bytes] = []
     arrived = threading.Event()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            data = page.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    async def receive(request: Request) -> Response:
+        posted.append(await request.body())
+        arrived.set()
+        return Response(status_code=204)
 
-        def do_POST(self) -> None:
-            posted.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-            arrived.set()
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    site = Starlette(routes=[Route("/", lambda _: HTMLResponse(page)), Route("/result", receive, methods=["POST"])])
 
     def result(timeout_s: float) -> dict[str, Any]:
         assert arrived.wait(timeout_s), "the page did not report back"
         return dict(json.loads(posted[0]))
 
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/", result
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_in_thread(site) as origin:
+        yield f"{origin}/", result
 
 
 def run_page(page: str) -> dict[str, Any]:

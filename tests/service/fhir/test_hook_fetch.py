@@ -5,7 +5,6 @@ concurrent keys; every failure a short reason, never an exception."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from service.fhir.hook_fetch import FetchResult, HookFetcher
+from tests.service.api.support import closed_port_url
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -247,11 +247,9 @@ def test_a_server_slower_than_the_timeout_is_timed_out() -> None:
 
 def test_a_server_that_refuses_connections_is_unreachable() -> None:
     async def run() -> FetchResult:
-        runner, base = await serve(lambda _r: fhir_json({}))
-        await runner.cleanup()  # the port is now closed
         fetcher = HookFetcher(timeout_s=2, max_pages=1)
         try:
-            return (await fetcher.fetch_all(base, None, {"labs": "Observation"}))["labs"]
+            return (await fetcher.fetch_all(closed_port_url(), None, {"labs": "Observation"}))["labs"]
         finally:
             await fetcher.aclose()
 
@@ -298,7 +296,7 @@ def test_a_configured_proxy_carries_every_fetch_and_the_environment_is_not_read(
         environment, environment_base = await serve(recording("environment"))
         monkeypatch.setenv("HTTP_PROXY", environment_base.removesuffix("/fhir"))
         monkeypatch.setenv("http_proxy", environment_base.removesuffix("/fhir"))
-        target = closed_port_base() if not use_proxy else "http://ehr.example.org/fhir"
+        target = closed_port_url() if not use_proxy else "http://ehr.example.org/fhir"
         fetcher = HookFetcher(timeout_s=2, max_pages=1, proxy=configured_base.removesuffix("/fhir") if use_proxy else None)
         try:
             return (await fetcher.fetch_all(target, "t", {"labs": "Observation?patient=p1"}))["labs"]
@@ -320,13 +318,7 @@ def test_after_aclose_every_key_answers_shutting_down() -> None:
     async def run() -> dict[str, FetchResult]:
         fetcher = HookFetcher(timeout_s=1, max_pages=1)
         await fetcher.aclose()
-        return await fetcher.fetch_all(closed_port_base(), None, {"labs": "Observation", "problems": "Condition"})
+        return await fetcher.fetch_all(closed_port_url(), None, {"labs": "Observation", "problems": "Condition"})
 
     assert {k: r.error for k, r in asyncio.run(run()).items()} == dict.fromkeys(("labs", "problems"), "the service is shutting down")
 
-
-def closed_port_base() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/fhir"
