@@ -104,7 +104,6 @@ class MonitorContext:
             return self._client
 
 
-
 @dataclass
 class ReceiveSummary:
     accepted: int = 0
