@@ -44,8 +44,7 @@ def check_fhir_server(url: str, allowlist: list[str], dev_mode: bool) -> None:
         return
     if parts.scheme != "https":
         raise FetchRefused("fhirServer must use https")
-    normalized = url.rstrip("/") + "/"
-    if not any(normalized.startswith(a.rstrip("/") + "/") for a in allowlist):
+    if not any(within_base(url, allowed) for allowed in allowlist):  # the rule next links follow too
         raise FetchRefused("fhirServer is not on the allowlist")
 
 

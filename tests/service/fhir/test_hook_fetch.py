@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from service.fhir.hook_fetch import FetchResult, HookFetcher
+from service.fhir.hook_fetch import FetchRefused, FetchResult, HookFetcher, check_fhir_server
 from tests.service.api.support import closed_port_url
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -322,3 +322,33 @@ def test_after_aclose_every_key_answers_shutting_down() -> None:
 
     assert {k: r.error for k, r in asyncio.run(run()).items()} == dict.fromkeys(("labs", "problems"), "the service is shutting down")
 
+
+
+@pytest.mark.parametrize(
+    ("server", "allowed"),
+    [
+        ("https://ehr.example.org/fhir", True),
+        ("https://ehr.example.org/fhir/", True),
+        ("https://EHR.example.org:443/fhir", True),  # the same origin, written differently
+        ("https://ehr.example.org/fhir/tenant-a", True),  # under the allowlisted base
+        ("https://ehr.example.org/fhir-other", False),  # a sibling base on the same host
+        ("https://ehr.example.org", False),
+        ("https://ehr.example.org.evil.example/fhir", False),
+        ("https://ehr.example.org:8443/fhir", False),
+        ("http://ehr.example.org/fhir", False),  # https only outside development mode
+        ("ftp://ehr.example.org/fhir", False),
+    ],
+)
+def test_the_fhir_server_must_be_under_an_allowlisted_base(server: str, allowed: bool) -> None:
+    try:
+        check_fhir_server(server, ["https://ehr.example.org/fhir/"], dev_mode=False)
+        refused = None
+    except FetchRefused as exc:
+        refused = str(exc)
+    assert (refused is None) == allowed, refused
+
+
+def test_development_mode_accepts_any_http_server_but_not_another_scheme() -> None:
+    check_fhir_server("http://127.0.0.1:8080/fhir", [], dev_mode=True)
+    with pytest.raises(FetchRefused, match="absolute http"):
+        check_fhir_server("file:///etc/passwd", [], dev_mode=True)
