@@ -101,32 +101,20 @@ def test_search_follows_next_links_up_to_max_pages(fhir_server: FakeFhirServer, 
     assert [len(p["entry"]) for p in pages] == [3, 3, 1] and all(p["total"] == 7 for p in pages)
 
 
-def test_next_link_to_another_origin_is_refused(fhir_server: FakeFhirServer, make_client: MakeClient) -> None:
+@pytest.mark.parametrize("elsewhere", ["another origin", "another base on the same origin"])
+def test_next_link_off_the_fhir_base_is_refused(fhir_server: FakeFhirServer, make_client: MakeClient, elsewhere: str) -> None:
+    """Another server (same host, other port), or another tenant's base on this host, never gets the token."""
     for i in range(3):
         fhir_server.put(observation(f"o{i}"))
     with FakeFhirServer() as other:
-        fhir_server.next_link_base = other.base_url  # same host, different port: another origin
+        fhir_server.next_link_base = other.base_url if elsewhere == "another origin" else f"{fhir_server.origin}/fhir-other-tenant"
         client = make_client(fhir_server, auth="s3cret")
         seen: list[str] = []
-        with pytest.raises(FhirPermanentError, match="another origin"):
+        with pytest.raises(FhirPermanentError, match="off the FHIR base"):
             for r in client.search("Observation", {"_count": 1}, max_pages=10):
                 seen.append(r["id"])
         assert seen == ["o0"]
-        assert other.requests == []
-
-
-def test_next_link_to_another_base_on_the_same_origin_is_refused(fhir_server: FakeFhirServer, make_client: MakeClient) -> None:
-    """Another tenant's FHIR base on the same host never gets this server's token."""
-    for i in range(3):
-        fhir_server.put(observation(f"o{i}"))
-    fhir_server.next_link_base = f"{fhir_server.origin}/fhir-other-tenant"
-    client = make_client(fhir_server, auth="s3cret")
-    seen: list[str] = []
-    with pytest.raises(FhirPermanentError, match="off the FHIR base"):
-        for r in client.search("Observation", {"_count": 1}, max_pages=10):
-            seen.append(r["id"])
-    assert seen == ["o0"]
-    assert fhir_server.count(r"/fhir-other-tenant") == 0
+        assert other.requests == [] and fhir_server.count(r"/fhir-other-tenant") == 0
 
 
 def test_history_since_uses_last_updated_gt(fhir_server: FakeFhirServer, make_client: MakeClient) -> None:
