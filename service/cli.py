@@ -177,15 +177,15 @@ def worker(
     pool: Annotated[str, typer.Option(help="prefork | solo | threads")] = "prefork",
 ) -> None:
     """Run a Celery worker for the given queues."""
+    _load_context()  # settings and mappings checked here: one line and exit 2, not a traceback from Celery's loader
     _exec_celery(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "--without-gossip", "--without-mingle", "-l", "INFO"])
 
 
 @app.command()
 def beat() -> None:
     """Run the Celery beat scheduler (sweeper and reconciliation). Run exactly one."""
-    from service.config import get_settings
-
-    schedule = get_settings().data_dir / "celerybeat-schedule"
+    settings, _, _ = _load_context()  # one line and exit 2 on a bad setting, as for serve and worker
+    schedule = settings.data_dir / "celerybeat-schedule"
     _exec_celery(["beat", "-l", "INFO", "-s", str(schedule)])
 
 

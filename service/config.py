@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.cds.thresholds import Thresholds
+from service.tls import CaFileError, check_ca_file
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +97,11 @@ class Settings(BaseSettings):
     # --- FHIR fetch (prefetch fallback and monitoring) -------------------------------------------
     fhir_timeout_s: float = 5.0
     fhir_max_pages: int = 5
+    tls_ca_file: Path | None = Field(
+        None,
+        description="PEM file of CA certificates trusted for outbound HTTPS (FHIR servers, token endpoints, JWK Sets), "
+        "in addition to the default trust; e.g. a hospital's internal CA",
+    )
     hook_fetch_proxy: SecretStr | None = Field(
         None, description="HTTP proxy URL (it may carry credentials) for the CDS Hooks prefetch fallback; unset: direct connections"
     )
@@ -149,10 +155,21 @@ class Settings(BaseSettings):
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
 
-    @field_validator("thresholds_file", "smart_private_key_file", mode="before")
+    @field_validator("thresholds_file", "smart_private_key_file", "tls_ca_file", mode="before")
     @classmethod
     def _empty_path_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca_file(cls, v: Path | None) -> Path | None:
+        """Refused at start-up, not at the first HTTPS call: an unreadable file or one with no CA certificate."""
+        if v is not None:
+            try:
+                check_ca_file(v)
+            except CaFileError as exc:
+                raise PydanticCustomError("tls_ca_file", "CDS_TLS_CA_FILE cannot be used: {reason}", {"reason": str(exc)}) from None
+        return v
 
     @field_validator("hook_fetch_proxy", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from service.fhir.hook_fetch import HookFetcher
 from service.security import JwtVerifier, build_verifier
 from service.terminology.catalog import Catalog
 from service.terminology.checks import load_rule_catalog
+from service.tls import client_ssl_context
 from service.usecases.audit import IssuedCardRecorder
 from service.usecases.evaluate_hook import HookService, StoredAssessment
 from service.usecases.monitor import MonitorContext
@@ -75,6 +76,7 @@ def build_context(settings: Settings, *, catalog: Catalog | None = None, thresho
         max_pages=settings.fhir_max_pages,
         max_bytes=settings.max_hook_request_bytes,
         proxy=settings.hook_fetch_proxy.get_secret_value() if settings.hook_fetch_proxy is not None else None,
+        ssl_context=client_ssl_context(settings.tls_ca_file),
     )
     sessions = make_session_factory(engine)
 

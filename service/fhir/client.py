@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime
@@ -58,6 +59,7 @@ from service.fhir.errors import (
     json_object,
     redact_url,
 )
+from service.tls import client_ssl_context, tls_problem
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -243,6 +245,7 @@ class FhirClient:
     :param backoff_s: first backoff delay; doubles each attempt, with jitter.
     :param retry_after_max_s: cap on any one retry delay (see module docstring).
     :param transport: an httpx transport (tests: ``httpx.MockTransport``).
+    :param ssl_context: the TLS trust (:func:`service.tls.client_ssl_context`; default: without an extra CA file).
     :param sleep: injectable sleep (tests).
     :param clock: injectable monotonic clock for the bulk polling deadline (tests).
     """
@@ -263,6 +266,7 @@ class FhirClient:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         close_auth: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not base_url or urlsplit(base_url).scheme not in {"http", "https"}:
             raise ValueError("FHIR base URL must be an absolute http(s) URL")
@@ -283,6 +287,7 @@ class FhirClient:
             transport=transport,
             headers={"Accept": FHIR_JSON, "User-Agent": user_agent},
             follow_redirects=False,
+            verify=ssl_context if ssl_context is not None else client_ssl_context(),
         )
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -691,7 +696,7 @@ class FhirClient:
                 continue
             except httpx.TransportError as exc:
                 never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
-                kind = "timeout" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
+                kind = "timeout" if isinstance(exc, httpx.TimeoutException) else tls_problem(exc) or type(exc).__name__
                 if attempt >= self.max_retries or not (idempotent or never_sent):
                     raise FhirTransientError(f"{method} {redact_url(url)} failed: {kind}", url=url) from exc
                 delay = self._retry_delay(attempt, None)
@@ -859,6 +864,7 @@ def client_from_settings(
     page limit and retry policy. Raises ``ValueError`` when the settings are incomplete."""
     if not settings.fhir_base_url:
         raise ValueError("CDS_FHIR_BASE_URL is not set")
+    ssl_context = client_ssl_context(settings.tls_ca_file)
     auth: TokenProvider | None = None
     if settings.fhir_auth_mode == "bearer":
         if settings.fhir_bearer_token is None or not settings.fhir_bearer_token.get_secret_value():
@@ -868,7 +874,7 @@ def client_from_settings(
         from service.fhir.smart import SmartBackendAuth
 
         try:
-            auth = SmartBackendAuth.from_settings(settings, transport=transport)
+            auth = SmartBackendAuth.from_settings(settings, transport=transport, ssl_context=ssl_context)
         except FhirAuthError as exc:
             raise ValueError(str(exc)) from exc
     return FhirClient(
@@ -882,4 +888,5 @@ def client_from_settings(
         transport=transport,
         sleep=sleep,
         close_auth=True,
+        ssl_context=ssl_context,
     )

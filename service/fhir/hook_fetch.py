@@ -14,16 +14,17 @@ that first uses it (the fetcher is built before uvicorn starts its loop) and clo
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
-import httpx
 import orjson
 
 from service.fhir.client import FHIR_JSON, PRODUCT, entry_resources, next_link, within_base
+from service.tls import client_ssl_context, tls_problem
 
 
 class FetchRefused(Exception):
@@ -56,8 +57,10 @@ class HookFetcher:
     :param proxy: an HTTP proxy URL for every fetch (``CDS_HOOK_FETCH_PROXY``); None connects directly. The
         environment's proxy variables and ``.netrc`` are not consulted: aiohttp would read them on every request,
         in two thread-pool hops, and settings come only from ``service.config``.
+    :param ssl_context: the TLS trust of the default connector (:func:`service.tls.client_ssl_context`, the same
+        as the httpx clients'; default: without an extra CA file).
     :param connector: a factory of the aiohttp connector; default a ``TCPConnector`` (at most 100 connections)
-        whose TLS context is httpx's, so it trusts what the httpx clients of ``service.fhir`` trust.
+        with ``ssl_context``.
     """
 
     def __init__(
@@ -67,13 +70,15 @@ class HookFetcher:
         max_pages: int,
         max_bytes: int = 20_000_000,
         proxy: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         connector: Callable[[], aiohttp.BaseConnector] | None = None,
     ) -> None:
         self.timeout_s = timeout_s
         self.max_pages = max_pages
         self.max_bytes = max_bytes
         self.proxy = proxy
-        self._connector = connector or _default_connector
+        context = ssl_context if ssl_context is not None else client_ssl_context()
+        self._connector = connector or (lambda: aiohttp.TCPConnector(ssl=context))
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -150,7 +155,8 @@ class HookFetcher:
         except TimeoutError:  # aiohttp's timeouts are TimeoutError too
             result.error = "timed out"
         except aiohttp.ClientError as exc:
-            result.error = f"unreachable ({type(exc).__name__})"
+            problem = tls_problem(exc)
+            result.error = f"unreachable ({problem or type(exc).__name__})"
         except orjson.JSONDecodeError:
             result.error = "response is not JSON"
         except (ValueError, RuntimeError) as exc:
@@ -172,7 +178,3 @@ class HookFetcher:
             chunks.append(chunk)
         return b"".join(chunks)
 
-
-def _default_connector() -> aiohttp.BaseConnector:
-    # httpx's TLS context: the trust of the httpx clients (certifi's bundle, or SSL_CERT_FILE/SSL_CERT_DIR)
-    return aiohttp.TCPConnector(ssl=httpx.create_ssl_context())

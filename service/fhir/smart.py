@@ -28,6 +28,7 @@ import hashlib
 import logging
 import re
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from service.fhir.errors import FhirAuthError, FhirTransientError, json_object, redact_url
+from service.tls import client_ssl_context, tls_problem
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -167,6 +169,7 @@ class SmartBackendAuth:
         transport: httpx.BaseTransport | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not client_id:
             raise FhirAuthError("SMART backend auth needs a client id")
@@ -186,7 +189,12 @@ class SmartBackendAuth:
         self._refresh_margin_s = refresh_margin_s
         self._assertion_lifetime_s = max(1, min(int(assertion_lifetime_s), MAX_ASSERTION_LIFETIME_S))
         self._owns_http = http is None
-        self._http = http or httpx.Client(timeout=httpx.Timeout(timeout_s), transport=transport, follow_redirects=False)
+        self._http = http or httpx.Client(
+            timeout=httpx.Timeout(timeout_s),
+            transport=transport,
+            follow_redirects=False,
+            verify=ssl_context if ssl_context is not None else client_ssl_context(),
+        )
         self._monotonic = monotonic
         self._wall_clock = wall_clock
         self._lock = threading.Lock()  # token cache
@@ -194,7 +202,14 @@ class SmartBackendAuth:
         self._cached: _CachedToken | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, http: httpx.Client | None = None, transport: httpx.BaseTransport | None = None) -> SmartBackendAuth:
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        http: httpx.Client | None = None,
+        transport: httpx.BaseTransport | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> SmartBackendAuth:
         """Build from ``CDS_SMART_*`` settings (client id, key file, key id, alg, scope, token URL)."""
         if not settings.smart_client_id:
             raise FhirAuthError("CDS_FHIR_AUTH_MODE=smart-backend needs CDS_SMART_CLIENT_ID")
@@ -211,6 +226,7 @@ class SmartBackendAuth:
             timeout_s=settings.fhir_timeout_s,
             http=http,
             transport=transport,
+            ssl_context=ssl_context if ssl_context is not None else client_ssl_context(settings.tls_ca_file),
         )
 
     # --- public API ---------------------------------------------------------------------------
@@ -290,7 +306,7 @@ class SmartBackendAuth:
         except httpx.TimeoutException as exc:
             raise FhirTransientError(f"{what}: timeout on GET {redact_url(url)}", url=url) from exc
         except httpx.TransportError as exc:
-            raise FhirTransientError(f"{what}: {type(exc).__name__} on GET {redact_url(url)}", url=url) from exc
+            raise FhirTransientError(f"{what}: {tls_problem(exc) or type(exc).__name__} on GET {redact_url(url)}", url=url) from exc
         if resp.status_code == 429 or resp.status_code >= 500:
             raise FhirTransientError(f"{what}: GET {redact_url(url)} -> {resp.status_code}", status=resp.status_code, url=url)
         if resp.status_code != 200:
@@ -315,7 +331,8 @@ class SmartBackendAuth:
         except httpx.TimeoutException as exc:
             raise FhirTransientError(f"SMART token request: timeout on POST {redact_url(token_url)}", url=token_url) from exc
         except httpx.TransportError as exc:
-            raise FhirTransientError(f"SMART token request: {type(exc).__name__} on POST {redact_url(token_url)}", url=token_url) from exc
+            kind = tls_problem(exc) or type(exc).__name__
+            raise FhirTransientError(f"SMART token request: {kind} on POST {redact_url(token_url)}", url=token_url) from exc
         status = resp.status_code
         if status == 429 or status >= 500:
             raise FhirTransientError(f"SMART token request: POST {redact_url(token_url)} -> {status}", status=status, url=token_url)

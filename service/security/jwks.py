@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +25,8 @@ from typing import Any
 import httpx
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
+
+from service.tls import client_ssl_context, tls_problem
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,7 @@ class JwksProvider:
         http_client: httpx.Client | None = None,
         max_bytes: int = 256_000,
         clock: Callable[[], float] = time.monotonic,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._cache_s = cache_s
         self._min_refetch_s = min_refetch_s
@@ -135,6 +139,7 @@ class JwksProvider:
         self._owns_http = http_client is None
         self._max_bytes = max_bytes
         self._clock = clock
+        self._ssl_context = ssl_context
         self._state_lock = threading.Lock()
         self._location_locks: dict[JwksLocation, threading.Lock] = {}
         self._sets: dict[JwksLocation, _KeySet] = {}
@@ -232,7 +237,8 @@ class JwksProvider:
 
     def _fetch(self, url: str) -> bytes:
         if self._http is None:
-            self._http = httpx.Client(timeout=self._timeout_s, follow_redirects=False)
+            verify = self._ssl_context if self._ssl_context is not None else client_ssl_context()
+            self._http = httpx.Client(timeout=self._timeout_s, follow_redirects=False, verify=verify)
         body = bytearray()
         try:
             with self._http.stream(
@@ -249,5 +255,5 @@ class JwksProvider:
                     if len(body) > self._max_bytes:
                         raise JwksError("JWK Set response too large")
         except httpx.HTTPError as exc:
-            raise JwksError(f"JWK Set fetch failed ({type(exc).__name__})") from None
+            raise JwksError(f"JWK Set fetch failed ({tls_problem(exc) or type(exc).__name__})") from None
         return bytes(body)

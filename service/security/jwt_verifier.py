@@ -40,6 +40,7 @@ from jwt.exceptions import (
 from service.config import SANDBOX_ISSUER, Settings, TrustedIssuer
 from service.security.jwks import ALLOWED_ALGORITHMS, JwksError, JwksLocation, JwksProvider, loggable
 from service.security.replay import MemoryReplayCache, RedisReplayCache, ReplayCache, ReplayCacheError
+from service.tls import client_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,7 @@ def build_verifier(
             min_refetch_s=settings.jwks_min_refetch_s,
             timeout_s=settings.jwks_timeout_s,
             http_client=http_client,
+            ssl_context=client_ssl_context(settings.tls_ca_file),
         )
     if replay_cache is None:
         replay_cache = RedisReplayCache.from_url(settings.redis_url) if settings.redis_url else MemoryReplayCache()

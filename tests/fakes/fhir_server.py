@@ -63,6 +63,7 @@ from __future__ import annotations
 import copy
 import re
 import secrets
+import ssl
 import threading
 import time
 import traceback
@@ -485,6 +486,7 @@ class FakeFhirServer:
     :param strict_search: unknown search parameters → 400.
     :param write_return: force ``"minimal"`` (empty body + Location) or ``"representation"``
         write responses whatever the client's ``Prefer`` (servers differ).
+    :param tls: a server-side TLS context: serve HTTPS (``origin`` is then ``https://…``).
     """
 
     def __init__(
@@ -505,7 +507,9 @@ class FakeFhirServer:
         smart_configuration: Mapping[str, Any] | None = None,
         write_return: Literal["minimal", "representation"] | None = None,
         host: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.tls = tls
         self.required_token = required_token
         self.require_auth = require_auth or required_token is not None
         self.token_lifetime_s = token_lifetime_s
@@ -544,6 +548,9 @@ class FakeFhirServer:
             return self
         httpd = _HTTPServer((self._host, 0), _Handler)
         httpd.fake = self
+        if self.tls is not None:
+            # The handshake happens on accept; a client that refuses the certificate just ends its connection.
+            httpd.socket = self.tls.wrap_socket(httpd.socket, server_side=True)
         self._httpd = httpd
         self._stop.clear()
         self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -574,7 +581,7 @@ class FakeFhirServer:
 
     @property
     def origin(self) -> str:
-        return f"http://{self._host}:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://{self._host}:{self.port}"
 
     @property
     def base_url(self) -> str:

@@ -261,6 +261,28 @@ def test_production_secret_files_are_mounted_read_only(production: list[dict[str
     assert env["CDS_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "calcinosis-cds-runtime", "key": "admin-token"}
 
 
+def test_the_internal_ca_is_mounted_from_a_configmap_in_every_pod(production: list[dict[str, Any]]) -> None:
+    specs = list(pod_specs(production))
+    assert specs
+    for name, spec in specs:
+        env = {e["name"]: e for e in spec["containers"][0].get("env", [])}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert env["CDS_TLS_CA_FILE"]["value"] == "/etc/calcinosis/ca/ca.pem", name
+        assert volumes["trusted-ca"]["configMap"]["name"] == "hospital-ca-bundle", name
+        assert mounts["trusted-ca"] == {"name": "trusted-ca", "mountPath": "/etc/calcinosis/ca", "readOnly": True}, name
+
+
+def test_default_values_trust_the_public_cas_only() -> None:
+    for name, spec in pod_specs(render()):
+        assert "CDS_TLS_CA_FILE" not in {e["name"] for e in spec["containers"][0].get("env", [])}, name
+        assert "trusted-ca" not in {v["name"] for v in spec["volumes"]}, name
+
+
+def test_an_enabled_internal_ca_needs_its_configmap() -> None:
+    render_fails({"trustedCa": {"enabled": True, "configMap": ""}})
+
+
 @pytest.mark.parametrize(
     "bad",
     [

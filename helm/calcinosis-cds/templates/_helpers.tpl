@@ -92,6 +92,10 @@ app.kubernetes.io/part-of: calcinosis-cds
 {{- if .Values.secrets.fhirBearerToken.enabled }}
 {{ include "calcinosis-cds.secretEnv" (dict "root" . "entry" "fhirBearerToken" "env" "CDS_FHIR_BEARER_TOKEN") }}
 {{- end }}
+{{- if .Values.trustedCa.enabled }}
+- name: CDS_TLS_CA_FILE
+  value: {{ printf "%s/%s" (trimSuffix "/" .Values.trustedCa.mountPath) .Values.trustedCa.key | quote }}
+{{- end }}
 {{- if .Values.secrets.smartPrivateKey.enabled }}
 - name: CDS_SMART_PRIVATE_KEY_FILE
   value: {{ printf "%s/%s" (trimSuffix "/" .Values.secrets.smartPrivateKey.mountPath) .Values.secrets.smartPrivateKey.key | quote }}
@@ -132,6 +136,11 @@ checksum/config: {{ include "calcinosis-cds.configData" . | sha256sum }}
   mountPath: {{ .Values.secrets.jwks.mountPath }}
   readOnly: true
 {{- end }}
+{{- if .Values.trustedCa.enabled }}
+- name: trusted-ca
+  mountPath: {{ .Values.trustedCa.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{- define "calcinosis-cds.volumes" -}}
@@ -156,6 +165,15 @@ checksum/config: {{ include "calcinosis-cds.configData" . | sha256sum }}
   secret:
     secretName: {{ include "calcinosis-cds.secretName" (dict "root" . "entry" "jwks") }}
     defaultMode: 0444
+{{- end }}
+{{- if .Values.trustedCa.enabled }}
+- name: trusted-ca
+  configMap:
+    name: {{ .Values.trustedCa.configMap }}
+    defaultMode: 0444
+    items:
+      - key: {{ .Values.trustedCa.key }}
+        path: {{ .Values.trustedCa.key }}
 {{- end }}
 {{- end }}
 

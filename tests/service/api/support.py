@@ -217,13 +217,15 @@ def closed_port_url() -> str:
 
 # --- real HTTP ----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def serve_in_thread(app: Any) -> Iterator[str]:
-    """Run ``app`` with uvicorn on 127.0.0.1 (an OS-chosen port) in a thread; yields the origin URL."""
+def serve_in_thread(app: Any, *, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
+    """Run ``app`` with uvicorn on 127.0.0.1 (an OS-chosen port) in a thread; yields the origin URL.
+    ``tls``: (certificate file, key file) to serve HTTPS."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+    certfile, keyfile = tls if tls is not None else (None, None)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False, ssl_certfile=certfile, ssl_keyfile=keyfile)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -233,7 +235,7 @@ def serve_in_thread(app: Any) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

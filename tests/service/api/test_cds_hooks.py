@@ -7,6 +7,7 @@ server, since that is where the service's own HTTP client (timeouts, headers, fa
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from service.cds.discovery import MAX_TEMPLATE_LENGTH
 from tests import builders as b
 from tests.fakes.fhir_server import FailureRule, FakeFhirServer
+from tests.pki import make_pki
 from tests.schema import assert_valid
 from tests.service.api.conftest import FHIR_TOKEN, TESTSERVER
 from tests.service.api.support import (
@@ -236,6 +238,28 @@ def test_http_fhir_server_is_refused_outside_development_mode(
     response = call(client, RISK, body, headers=issuer.bearer(f"{TESTSERVER}/cds-services/{RISK}"))
     assert_operation_outcome(response, 412)
     assert fhir.requests == [], "the service never sends the EHR's token to a refused server"
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["internal-ca-configured", "default-trust"])
+def test_https_fhir_server_on_an_internal_ca(make_client: Callable[..., TestClient], issuer: Issuer, tmp_path: Path, trusted: bool) -> None:
+    """Production settings, a signed call, an allowlisted https fhirServer whose certificate a hospital CA issued:
+    cards with CDS_TLS_CA_FILE naming that CA; without it the certificate is refused and the call is a 412."""
+    pki = make_pki(tmp_path)
+    with FakeFhirServer(required_token=FHIR_TOKEN, tls=pki.server_context()) as srv:
+        patient = high_risk_dialysis_patient()
+        fake_holds(srv, patient)
+        client = make_client(dev_mode=False, fhir_server_allowlist=[srv.base_url], tls_ca_file=pki.ca_file if trusted else None)
+        body = hook_request(RISK, patient.pid, fhir_server=srv.base_url, token=FHIR_TOKEN)
+        response = call(client, RISK, body, headers=issuer.bearer(f"{TESTSERVER}/cds-services/{RISK}"))
+        if trusted:
+            assert "calciphylaxis-risk" in topics(ok_cards(response))
+            assert srv.count(r"/fhir/Observation") == 1
+        else:
+            outcome = assert_operation_outcome(response, 412)
+            # what an on-call engineer needs to see: which check failed, not a bare ConnectError
+            assert "TLS certificate not trusted: unable to get local issuer certificate" in outcome["issue"][0]["diagnostics"]
+            assert srv.requests == [], "no request reached the server over an untrusted connection"
+        assert not srv.errors, "\n".join(srv.errors)
 
 
 def test_fallback_over_real_http_end_to_end(make_app: Callable[..., Any], fhir: FakeFhirServer) -> None:

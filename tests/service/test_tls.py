@@ -1,0 +1,208 @@
+"""CDS_TLS_CA_FILE: every outbound HTTPS client trusts a hospital's internal CA when named, and only then.
+
+Real TLS servers on 127.0.0.1 with a certificate issued by a test CA that nothing else trusts: the FHIR server
+double (FhirClient reads, SMART backend token requests), the same server behind the CDS Hooks prefetch fallback
+(aiohttp), and an EHR's JWK Set (the JWT verifier)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from service.config import Settings
+from service.fhir.client import client_from_settings
+from service.fhir.errors import FhirError
+from service.fhir.hook_fetch import HookFetcher
+from service.security import AuthenticationError, build_verifier
+from service.tls import CaFileError, check_ca_file, client_ssl_context, tls_problem
+from tests.fakes.fhir_server import FakeFhirServer, make_keypair
+from tests.pki import Pki, make_pki
+from tests.service.api.support import serve_in_thread
+from tests.service.security.support import bearer, claims, new_ec_key, sign
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tls_fhir(pki: Pki) -> Iterator[FakeFhirServer]:
+    with FakeFhirServer(tls=pki.server_context()) as srv:
+        srv.put({"resourceType": "Patient", "id": "p1", "gender": "female"})
+        yield srv
+
+
+def settings(**values: object) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+# --- the setting ------------------------------------------------------------------------------
+def test_the_ca_file_is_added_to_the_default_trust(pki: Pki) -> None:
+    default = client_ssl_context()
+    extended = client_ssl_context(pki.ca_file)
+    subjects = [dict(item[0] for item in cert["subject"]).get("commonName") for cert in extended.get_ca_certs()]
+    assert pki.ca_name in subjects
+    assert pki.ca_name not in [dict(i[0] for i in c["subject"]).get("commonName") for c in default.get_ca_certs()]
+    assert len(extended.get_ca_certs()) == len(default.get_ca_certs()) + 1  # the public CAs are still trusted
+    assert extended.verify_mode == ssl.CERT_REQUIRED and extended.check_hostname
+    assert client_ssl_context(pki.ca_file) is extended  # one context per file for the process
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda d, p: d / "missing.pem", "does not exist"),
+        (lambda d, p: d, "a directory"),
+        (lambda d, p: _write(d / "junk.pem", "not a certificate at all"), "no PEM CA certificate"),
+        (lambda d, p: _write(d / "key.pem", p.key_file.read_text()), "no PEM CA certificate"),
+        (lambda d, p: p.cert_file, "holds no CA certificate"),
+    ],
+    ids=["missing", "directory", "junk", "private-key", "server-certificate-only"],
+)
+def test_an_unusable_ca_file_is_refused_at_start_up(tmp_path: Path, pki: Pki, make: object, reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = make(tmp_path, pki)  # type: ignore[operator]
+    with pytest.raises(CaFileError, match=reason):
+        check_ca_file(path)
+    monkeypatch.setenv("CDS_TLS_CA_FILE", str(path))
+    with pytest.raises(ValidationError, match=f"CDS_TLS_CA_FILE cannot be used: .*{reason}") as refused:
+        Settings()
+    assert "BEGIN" not in str(refused.value)  # never the file's content
+
+
+def test_an_empty_ca_file_setting_means_none(monkeypatch: pytest.MonkeyPatch, pki: Pki) -> None:
+    monkeypatch.setenv("CDS_TLS_CA_FILE", " ")
+    assert Settings().tls_ca_file is None
+    monkeypatch.setenv("CDS_TLS_CA_FILE", str(pki.ca_file))
+    assert Settings().tls_ca_file == pki.ca_file
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "beat"])
+def test_every_process_refuses_an_unusable_ca_file_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    from typer.testing import CliRunner
+
+    from service import cli
+    from service.config import get_settings
+
+    def never(args: list[str]) -> None:
+        raise AssertionError(f"Celery was started with {args}")  # its loader would print a traceback instead
+
+    monkeypatch.setattr(cli, "_exec_celery", never)
+    monkeypatch.setenv("CDS_TLS_CA_FILE", str(tmp_path / "missing.pem"))
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli.app, [command])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["calcinosis-cds: error: invalid setting tls_ca_file: CDS_TLS_CA_FILE cannot be used: the file does not exist"]
+
+
+def test_worker_starts_celery_once_the_settings_are_good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pki: Pki) -> None:
+    from typer.testing import CliRunner
+
+    from service import cli
+    from service.config import get_settings
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(cli, "_exec_celery", started.append)  # Celery itself is not under test
+    monkeypatch.setenv("CDS_TLS_CA_FILE", str(pki.ca_file))
+    monkeypatch.setenv("CDS_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli.app, ["worker", "--queues", "evaluate"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert started and started[0][:3] == ["worker", "-Q", "evaluate"]
+
+
+# --- the FHIR client and SMART backend auth (httpx) ---------------------------------------------
+def test_fhir_client_trusts_the_internal_ca_only_when_configured(tls_fhir: FakeFhirServer, pki: Pki) -> None:
+    base = tls_fhir.base_url
+    assert base.startswith("https://")
+    refused = pytest.raises(FhirError, match="TLS certificate not trusted: unable to get local issuer certificate")
+    with client_from_settings(settings(fhir_base_url=base, fhir_max_retries=0)) as client, refused:
+        client.read("Patient", "p1")
+    with client_from_settings(settings(fhir_base_url=base, tls_ca_file=pki.ca_file)) as client:
+        assert client.read("Patient", "p1")["gender"] == "female"
+
+
+def test_smart_backend_token_request_uses_the_same_trust(tmp_path: Path, pki: Pki) -> None:
+    keys = make_keypair("ES384", kid="k1")
+    with FakeFhirServer(tls=pki.server_context(), require_auth=True, smart_clients={"cds": keys}) as srv:
+        srv.put({"resourceType": "Patient", "id": "p1"})
+        key_file = keys.write_private(tmp_path / "smart.pem")
+        configured = settings(
+            fhir_base_url=srv.base_url,
+            fhir_auth_mode="smart-backend",
+            smart_client_id="cds",
+            smart_private_key_file=key_file,
+            smart_key_id="k1",
+            smart_alg="ES384",
+            tls_ca_file=pki.ca_file,
+        )
+        with client_from_settings(configured) as client:
+            assert client.read("Patient", "p1")["id"] == "p1"
+        assert srv.count(path="/auth/token", method="POST") == 1  # the token came over the same TLS trust
+        assert srv.token_errors == []
+
+
+# --- the CDS Hooks prefetch fallback (aiohttp) -------------------------------------------------
+def test_prefetch_fallback_trusts_the_internal_ca_only_when_configured(tls_fhir: FakeFhirServer, pki: Pki) -> None:
+    queries = {"patient": "Patient/p1"}
+
+    async def fetch(fetcher: HookFetcher) -> str | None:
+        try:
+            result = (await fetcher.fetch_all(tls_fhir.base_url, "token", queries))["patient"]
+        finally:
+            await fetcher.aclose()
+        return result.error if result.error is not None else result.resources[0]["id"]
+
+    default = asyncio.run(fetch(HookFetcher(timeout_s=5, max_pages=1)))
+    assert default == "unreachable (TLS certificate not trusted: unable to get local issuer certificate)"
+    internal = HookFetcher(timeout_s=5, max_pages=1, ssl_context=client_ssl_context(pki.ca_file))
+    assert asyncio.run(fetch(internal)) == "p1"
+
+
+# --- an EHR's JWK Set on an internal server (the JWT verifier) -----------------------------------
+def test_jwt_verifier_fetches_an_issuers_keys_over_the_internal_ca(pki: Pki) -> None:
+    key = new_ec_key()
+    jwks = Starlette(routes=[Route("/jwks", lambda request: JSONResponse(key.jwks()))])
+    with serve_in_thread(jwks, tls=(pki.cert_file, pki.key_file)) as origin:
+        issuer = {"iss": "https://ehr.example.org", "jwks_url": f"{origin}/jwks"}
+        audience = "https://cds.example.org/cds-services/calcinosis-risk"
+        token = sign(key, claims(aud=audience))
+        untrusting = build_verifier(settings(trusted_issuers=[issuer]))
+        try:
+            with pytest.raises(AuthenticationError, match="TLS certificate not trusted"):
+                untrusting.verify(bearer(token), audience)
+        finally:
+            untrusting.close()
+        verifier = build_verifier(settings(trusted_issuers=[issuer], tls_ca_file=pki.ca_file))
+        try:
+            assert verifier.verify(bearer(sign(key, claims(aud=audience))), audience).iss == "https://ehr.example.org"
+        finally:
+            verifier.close()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_tls_spoken_to_a_plain_http_server_is_named_a_handshake_failure() -> None:
+    with FakeFhirServer() as plain:
+        base = plain.base_url.replace("http://", "https://")
+        with client_from_settings(settings(fhir_base_url=base, fhir_max_retries=0)) as client, pytest.raises(FhirError, match=r"TLS handshake failed \("):
+            client.read("Patient", "p1")
+    assert tls_problem(ConnectionRefusedError()) is None and tls_problem(ValueError("x")) is None
