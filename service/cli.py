@@ -303,7 +303,7 @@ def subscriptions_create(
         client = mctx.shared_client()
         created = [client.create("Subscription", r) for r in resources]
     except FhirError as exc:
-        fail(f"FHIR server refused: {exc}")
+        fail(f"FHIR server: {exc}")
     with session_scope(mctx.sessions) as session:
         repos = Repositories(session)
         for sub in created:
@@ -323,7 +323,7 @@ def subscriptions_list(endpoint: Annotated[str | None, typer.Option(help="Only t
     try:
         subs = list(mctx.shared_client().search("Subscription", []))
     except FhirError as exc:
-        fail(f"FHIR server refused: {exc}")
+        fail(f"FHIR server: {exc}")
     for sub in subs:
         channel = sub.get("channel") or {}
         if endpoint and channel.get("endpoint") != endpoint:

@@ -206,3 +206,30 @@ def test_tls_spoken_to_a_plain_http_server_is_named_a_handshake_failure() -> Non
         with client_from_settings(settings(fhir_base_url=base, fhir_max_retries=0)) as client, pytest.raises(FhirError, match=r"TLS handshake failed \("):
             client.read("Patient", "p1")
     assert tls_problem(ConnectionRefusedError()) is None and tls_problem(ValueError("x")) is None
+
+
+def test_operator_commands_name_an_untrusted_certificate_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tls_fhir: FakeFhirServer, pki: Pki
+) -> None:
+    from typer.testing import CliRunner
+
+    from service import cli
+    from service.config import get_settings
+
+    for name, value in {"CDS_FHIR_BASE_URL": tls_fhir.base_url, "CDS_DATA_DIR": str(tmp_path), "CDS_FHIR_MAX_RETRIES": "0"}.items():
+        monkeypatch.setenv(name, value)
+
+    def run() -> tuple[int, list[str]]:
+        get_settings.cache_clear()
+        try:
+            result = CliRunner().invoke(cli.app, ["subscriptions", "list"])
+        finally:
+            get_settings.cache_clear()
+        return result.exit_code, [line for line in result.output.splitlines() if line.strip()]
+
+    code, lines = run()
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("calcinosis-cds: error: FHIR server: GET https://127.0.0.1:")
+    assert lines[0].endswith("failed: TLS certificate not trusted: unable to get local issuer certificate")
+    monkeypatch.setenv("CDS_TLS_CA_FILE", str(pki.ca_file))
+    assert run() == (0, [])  # trusted: the (empty) list of subscriptions
