@@ -48,18 +48,25 @@ def parse_now(value: str | None) -> datetime:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
-def _load_context() -> tuple[Any, Any, Any]:
+def _load_settings() -> Any:
+    """The settings, or one line and exit 2 naming the first invalid one."""
     from pydantic import ValidationError
 
     from service.config import get_settings
-    from service.terminology.checks import load_rule_catalog
-    from service.terminology.loader import MappingError
 
     try:
-        settings = get_settings()
+        return get_settings()
     except ValidationError as exc:
         first = exc.errors()[0]
         fail(f"invalid setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+        raise  # unreachable
+
+
+def _load_context() -> tuple[Any, Any, Any]:
+    from service.terminology.checks import load_rule_catalog
+    from service.terminology.loader import MappingError
+
+    settings = _load_settings()
     try:
         catalog = load_rule_catalog(settings.mappings_dir)
         thresholds = settings.effective_thresholds()
@@ -151,10 +158,9 @@ def serve(
 @app.command()
 def migrate() -> None:
     """Apply database migrations (alembic upgrade head). Safe to run repeatedly."""
-    from service.config import get_settings
     from service.db.migrate import upgrade_to_head
 
-    settings = get_settings()
+    settings = _load_settings()  # the first pod of a Helm install: one line on a bad setting, not a traceback
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         revision = upgrade_to_head(settings.effective_database_url)

@@ -76,7 +76,7 @@ def build_context(settings: Settings, *, catalog: Catalog | None = None, thresho
         max_pages=settings.fhir_max_pages,
         max_bytes=settings.max_hook_request_bytes,
         proxy=settings.hook_fetch_proxy.get_secret_value() if settings.hook_fetch_proxy is not None else None,
-        ssl_context=client_ssl_context(settings.tls_ca_file),
+        ssl_context=client_ssl_context(settings.tls_ca_file, owner="aiohttp"),
     )
     sessions = make_session_factory(engine)
 

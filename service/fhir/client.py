@@ -59,7 +59,7 @@ from service.fhir.errors import (
     json_object,
     redact_url,
 )
-from service.tls import client_ssl_context, tls_problem
+from service.tls import certificate_rejected, client_ssl_context, tls_problem
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -697,7 +697,8 @@ class FhirClient:
             except httpx.TransportError as exc:
                 never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
                 kind = "timeout" if isinstance(exc, httpx.TimeoutException) else tls_problem(exc) or type(exc).__name__
-                if attempt >= self.max_retries or not (idempotent or never_sent):
+                # a rejected certificate fails the same way on every attempt: reported at once, not after backoffs
+                if attempt >= self.max_retries or not (idempotent or never_sent) or certificate_rejected(exc):
                     raise FhirTransientError(f"{method} {redact_url(url)} failed: {kind}", url=url) from exc
                 delay = self._retry_delay(attempt, None)
                 log.warning(

@@ -77,7 +77,7 @@ class HookFetcher:
         self.max_pages = max_pages
         self.max_bytes = max_bytes
         self.proxy = proxy
-        context = ssl_context if ssl_context is not None else client_ssl_context()
+        context = ssl_context if ssl_context is not None else client_ssl_context(owner="aiohttp")
         self._connector = connector or (lambda: aiohttp.TCPConnector(ssl=context))
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
