@@ -154,7 +154,7 @@ class HookFetcher:
                         result.resources.append(doc)
         except TimeoutError:  # aiohttp's timeouts are TimeoutError too
             result.error = "timed out"
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, OSError) as exc:  # OSError: a socket or TLS error aiohttp did not wrap
             problem = tls_problem(exc)
             result.error = f"unreachable ({problem or type(exc).__name__})"
         except orjson.JSONDecodeError:

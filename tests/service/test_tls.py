@@ -10,7 +10,9 @@ import asyncio
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -247,3 +249,18 @@ def test_operator_commands_name_an_untrusted_certificate_in_one_line(
     assert lines[0].endswith("failed: TLS certificate not trusted: unable to get local issuer certificate")
     monkeypatch.setenv("CDS_TLS_CA_FILE", str(pki.ca_file))
     assert run() == (0, [])  # trusted: the (empty) list of subscriptions
+
+
+def test_a_tls_error_raised_while_connecting_is_an_error_for_its_key() -> None:
+    class BrokenTls(aiohttp.TCPConnector):  # a bare ssl.SSLError from the connector, not a handshake it ran
+        async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+            raise ssl.SSLError(1, "bad record mac")
+
+    async def run() -> str | None:
+        fetcher = HookFetcher(timeout_s=5, max_pages=1, connector=BrokenTls)
+        try:
+            return (await fetcher.fetch_all("https://fhir.example.org/r4", "token", {"patient": "Patient/p1"}))["patient"].error
+        finally:
+            await fetcher.aclose()
+
+    assert asyncio.run(run()) == "unreachable (TLS handshake failed (SSLError))"
