@@ -190,7 +190,7 @@ def worker(
 @app.command()
 def beat() -> None:
     """Run the Celery beat scheduler (sweeper and reconciliation). Run exactly one."""
-    settings, _, _ = _load_context()  # one line and exit 2 on a bad setting, as for serve and worker
+    settings = _load_settings()  # one line and exit 2 on a bad setting, as for serve and worker (beat reads no mappings)
     schedule = settings.data_dir / "celerybeat-schedule"
     _exec_celery(["beat", "-l", "INFO", "-s", str(schedule)])
 

@@ -2,10 +2,10 @@
 fallback), SMART token endpoints and EHR JWK Sets.
 
 Every client gets a context built the same way (one per CA file and client library, for the whole process), so
-the httpx clients and the aiohttp fetcher trust the same authorities: httpx's default (certifi's bundle, or the bundle named by ``SSL_CERT_FILE``/
-``SSL_CERT_DIR``), plus the PEM file of ``CDS_TLS_CA_FILE`` when set (a hospital's internal CA, say). The file is
-added to the default trust, never in place of it: an EHR's public JWK Set keeps working next to an internal FHIR
-server.
+the httpx clients and the aiohttp fetcher trust the same authorities: httpx's default (certifi's bundle, or the
+bundle named by ``SSL_CERT_FILE``/``SSL_CERT_DIR``), plus the PEM file of ``CDS_TLS_CA_FILE`` when set (a
+hospital's internal CA, say). The file is added to the default trust, never in place of it: an EHR's public JWK
+Set keeps working next to an internal FHIR server.
 """
 
 from __future__ import annotations

@@ -96,11 +96,6 @@ class LabSeries(Sequence[LabValue]):
         self._build = build
         self._built: list[LabValue | None] = [None] * len(pending)
 
-    @classmethod
-    def of(cls, labs: Sequence[LabValue]) -> LabSeries:
-        """A series of values already built."""
-        return cls(labs, lambda lab: lab)
-
     def __len__(self) -> int:
         return len(self._pending)
 

@@ -875,7 +875,7 @@ def client_from_settings(
         from service.fhir.smart import SmartBackendAuth
 
         try:
-            auth = SmartBackendAuth.from_settings(settings, transport=transport, ssl_context=ssl_context)
+            auth = SmartBackendAuth.from_settings(settings, transport=transport)
         except FhirAuthError as exc:
             raise ValueError(str(exc)) from exc
     return FhirClient(

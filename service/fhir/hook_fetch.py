@@ -2,8 +2,8 @@
 
 CDS Hooks 2.0: a prefetch key that is absent (or holds an OperationOutcome) is fetched by the service;
 ``null`` means "no data" and is not refetched. Queries run concurrently, each with a timeout, following
-``next`` links under the fhirServer base (:func:`service.fhir.client.within_base`) up to a bound. ``fhirServer`` must be https and on the allowlist (no
-server-side request forgery), except in development mode.
+``next`` links under the fhirServer base (:func:`service.fhir.client.within_base`) up to a bound. ``fhirServer``
+must be https and on the allowlist (no server-side request forgery), except in development mode.
 
 The client is aiohttp rather than the httpx the rest of ``service.fhir`` uses: a fallback call makes one
 request per missing key, and on this path httpx's connection pool cost 8-17 ms of CPU per call of seven

@@ -208,7 +208,6 @@ class SmartBackendAuth:
         *,
         http: httpx.Client | None = None,
         transport: httpx.BaseTransport | None = None,
-        ssl_context: ssl.SSLContext | None = None,
     ) -> SmartBackendAuth:
         """Build from ``CDS_SMART_*`` settings (client id, key file, key id, alg, scope, token URL)."""
         if not settings.smart_client_id:
@@ -226,7 +225,7 @@ class SmartBackendAuth:
             timeout_s=settings.fhir_timeout_s,
             http=http,
             transport=transport,
-            ssl_context=ssl_context if ssl_context is not None else client_ssl_context(settings.tls_ca_file),
+            ssl_context=client_ssl_context(settings.tls_ca_file),
         )
 
     # --- public API ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def lab(i: int, hours_ago: int) -> LabValue:
 
 
 def ctx_for(labs: list[LabValue]) -> _Ctx:
-    facts = CaseFacts(patient=PatientInfo("Patient/p", True, None, None), labs={"albumin": LabSeries.of(labs)})
+    facts = CaseFacts(patient=PatientInfo("Patient/p", True, None, None), labs={"albumin": LabSeries(labs, lambda lab: lab)})
     return _Ctx(facts, Thresholds(), NOW, catalog=None)  # type: ignore[arg-type]
 
 
