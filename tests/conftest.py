@@ -9,6 +9,7 @@ import pytest
 
 from service.terminology.catalog import Catalog
 from service.terminology.loader import load_catalog
+from tests.pki import Pki, make_pki
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -28,3 +29,9 @@ def require_service(name: str, ok: bool, why: str = "") -> None:
 @pytest.fixture(scope="session")
 def catalog() -> Catalog:
     return load_catalog(ROOT / "mappings")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A test CA and a server certificate it issued for 127.0.0.1 (see tests/pki.py)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -274,7 +274,9 @@ def test_the_internal_ca_is_mounted_from_a_configmap_in_every_pod(production: li
 
 
 def test_default_values_trust_the_public_cas_only() -> None:
-    for name, spec in pod_specs(render()):
+    specs = list(pod_specs(render()))
+    assert specs
+    for name, spec in specs:
         assert "CDS_TLS_CA_FILE" not in {e["name"] for e in spec["containers"][0].get("env", [])}, name
         assert "trusted-ca" not in {v["name"] for v in spec["volumes"]}, name
 

@@ -7,19 +7,14 @@ from typing import Any
 
 import pytest
 import uvicorn
-from typer.testing import CliRunner
 
-from service import cli
 from service.api import state
-from service.config import get_settings
 from service.terminology import checks
 from service.usecases import monitor
+from tests.service.conftest import RunCli
 
 
-def test_serve_loads_the_mappings_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name, value in {"CDS_DATA_DIR": str(tmp_path), "CDS_DATABASE_URL": "", "CDS_BROKER_URL": "", "CDS_FHIR_BASE_URL": ""}.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
+def test_serve_loads_the_mappings_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, run_cli: RunCli) -> None:
     loads: list[Path] = []
     real = checks.load_rule_catalog
 
@@ -32,11 +27,8 @@ def test_serve_loads_the_mappings_once(monkeypatch: pytest.MonkeyPatch, tmp_path
     served: list[Any] = []
     # the server itself is not under test
     monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: served.append(server.config.app))
-    try:
-        result = CliRunner().invoke(cli.app, ["serve", "--port", "0"])
-    finally:
-        get_settings.cache_clear()
-    assert result.exit_code == 0, result.output
+    code, lines = run_cli(["serve", "--port", "0"], CDS_DATA_DIR=str(tmp_path), CDS_DATABASE_URL="", CDS_BROKER_URL="", CDS_FHIR_BASE_URL="")
+    assert code == 0, lines
     assert len(served) == 1
     ctx = served[0].state.ctx
     try:

@@ -42,6 +42,7 @@ from tests.service.api.support import (
     hook_request,
     sandbox_draft_orders,
     serve_in_thread,
+    topics,
 )
 
 CHROMIUM_FLAGS = (
@@ -198,11 +199,10 @@ def test_a_page_on_another_origin_reads_discovery_cards_errors_and_sends_feedbac
     assert_valid(seen["discovery"]["json"], "DiscoveryResponse")
     for name in ("patient-view", "order-select", "order-sign"):
         assert_valid(seen[name]["json"], "CDSResponse")
-    topics = {name: [c["source"]["topic"]["code"] for c in seen[name]["json"]["cards"]] for name in ("patient-view", "order-select")}
-    assert topics["order-select"] == ["medication-order-risk"]
-    assert topics["patient-view"] and "medication-order-risk" not in topics["patient-view"]
-    sign_topics = [c["source"]["topic"]["code"] for c in seen["order-sign"]["json"]["cards"]]
-    assert sign_topics[0] == "medication-order-risk" and set(topics["patient-view"]) <= set(sign_topics)
+    view, select, sign = (topics(seen[name]["json"]) for name in ("patient-view", "order-select", "order-sign"))
+    assert select == ["medication-order-risk"]
+    assert view and "medication-order-risk" not in view
+    assert sign[0] == "medication-order-risk" and set(view) <= set(sign)
 
     for name in ("bad-token", "wrong-hook", "no-data", "unknown-service"):
         outcome = seen[name]["json"]

@@ -7,7 +7,6 @@ server, since that is where the service's own HTTP client (timeouts, headers, fa
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +17,7 @@ from fastapi.testclient import TestClient
 from service.cds.discovery import MAX_TEMPLATE_LENGTH
 from tests import builders as b
 from tests.fakes.fhir_server import FailureRule, FakeFhirServer
-from tests.pki import make_pki
+from tests.pki import Pki
 from tests.schema import assert_valid
 from tests.service.api.conftest import FHIR_TOKEN, TESTSERVER
 from tests.service.api.support import (
@@ -241,10 +240,9 @@ def test_http_fhir_server_is_refused_outside_development_mode(
 
 
 @pytest.mark.parametrize("trusted", [True, False], ids=["internal-ca-configured", "default-trust"])
-def test_https_fhir_server_on_an_internal_ca(make_client: Callable[..., TestClient], issuer: Issuer, tmp_path: Path, trusted: bool) -> None:
+def test_https_fhir_server_on_an_internal_ca(make_client: Callable[..., TestClient], issuer: Issuer, pki: Pki, trusted: bool) -> None:
     """Production settings, a signed call, an allowlisted https fhirServer whose certificate a hospital CA issued:
     cards with CDS_TLS_CA_FILE naming that CA; without it the certificate is refused and the call is a 412."""
-    pki = make_pki(tmp_path)
     with FakeFhirServer(required_token=FHIR_TOKEN, tls=pki.server_context()) as srv:
         patient = high_risk_dialysis_patient()
         fake_holds(srv, patient)

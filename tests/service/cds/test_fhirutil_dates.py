@@ -37,7 +37,6 @@ def test_round_trips_any_instant_to_utc(moment: datetime, offset_minutes: int) -
     aware = moment.replace(tzinfo=timezone(timedelta(minutes=offset_minutes)))
     text = aware.isoformat()
     assert parse_datetime(text) == aware.astimezone(UTC)
-    assert parse_datetime(text) == parse_datetime(text)  # memoised: the same answer again
 
 
 @given(
@@ -50,5 +49,3 @@ def test_iso_is_the_utc_instant_however_the_same_instant_was_written(moment: dat
     assert fhirutil.iso(aware) == expected
     # The memo holds equal instants as one key: the same instant written in UTC must give the same text.
     assert fhirutil.iso(aware.astimezone(UTC)) == expected
-    assert fhirutil.iso(aware) == expected
-    assert expected.endswith("Z")

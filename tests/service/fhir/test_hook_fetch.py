@@ -107,20 +107,20 @@ def test_relative_and_absolute_next_links_on_the_same_server_are_followed() -> N
     assert (ids(result), result.error, len(seen)) == (["a", "b", "c"], None, 3)
 
 
-def test_a_next_link_to_another_server_is_not_followed() -> None:
-    seen: list[str] = []
-    pages = {"/fhir/Observation?patient=p1": bundle(["a"], "http://elsewhere.invalid/fhir/Observation?page=2")}
-    result = fetch(pages_handler(lambda _base: pages, seen))["labs"]
-    assert (ids(result), result.error, seen) == (["a"], None, ["/fhir/Observation?patient=p1"])
-
-
-def test_a_next_link_to_another_base_on_the_same_host_is_not_followed() -> None:
-    """Another tenant's FHIR base on the same origin never gets this EHR's token."""
+@pytest.mark.parametrize(
+    "next_for",
+    [
+        lambda base: "http://elsewhere.invalid/fhir/Observation?page=2",  # another server
+        lambda base: f"{base.replace('/fhir', '/fhir-other')}/Observation?page=2",  # another tenant's base, same host
+    ],
+    ids=["another-server", "another-base-on-the-same-host"],
+)
+def test_a_next_link_off_the_fhir_base_is_not_followed(next_for: Callable[[str], str]) -> None:
+    """Neither another server nor another FHIR base on the same origin ever gets this EHR's token."""
     seen: list[str] = []
 
     def pages(base: str) -> dict[str, Any]:
-        other_tenant = base.replace("/fhir", "/fhir-other")
-        return {"/fhir/Observation?patient=p1": bundle(["a"], f"{other_tenant}/Observation?page=2")}
+        return {"/fhir/Observation?patient=p1": bundle(["a"], next_for(base))}
 
     result = fetch(pages_handler(pages, seen))["labs"]
     assert (ids(result), result.error, seen) == (["a"], None, ["/fhir/Observation?patient=p1"])

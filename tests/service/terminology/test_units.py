@@ -226,4 +226,3 @@ def test_conversion_error_says_exactly_when_convert_refuses(catalog: Catalog, da
     except UnitConversionError as exc:
         expected = str(exc)
     assert catalog.conversion_error(unit, analyte) == expected
-    assert catalog.conversion_error(unit, analyte) == expected  # remembered: same answer

@@ -8,9 +8,10 @@ import pytest
 from service.config import Settings
 from service.db.repositories import Repositories
 from service.db.session import session_scope
+from service.fhir.client import FhirClient
 from service.fhir.notifications import ResourceDeleted
 from service.queue import MemoryQueue
-from service.usecases.monitor import MonitorContext, process_event, receive
+from service.usecases.monitor import MonitorContext, PermanentEventError, process_event, receive
 from tests.builders import changed
 
 
@@ -57,9 +58,6 @@ def test_redelivered_event_is_a_duplicate(ctx: MonitorContext) -> None:
 
 
 def test_tasks_share_one_fhir_client(ctx: MonitorContext) -> None:
-    from service.fhir.client import FhirClient
-    from service.usecases.monitor import PermanentEventError
-
     built: list[FhirClient] = []
 
     def factory() -> FhirClient:
@@ -70,6 +68,8 @@ def test_tasks_share_one_fhir_client(ctx: MonitorContext) -> None:
         ctx.shared_client()  # no FHIR server configured
     ctx.fhir_client = factory
     first = ctx.shared_client()
-    second = ctx.shared_client()
-    assert second is first and not second._http.is_closed and len(built) == 1  # one client, left open for the next task
-    first.close()
+    try:
+        second = ctx.shared_client()
+        assert second is first and not second._http.is_closed and len(built) == 1  # one client, left open for the next task
+    finally:
+        first.close()

@@ -1,0 +1,31 @@
+"""Fixtures of the service tests that run the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from typer.testing import CliRunner
+
+from service import cli
+from service.config import get_settings
+
+#: ``run_cli(args, **env)``: exit code and non-blank output lines of ``calcinosis-cds *args`` with ``CDS_*`` ``env``.
+RunCli = Callable[..., tuple[int, list[str]]]
+
+
+@pytest.fixture
+def run_cli(monkeypatch: pytest.MonkeyPatch) -> RunCli:
+    """Runs the CLI in process with the given settings, read afresh (the settings are cached per process)."""
+
+    def run(args: list[str], **env: str) -> tuple[int, list[str]]:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+        try:
+            result = CliRunner().invoke(cli.app, args)
+        finally:
+            get_settings.cache_clear()
+        return result.exit_code, [line for line in result.output.splitlines() if line.strip()]
+
+    return run
