@@ -456,37 +456,40 @@ async def _client(kind: str, url: str, concurrency: int) -> AsyncIterator[Post]:
             yield post_httpx
 
 
-async def _load(client: str, url: str, body: bytes, concurrency: int, n: int, expect_cards: bool) -> tuple[float, list[float]]:
+async def _callers(post: Post, url: str, body: bytes, concurrency: int, n: int, expect_cards: bool) -> tuple[float, list[float]]:
+    """``n`` requests from ``concurrency`` callers, each sending its next request when the last is answered."""
     latencies: list[float] = []
     remaining = n
-    async with _client(client, url, concurrency) as post:
 
-        async def caller() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                t0 = time.perf_counter()
-                status, content = await post(body)
-                elapsed = (time.perf_counter() - t0) * 1000
-                if status != 200:
-                    raise RuntimeError(f"{url}: HTTP {status}: {content[:300]!r}")
-                if expect_cards and b"calciphylaxis-risk" not in content:
-                    raise RuntimeError(f"{url}: the expected calciphylaxis-risk card is missing")
-                latencies.append(elapsed)
+    async def caller() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            t0 = time.perf_counter()
+            status, content = await post(body)
+            elapsed = (time.perf_counter() - t0) * 1000
+            if status != 200:
+                raise RuntimeError(f"{url}: HTTP {status}: {content[:300]!r}")
+            if expect_cards and b"calciphylaxis-risk" not in content:
+                raise RuntimeError(f"{url}: the expected calciphylaxis-risk card is missing")
+            latencies.append(elapsed)
 
-        started = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        return time.perf_counter() - started, latencies
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies
 
 
-def measure(
-    scenario: str, url: str, body: bytes, concurrency: int, n: int, warmup: int, server_pid: int, client: str = "aiohttp"
+async def measure(
+    scenario: str, url: str, body: bytes, concurrency: int, n: int, warmup: int, server_pid: int, client: str
 ) -> Result:
+    """Warm-up and measured requests on the same client and connections: the measured window (latencies and both CPU
+    readings) holds requests only, not the client's start, its connects or its close."""
     expect_cards = scenario != "floor"
-    asyncio.run(_load(client, url, body, concurrency, warmup, expect_cards))
-    cpu_before, client_before = process_tree_cpu_s(server_pid), time.process_time()
-    seconds, latencies = asyncio.run(_load(client, url, body, concurrency, n, expect_cards))
-    cpu_after, client_after = process_tree_cpu_s(server_pid), time.process_time()
+    async with _client(client, url, concurrency) as post:
+        await _callers(post, url, body, concurrency, warmup, expect_cards)
+        cpu_before, client_before = process_tree_cpu_s(server_pid), time.process_time()
+        seconds, latencies = await _callers(post, url, body, concurrency, n, expect_cards)
+        cpu_after, client_after = process_tree_cpu_s(server_pid), time.process_time()
     result = Result(scenario, concurrency, n, seconds, latencies, client_cpu_s=client_after - client_before)
     if cpu_before is not None and cpu_after is not None:
         result.server_cpu_s = cpu_after - cpu_before
@@ -575,7 +578,7 @@ def main() -> None:
             for level in levels:
                 for scenario in scenarios:
                     url, body = bodies[scenario]
-                    result = measure(scenario, url, body, level, args.requests, args.warmup, processes.service.pid, args.client)
+                    result = asyncio.run(measure(scenario, url, body, level, args.requests, args.warmup, processes.service.pid, args.client))
                     p50, p95, p99 = result.pct(50), result.pct(95), result.pct(99)
                     print(f"round {round_no} {scenario:>8} c={level:<3} {result.rps:7.0f} req/s  p50 {p50:7.1f}  p95 {p95:7.1f}  "
                           f"p99 {p99:7.1f} ms  service CPU {result.server_cpu_ms_per_request()} ms/req  "
