@@ -73,6 +73,11 @@ app.kubernetes.io/part-of: calcinosis-cds
       key: {{ $entry.key | quote }}
 {{- end }}
 
+{{/* The path of a file mounted from a Secret or ConfigMap entry: <mountPath>/<key>. */}}
+{{- define "calcinosis-cds.mountedFile" -}}
+{{- printf "%s/%s" (trimSuffix "/" .mountPath) .key -}}
+{{- end }}
+
 {{/* Environment entries that come from Secrets or are derived from values (never from the ConfigMap). */}}
 {{- define "calcinosis-cds.secretEnvs" -}}
 {{ include "calcinosis-cds.secretEnv" (dict "root" . "entry" "databaseUrl" "env" "CDS_DATABASE_URL") }}
@@ -94,11 +99,11 @@ app.kubernetes.io/part-of: calcinosis-cds
 {{- end }}
 {{- if .Values.trustedCa.enabled }}
 - name: CDS_TLS_CA_FILE
-  value: {{ printf "%s/%s" (trimSuffix "/" .Values.trustedCa.mountPath) .Values.trustedCa.key | quote }}
+  value: {{ include "calcinosis-cds.mountedFile" .Values.trustedCa | quote }}
 {{- end }}
 {{- if .Values.secrets.smartPrivateKey.enabled }}
 - name: CDS_SMART_PRIVATE_KEY_FILE
-  value: {{ printf "%s/%s" (trimSuffix "/" .Values.secrets.smartPrivateKey.mountPath) .Values.secrets.smartPrivateKey.key | quote }}
+  value: {{ include "calcinosis-cds.mountedFile" .Values.secrets.smartPrivateKey | quote }}
 {{- end }}
 {{- end }}
 
