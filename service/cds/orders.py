@@ -2,8 +2,11 @@
 
 Fires when an order under review adds warfarin, a calcium-based binder, vitamin D therapy or IV
 calcium/phosphate for a patient in a renal context (R1/R2) or with established calciphylaxis.
-Suggestions: remove the draft order (``delete``), and where the mappings name a standard alternative
-(a non-calcium binder for a calcium-based one) replace the drug in the draft order (``update``).
+Suggestions: remove the draft order (``delete``), and where the mappings name a standard alternative for the
+patient's setting (a non-calcium binder for a calcium-based one, in kidney failure) replace the drug in the draft
+order (``update``). An order that adds only IV calcium or phosphate gets an informational card with no suggestion:
+REFERENCE §2.5.4 rests on case reports, and IV calcium is often emergency treatment (hyperkalaemia, symptomatic
+hypocalcaemia), so removing it is not advice this service can give.
 """
 
 from __future__ import annotations
@@ -59,6 +62,23 @@ def _order_features(order: dict[str, Any], catalog: Catalog) -> tuple[set[str], 
     return features, coding
 
 
+_TRANSPLANT_BASES = frozenset({"kidney_transplant", "kidney_transplant_procedure"})
+
+
+def patient_settings(outcome: Outcome) -> frozenset[str]:
+    """The settings of ``order_alternatives.yaml``'s ``offer_when`` that describe this patient."""
+    settings = set()
+    if outcome.renal == "R2" and outcome.renal_bases - _TRANSPLANT_BASES:
+        settings.add("kidney_failure")
+    if outcome.renal_bases & _TRANSPLANT_BASES:
+        settings.add("kidney_transplant")
+    if outcome.renal == "R1":
+        settings.add("ckd4")
+    if outcome.established:
+        settings.add("established_calciphylaxis")
+    return frozenset(settings)
+
+
 def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardContext, catalog: Catalog) -> list[dict[str, Any]]:
     renal = outcome.renal in ("R1", "R2")
     established = bool(outcome.established)
@@ -67,6 +87,7 @@ def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardCo
     why: list[Evidence] = [*outcome.renal_evidence] if renal else []
     why += [condition_evidence(c) for c in outcome.established]
     setting = "established calciphylaxis" if established else f"renal context {outcome.renal}"
+    settings = patient_settings(outcome)
     cards = []
     for order in orders:
         features, coding = _order_features(order, catalog)
@@ -75,10 +96,11 @@ def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardCo
         ref = resource_ref(order) or "MedicationRequest/(draft)"
         drug = coding.get("display") or ORDER_RISK_FEATURES[sorted(features)[0]]
         kinds = ", ".join(ORDER_RISK_FEATURES[f] for f in sorted(features))
+        iv_only = features <= IV_FEATURES
         suggestions: list[dict[str, Any]] = []
         for feature in sorted(features):
             alt = catalog.order_alternatives.get(feature)
-            if alt is None:
+            if alt is None or not settings.intersection(alt.offer_when):
                 continue
             updated = copy.deepcopy(order)
             updated["medicationCodeableConcept"] = {"coding": [{"system": alt.system, "code": alt.code, "display": alt.label}], "text": alt.label}
@@ -91,13 +113,14 @@ def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardCo
                     "actions": [{"type": "update", "description": f"Replace the draft order with {alt.label}. {alt.rationale}.", "resource": updated}],
                 }
             )
-        suggestions.append(
-            {
-                "label": "Remove this draft order",
-                "uuid": stable_uuid(ctx, RULE_IDS["order"], ref, "delete"),
-                "actions": [{"type": "delete", "description": f"Remove the draft order for {drug}", "resourceId": ref}],
-            }
-        )
+        if not iv_only:
+            suggestions.append(
+                {
+                    "label": "Remove this draft order",
+                    "uuid": stable_uuid(ctx, RULE_IDS["order"], ref, "delete"),
+                    "actions": [{"type": "delete", "description": f"Remove the draft order for {drug}", "resourceId": ref}],
+                }
+            )
         body = (
             f"**The order for {drug} adds {kinds}** in a patient with {setting}. "
             + (
@@ -106,7 +129,8 @@ def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardCo
                 else ""
             )
             + (
-                "Intravenous calcium or phosphate can cause extravasation calcinosis: monitor the IV site. "
+                "Intravenous calcium or phosphate can cause extravasation calcinosis: monitor the IV site "
+                "(evidence: case reports and case series only). "
                 if features & IV_FEATURES
                 else ""
             )
@@ -125,12 +149,13 @@ def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardCo
             ctx,
             topic="medication-order-risk",
             rule_id=RULE_IDS["order"],
-            indicator="warning",
+            indicator="info" if iv_only else "warning",
             summary=f"Order adds {kinds.split(',')[0]} for a patient with {setting}"[:139],
             body=body,
             suggestions=suggestions,
             uuid_parts=(ref, ",".join(sorted(features))),
         )
-        card["selectionBehavior"] = "at-most-one"
+        if suggestions:
+            card["selectionBehavior"] = "at-most-one"
         cards.append(card)
     return cards

@@ -41,6 +41,9 @@ RULE_IDS = {
 }
 
 RENAL_R2_CONDITIONS = ("esrd_or_ckd5", "dialysis_dependence", "kidney_transplant")
+#: What a renal tier can rest on: a condition feature, a procedure feature (dialysis within the window, a kidney
+#: transplant) or the latest eGFR.
+RENAL_BASES = frozenset({*RENAL_R2_CONDITIONS, "ckd4", "dialysis", "kidney_transplant_procedure", "egfr"})
 PRED_CONDITIONS = (
     "hyperparathyroidism",
     "hypervitaminosis_d",
@@ -199,6 +202,7 @@ class Outcome:
     sex: str | None
     renal: str
     renal_evidence: list[Evidence]
+    renal_bases: frozenset[str]  # what the renal tier rests on: see RENAL_BASES
     calciphylaxis_tier: str
     incomplete: bool
     majors: list[Factor]
@@ -265,13 +269,17 @@ class _Ctx:
 
 
 # --------------------------------------------------------------------------- §2.2 renal context
-def renal_context(ctx: _Ctx) -> tuple[str, list[Evidence]]:
+def renal_context(ctx: _Ctx) -> tuple[str, list[Evidence], frozenset[str]]:
+    """The renal tier, its evidence, and what it rests on (:data:`RENAL_BASES`)."""
     t = ctx.t
-    r2: list[Evidence] = [condition_evidence(c) for c in ctx.conditions(*RENAL_R2_CONDITIONS)]
+    r2_conditions = ctx.conditions(*RENAL_R2_CONDITIONS)
+    r2: list[Evidence] = [condition_evidence(c) for c in r2_conditions]
+    bases = {c.feature for c in r2_conditions}
     for p in ctx.f.procedures:
         recent_dialysis = p.feature == "dialysis" and within(p.performed, ctx.now, t.window_dialysis_procedure_days)
         if not (recent_dialysis or p.feature == "kidney_transplant_procedure") or not ctx.f.usable(p):
             continue
+        bases.add(p.feature)
         if recent_dialysis:
             r2.append(
                 Evidence(
@@ -293,16 +301,20 @@ def renal_context(ctx: _Ctx) -> tuple[str, list[Evidence]]:
     egfr_value = rnd(egfr.value, 1) if egfr else None
     if egfr is not None and egfr_value is not None and egfr_value < t.egfr_r2_below:
         r2.append(lab_evidence(egfr, threshold=f"< {fmt(t.egfr_r2_below)}", places=1))
+        bases.add("egfr")
     if r2:
-        return "R2", r2
-    r1: list[Evidence] = [condition_evidence(c) for c in ctx.conditions("ckd4")]
+        return "R2", r2, frozenset(bases)
+    r1_conditions = ctx.conditions("ckd4")
+    r1: list[Evidence] = [condition_evidence(c) for c in r1_conditions]
+    bases = {c.feature for c in r1_conditions}
     if egfr is not None and egfr_value is not None and egfr_value < t.egfr_r1_below:
         r1.append(lab_evidence(egfr, threshold=f"{fmt(t.egfr_r2_below)}–{fmt(t.egfr_r1_below - 1)}", places=1))
+        bases.add("egfr")
     if r1:
-        return "R1", r1
+        return "R1", r1, frozenset(bases)
     if egfr is not None:
-        return "R0", [lab_evidence(egfr, threshold=f"≥ {fmt(t.egfr_r1_below)}", places=1)]
-    return "R0", []
+        return "R0", [lab_evidence(egfr, threshold=f"≥ {fmt(t.egfr_r1_below)}", places=1)], frozenset()
+    return "R0", [], frozenset()
 
 
 # --------------------------------------------------------------------------- §2.1 pairing, decision 1 and 2
@@ -443,7 +455,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
     ctx = _Ctx(facts, t, now, catalog)
     age = age_in_years(facts.patient.birth_date, now)
     sex = facts.patient.sex
-    renal, renal_ev = renal_context(ctx)
+    renal, renal_ev, renal_bases = renal_context(ctx)
     ckd4_only = renal == "R1"
     mineral_days = t.window_mineral_ckd4_days if ckd4_only else t.window_mineral_days
     pth_days = t.window_pth_ckd4_days if ckd4_only else t.window_pth_days
@@ -637,6 +649,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
         sex=sex,
         renal=renal,
         renal_evidence=renal_ev,
+        renal_bases=renal_bases,
         calciphylaxis_tier=tier,
         incomplete=incomplete,
         majors=majors,

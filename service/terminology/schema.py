@@ -158,11 +158,16 @@ class OrderSetsFile(_Strict):
     order_sets: dict[str, OrderSet]
 
 
+#: Settings in which an order alternative may be proposed (service/cds/orders.py says how each is recognised).
+OfferSetting = Literal["kidney_failure", "kidney_transplant", "ckd4", "established_calciphylaxis"]
+
+
 class OrderAlternative(_Strict):
     system: str
     code: str
     label: str
     rationale: str
+    offer_when: list[OfferSetting] = Field(min_length=1, description="the patient settings in which the alternative is proposed")
 
 
 class OrderAlternativesFile(_Strict):

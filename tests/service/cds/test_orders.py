@@ -1,0 +1,121 @@
+"""The medication-order-risk card (order-select/order-sign) on the pure core: when it fires, its indicator, and which
+suggestions it offers in which setting (a binder swap only in kidney failure or established calciphylaxis; no
+removal of an IV calcium order)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from service.cds.engine import Evaluation
+from service.cds.orders import order_risk_cards, patient_settings
+from service.terminology.catalog import Catalog
+from tests import builders as b
+
+CALCIUM_ACETATE = "214342"
+CALCIUM_GLUCONATE_INJECTION = "1668250"  # parenteral product
+WARFARIN_TABLET = "855332"
+SEVELAMER = "749206"
+
+esrd = b.esrd
+
+
+def transplant() -> dict[str, Any]:
+    return b.condition("Z94.0", b.ICD10, display="Kidney transplant status")
+
+
+def ckd4() -> dict[str, Any]:
+    return b.condition("N18.4", b.ICD10, display="Chronic kidney disease, stage 4 (severe)")
+
+
+def calciphylaxis() -> dict[str, Any]:
+    return b.condition("237900002", display="Calciphylaxis")
+
+
+def draft(code: str, rid: str = "draft-1") -> dict[str, Any]:
+    order = b.med_request(code, status="draft", authored_days=0)
+    order["id"] = rid
+    order["dosageInstruction"] = [{"text": "as directed"}]
+    return order
+
+
+def egfr(value: float) -> dict[str, Any]:
+    return b.obs(b.EGFR, value, "mL/min/{1.73_m2}", days=5)
+
+
+@pytest.fixture
+def cards_for(run: Callable[..., Evaluation], catalog: Catalog) -> Callable[..., list[dict[str, Any]]]:
+    def _cards(order: dict[str, Any], *record: dict[str, Any]) -> list[dict[str, Any]]:
+        evaluation = run(*record)
+        return order_risk_cards([order], evaluation.outcome, evaluation.context, catalog)
+
+    return _cards
+
+
+def actions(card: dict[str, Any]) -> list[dict[str, Any]]:
+    return [a for s in card.get("suggestions", []) for a in s["actions"]]
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        pytest.param((esrd,), {"kidney_failure"}, id="esrd"),
+        pytest.param((lambda: egfr(12),), {"kidney_failure"}, id="egfr-below-15"),
+        pytest.param((transplant, lambda: egfr(55)), {"kidney_transplant"}, id="transplant-functioning"),
+        pytest.param((transplant, lambda: egfr(12)), {"kidney_failure", "kidney_transplant"}, id="transplant-failing"),
+        pytest.param((ckd4,), {"ckd4"}, id="ckd4"),
+        pytest.param((lambda: egfr(22),), {"ckd4"}, id="egfr-15-29"),
+        pytest.param((calciphylaxis, lambda: egfr(80)), {"established_calciphylaxis"}, id="established-non-renal"),
+        pytest.param((lambda: egfr(80),), set(), id="non-renal"),
+    ],
+)
+def test_patient_settings(run: Callable[..., Evaluation], record: tuple[Callable[[], dict[str, Any]], ...], expected: set[str]) -> None:
+    assert patient_settings(run(*(make() for make in record)).outcome) == expected
+
+
+@pytest.mark.parametrize("record", [(esrd,), (lambda: egfr(12),), (calciphylaxis,)], ids=["esrd", "egfr-below-15", "established"])
+def test_calcium_binder_in_kidney_failure_or_calciphylaxis_offers_a_non_calcium_binder(
+    cards_for: Callable[..., list[dict[str, Any]]], record: tuple[Callable[[], dict[str, Any]], ...]
+) -> None:
+    [card] = cards_for(draft(CALCIUM_ACETATE), *(make() for make in record))
+    assert card["indicator"] == "warning"
+    assert card["selectionBehavior"] == "at-most-one"
+    [update] = [a for a in actions(card) if a["type"] == "update"]
+    assert [c["code"] for c in update["resource"]["medicationCodeableConcept"]["coding"]] == [SEVELAMER]
+    assert "dosageInstruction" not in update["resource"]
+    assert [a["resourceId"] for a in actions(card) if a["type"] == "delete"] == ["MedicationRequest/draft-1"]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [(transplant, lambda: egfr(55)), (ckd4,)],
+    ids=["transplant", "ckd4"],
+)
+def test_calcium_binder_after_a_transplant_or_in_ckd4_warns_without_proposing_a_swap(
+    cards_for: Callable[..., list[dict[str, Any]]], record: tuple[Callable[[], dict[str, Any]], ...]
+) -> None:
+    """Calcium carbonate or acetate there is often a calcium supplement: sevelamer is not the sound alternative."""
+    [card] = cards_for(draft(CALCIUM_ACETATE), *(make() for make in record))
+    assert card["indicator"] == "warning"
+    assert [a["type"] for a in actions(card)] == ["delete"]
+
+
+def test_iv_calcium_order_is_information_without_a_removal(cards_for: Callable[..., list[dict[str, Any]]]) -> None:
+    """IV calcium is often emergency treatment (hyperkalaemia): the card informs, it does not propose removing it."""
+    [card] = cards_for(draft(CALCIUM_GLUCONATE_INJECTION), esrd())
+    assert card["indicator"] == "info"
+    assert "suggestions" not in card and "selectionBehavior" not in card
+    assert "monitor the IV site" in card["detail"]
+    assert "case reports" in card["detail"]
+
+
+def test_warfarin_for_a_transplant_recipient_warns_and_offers_removal_only(cards_for: Callable[..., list[dict[str, Any]]]) -> None:
+    [card] = cards_for(draft(WARFARIN_TABLET), transplant(), egfr(55))
+    assert card["indicator"] == "warning"
+    assert [a["type"] for a in actions(card)] == ["delete"]
+
+
+def test_no_card_outside_a_renal_context_or_established_calciphylaxis(cards_for: Callable[..., list[dict[str, Any]]]) -> None:
+    assert cards_for(draft(CALCIUM_ACETATE), egfr(80)) == []
