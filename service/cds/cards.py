@@ -308,22 +308,24 @@ def render_cards(outcome: Outcome, ctx: CardContext, catalog: Catalog, *, card_f
         )
 
     # --- hypercalcemia severity
-    if outcome.severity is not None and outcome.calcium.corrected_mg_dl is not None:
-        value = fmt(outcome.calcium.corrected_mg_dl)
-        rows = [("Calcium", e) for e in outcome.calcium.evidence]
+    calcium = outcome.calcium
+    if outcome.severity is not None and calcium.corrected_mg_dl is not None:
+        value = f"{calcium.total_label()} {fmt(calcium.corrected_mg_dl)} mg/dL"
+        band = f"{outcome.severity_band} mg/dL"
         if outcome.severity == "severe":
             topic, indicator = "severe-hypercalcemia", "critical"
-            summary = f"URGENT: severe hypercalcemia, corrected calcium {value} mg/dL (≥ 14)"
-            lead = "**Severe hypercalcemia** (corrected calcium ≥ 14 mg/dL) is a medical emergency."
+            summary = f"URGENT: severe hypercalcemia, {value} ({outcome.severity_band})"
+            lead = f"**Severe hypercalcemia** ({calcium.total_label()} {band}) is a medical emergency."
             workup: list[str] = []
         else:
             topic, indicator = "moderate-hypercalcemia", "warning"
-            summary = f"Moderate hypercalcemia: corrected calcium {value} mg/dL (12 to < 14)"
+            summary = f"Moderate hypercalcemia: {value} ({outcome.severity_band})"
             lead = (
-                "**Moderate hypercalcemia** (corrected calcium 12 to < 14 mg/dL). PTH, PTHrP, 25-OH and 1,25-(OH)₂ "
+                f"**Moderate hypercalcemia** ({calcium.total_label()} {band}). PTH, PTHrP, 25-OH and 1,25-(OH)₂ "
                 "vitamin D separate PTH-mediated, malignancy-related, granulomatous and vitamin-D causes."
             )
             workup = [o for o in outcome.orders if o in ("pth", "pthrp", "vitamin_d_25oh", "vitamin_d_1_25")]
+        rows = [("Calcium", e.model_copy(update={"threshold": band}) if e is calcium.total_row else e) for e in calcium.evidence]
         body = f"{lead}\n\nMeasured and corrected values:\n\n{evidence_table(rows)}"
         cards.append(
             make_card(

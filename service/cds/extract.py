@@ -27,7 +27,7 @@ from typing import Any
 
 from service.cds.fhirutil import (
     codings,
-    concept_text,
+    concept_texts,
     first_match,
     is_number,
     parse_date,
@@ -224,9 +224,13 @@ class _Extractor:
         elif clinical not in _COND_CURRENT:
             self.exclude(ref, f"clinicalStatus {clinical}")
             return
-        if entry.requires_text and entry.requires_text.lower() not in concept_text(res.get("code")).lower():
-            self.exclude(ref, f"{entry.code} counts as {entry.feature} only when its text says '{entry.requires_text}'")
-            return
+        qualifying_text = None
+        if entry.requires_text:
+            needle = entry.requires_text.lower()
+            qualifying_text = next((t for t in concept_texts(res.get("code")) if needle in t.lower()), None)
+            if qualifying_text is None:
+                self.exclude(ref, f"{entry.code} counts as {entry.feature} only when its text says '{entry.requires_text}'")
+                return
         self.unvalidated[ref] = res  # validated when a rule consults the fact
         self.conditions.append(
             ConditionFact(
@@ -234,6 +238,7 @@ class _Extractor:
                 source=Source(ref, version_of(res), coding.get("system", ""), coding["code"], coding.get("display") or entry.display),
                 onset=parse_datetime(res.get("onsetDateTime")) or parse_datetime(res.get("recordedDate")),
                 clinical_status=clinical,
+                qualifying_text=qualifying_text,
             )
         )
 

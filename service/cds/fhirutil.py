@@ -122,13 +122,12 @@ def first_match(concept: Any, lookup: Callable[[Any, str], T | None]) -> tuple[T
     return None, None
 
 
-def concept_text(concept: Any) -> str:
-    """CodeableConcept.text plus every coding display, for text checks (e.g. E83.59 'calciphylaxis')."""
+def concept_texts(concept: Any) -> list[str]:
+    """CodeableConcept.text, then every coding display, for text checks (e.g. E83.59 'calciphylaxis')."""
     if not isinstance(concept, dict):
-        return ""
-    parts = [concept.get("text") or ""]
-    parts.extend(c.get("display") or "" for c in codings(concept))
-    return " ".join(p for p in parts if isinstance(p, str))
+        return []
+    parts = [concept.get("text"), *(c.get("display") for c in codings(concept))]
+    return [p for p in parts if isinstance(p, str) and p]
 
 
 def resource_ref(resource: dict[str, Any]) -> str | None:

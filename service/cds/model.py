@@ -56,6 +56,9 @@ class ConditionFact:
     source: Source
     onset: datetime | None
     clinical_status: str | None
+    #: The condition's own text, kept when the code counts only with it (E83.59 "calciphylaxis"): the card shows
+    #: what qualified a non-specific code.
+    qualifying_text: str | None = None
 
 
 @dataclass(slots=True, unsafe_hash=True)

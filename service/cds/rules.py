@@ -145,13 +145,14 @@ def lab_evidence(lab: LabValue, *, label: str | None = None, threshold: str | No
 
 
 def condition_evidence(c: ConditionFact, note: str | None = None) -> Evidence:
+    qualified = f"recorded as: {c.qualifying_text}" if c.qualifying_text else None
     return Evidence(
         label=c.source.display,
         value=c.clinical_status or "current",
         date=iso(c.onset),
         reference=c.source.reference,
         code=f"{c.source.system}|{c.source.code}",
-        note=note,
+        note="; ".join(n for n in (qualified, note) if n) or None,
     )
 
 
@@ -181,9 +182,18 @@ class CalciumFinding:
     ionized_paired: bool = False
     ionized_mmol_l: Decimal | None = None
     basis: str = "none"  # "ionized" | "corrected" | "measured" | "reported-corrected" | "none"
+    corrected: bool = False  # the albumin correction was applied (albumin below the reference, paired in time)
     hypercalcemia: bool = False
     threshold: Decimal | None = None
-    evidence: list[Evidence] = field(default_factory=list)
+    evidence: list[Evidence] = field(default_factory=list)  # every calcium fact read, in display order
+    fired: list[Evidence] = field(default_factory=list)  # the facts behind ``hypercalcemia`` (M2 lists these)
+    total_row: Evidence | None = None  # the row of ``corrected_mg_dl`` (the severity cards show their band on it)
+
+    def total_label(self) -> str:
+        """What ``corrected_mg_dl`` is, in words: it is the measured value when no correction applied."""
+        if self.basis == "reported-corrected":
+            return "laboratory-corrected calcium"
+        return "corrected calcium" if self.corrected else "measured calcium"
 
 
 @dataclass
@@ -218,6 +228,7 @@ class Outcome:
     hyperphosphatemia: bool
     phosphate_evidence: list[Evidence]
     severity: str | None  # "severe" | "moderate" | None
+    severity_band: str | None  # its range in mg/dL, as the card shows it ("≥ 14", "12 to < 14")
     calcinosis_cutis: list[ConditionFact]
     dystrophic: list[ConditionFact]
     iatrogenic: list[MedicationFact]
@@ -335,6 +346,7 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
         elif rnd(alb.value, 2) < t.correction_reference_albumin_g_dl:
             corrected = ca.value + t.correction_slope * (t.correction_reference_albumin_g_dl - alb.value)
             out.corrected_mg_dl = rnd(corrected, 2)
+            out.corrected = True
             out.correction_note = f"corrected = Ca + {fmt(t.correction_slope)} × ({fmt(t.correction_reference_albumin_g_dl)} − albumin)"
         else:
             out.corrected_mg_dl = out.measured_mg_dl
@@ -356,6 +368,7 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
         out.ionized_mmol_l = rnd(out.ionized.value, 2)
 
     iono_high = out.ionized_mmol_l is not None and out.ionized_mmol_l > t.ionized_ca_above_mmol_l
+    corrected_high = False
     if out.ionized_paired:
         # Decision 2: an ionized calcium within 24 h of the total calcium decides.
         out.basis = "ionized"
@@ -366,30 +379,47 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
         if out.corrected_mg_dl is None and out.ionized is not None:
             out.basis = "ionized"
 
-    if out.measured is not None and out.measured_mg_dl is not None:
-        out.evidence.append(lab_evidence(out.measured, label="Calcium, total (measured)"))
+    measured_row = albumin_row = None
+    if out.corrected and out.measured is not None:
+        measured_row = lab_evidence(out.measured, label="Calcium, total (measured)")
+        out.evidence.append(measured_row)
     if out.corrected_mg_dl is not None and out.measured is not None:
-        out.evidence.append(
-            Evidence(
-                label="Calcium, albumin-corrected" if out.basis != "reported-corrected" else out.measured.label,
+        # The threshold applies to this value only when it decides (an ionized calcium of the same draw decides instead).
+        threshold = None if out.ionized_paired else f"> {fmt(out.threshold)} mg/dL ({'R1/R2' if renal != 'R0' else 'R0'})"
+        notes = [out.correction_note]
+        if out.ionized_paired:
+            notes.append("not used: the ionized calcium of the same draw decides")
+        elif out.corrected:
+            notes.append("in CKD the albumin correction may classify worse than the uncorrected value (Lian 2018); ionized calcium is preferred")
+        if out.corrected:
+            out.total_row = Evidence(
+                label="Calcium, albumin-corrected",
                 value=fmt(out.corrected_mg_dl),
                 unit="mg/dL",
                 date=iso(out.measured.effective),
                 reference=out.measured.source.reference,
-                threshold=f"> {fmt(out.threshold)} mg/dL ({'R1/R2' if renal != 'R0' else 'R0'})",
-                note=out.correction_note,
+                threshold=threshold,
+                note="; ".join(notes),
             )
-        )
+        else:  # the measured value itself (or the laboratory's corrected calcium), shown once
+            label = "Calcium, total (measured)" if out.basis != "reported-corrected" else None
+            out.total_row = lab_evidence(out.measured, label=label, threshold=threshold, note="; ".join(notes))
+        out.evidence.append(out.total_row)
     if out.albumin is not None:
-        out.evidence.append(lab_evidence(out.albumin, label="Albumin (for correction)"))
+        albumin_row = lab_evidence(out.albumin, label="Albumin (for correction)")
+        out.evidence.append(albumin_row)
     if out.ionized is not None:
-        out.evidence.append(
-            lab_evidence(
-                out.ionized,
-                threshold=f"> {fmt(t.ionized_ca_above_mmol_l)} mmol/L",
-                note="within 24 h of the total calcium: decides" if out.ionized_paired else "not paired with a total calcium",
-            )
+        ionized_row = lab_evidence(
+            out.ionized,
+            threshold=f"> {fmt(t.ionized_ca_above_mmol_l)} mmol/L",
+            note="within 24 h of the total calcium: decides" if out.ionized_paired else "not paired with a total calcium",
         )
+        out.evidence.append(ionized_row)
+        if iono_high:
+            out.fired.append(ionized_row)
+    if corrected_high and out.total_row is not None:
+        # The value that crossed, with the facts it was computed from (decision 2: measured and corrected shown).
+        out.fired[:0] = [r for r in (out.total_row, measured_row, albumin_row if out.corrected else None) if r]
     return out
 
 
@@ -478,7 +508,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
     if hyper_p:
         m2.extend(p_evidence)
     if calcium.hypercalcemia:
-        m2.extend(e for e in calcium.evidence if e.threshold)
+        m2.extend(calcium.fired)
     if m2:
         majors.append(Factor(id="M2", label=MAJOR_LABELS["M2"], evidence=m2))
     if albumin is not None and rnd(albumin.value, 2) < t.albumin_major_below:
@@ -625,12 +655,13 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
         notes.append(product_note)
 
     # ---- hypercalcemia severity (§2.4 "Also")
-    severity = None
+    severity = severity_band = None
     if calcium.corrected_mg_dl is not None and not (calcium.ionized_paired and not calcium.hypercalcemia):
         if calcium.corrected_mg_dl >= t.severe_hypercalcemia_at_least:
-            severity = "severe"
+            severity, severity_band = "severe", f"≥ {fmt(t.severe_hypercalcemia_at_least)}"
         elif calcium.corrected_mg_dl >= t.moderate_hypercalcemia_at_least:
             severity = "moderate"
+            severity_band = f"{fmt(t.moderate_hypercalcemia_at_least)} to < {fmt(t.severe_hypercalcemia_at_least)}"
             for o in ("pth", "pthrp", "vitamin_d_25oh", "vitamin_d_1_25"):
                 if o not in orders:
                     orders.append(o)
@@ -665,6 +696,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
         hyperphosphatemia=hyper_p,
         phosphate_evidence=p_evidence,
         severity=severity,
+        severity_band=severity_band,
         calcinosis_cutis=calcinosis,
         dystrophic=dystrophic,
         iatrogenic=iv,

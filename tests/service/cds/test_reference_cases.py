@@ -61,9 +61,12 @@ def test_e83_59_without_calciphylaxis_text_is_not_established(run) -> None:
 
 
 def test_e83_59_with_calciphylaxis_text_is_established(run) -> None:
-    c = condition("E83.59", "http://hl7.org/fhir/sid/icd-10-cm", text="Calciphylaxis of lower legs")
+    c = condition("E83.59", "http://hl7.org/fhir/sid/icd-10-cm", display="Other disorders of calcium metabolism", text="Calciphylaxis of lower legs")
     ev = run(esrd(), *renal_panel(), c)
     assert ev.assessment.calciphylaxis.tier == "established"
+    # The card shows the text that qualified the non-specific code, not only the code's name.
+    card = next(card for card in ev.assessment.cards if card["source"]["topic"]["code"] == "established-calciphylaxis")
+    assert "Other disorders of calcium metabolism | active (recorded as: Calciphylaxis of lower legs)" in card["detail"]
 
 
 def test_refuted_condition_is_ignored(run) -> None:

@@ -393,6 +393,62 @@ def test_moderate_hypercalcemia_card_suggests_workup(run, catalog) -> None:
     assert len(labels) == 4 and any("PTHrP" in x for x in labels)
 
 
+
+def _m2(ev) -> list:
+    return next(f for f in ev.assessment.calciphylaxis.factors if f.id == "M2").evidence
+
+
+def _topic_card(ev, topic: str) -> dict:
+    return next(c for c in ev.assessment.cards if c["source"]["topic"]["code"] == topic)
+
+
+def test_severity_card_names_the_measured_calcium_when_nothing_was_corrected(run) -> None:
+    """No albumin: the card must not call the measured value "corrected", and shows the severity band as threshold."""
+    card = _topic_card(run(obs(CA, 14.2)), "severe-hypercalcemia")
+    assert card["summary"] == "URGENT: severe hypercalcemia, measured calcium 14.2 mg/dL (≥ 14)"
+    assert "corrected" not in card["summary"]
+    [row] = [line for line in card["detail"].splitlines() if line.startswith("| Calcium |")]
+    assert row.endswith("| ≥ 14 mg/dL |")
+    assert "> 10.4" not in card["detail"], "the hypercalcemia threshold is not the severity band"
+
+
+def test_moderate_severity_card_shows_its_band(run) -> None:
+    card = _topic_card(run(obs(CA, 11.0), obs(ALB, 2.5, "g/dL")), "moderate-hypercalcemia")  # corrected 12.2
+    assert card["summary"] == "Moderate hypercalcemia: corrected calcium 12.2 mg/dL (12 to < 14)"
+    assert "| Calcium | Calcium, albumin-corrected | 12.2 mg/dL" in card["detail"]
+    assert "| 12 to < 14 mg/dL |" in card["detail"]
+
+
+def test_m2_from_a_paired_ionized_calcium_lists_only_the_ionized_value(run) -> None:
+    """A total calcium under its threshold did not fire M2 and is not listed under it."""
+    ev = run(esrd(), *renal_panel(ca=9.4, p=4.0, alb=4.2), obs(ICA, 1.35, "mmol/L", days=3))
+    assert [e.label for e in _m2(ev)] == [ev.facts.labs["calcium_ionized"][0].label]
+    total = next(e for e in ev.outcome.calcium.evidence if e.label == "Calcium, total (measured)")
+    assert total.threshold is None and "ionized calcium of the same draw decides" in (total.note or "")
+
+
+def test_m2_from_a_corrected_calcium_lists_it_with_its_inputs_and_the_ckd_caveat(run) -> None:
+    ev = run(esrd(), *renal_panel(ca=9.6, p=4.0, alb=3.0))  # corrected 10.4 > 10.2
+    labels = [e.label for e in _m2(ev)]
+    assert labels == ["Calcium, albumin-corrected", "Calcium, total (measured)", "Albumin (for correction)"]
+    corrected = _m2(ev)[0]
+    assert corrected.value == "10.4" and corrected.threshold == "> 10.2 mg/dL (R1/R2)"
+    assert "Lian 2018" in (corrected.note or "")
+
+
+def test_m2_from_an_uncorrected_calcium_lists_the_measured_value_once(run) -> None:
+    ev = run(esrd(), *renal_panel(ca=10.5, p=4.0, alb=4.2))
+    [row] = _m2(ev)
+    assert (row.label, row.value, row.threshold) == ("Calcium, total (measured)", "10.5", "> 10.2 mg/dL (R1/R2)")
+    assert "Lian" not in (row.note or "")
+
+
+def test_reported_corrected_calcium_keeps_its_reported_si_value(run) -> None:
+    ev = run(esrd(), obs(CA_CORR_REPORTED, 2.65, "mmol/L"))
+    [row] = _m2(ev)
+    assert row.value == "10.62" and "reported 2.65 mmol/L" in (row.note or "")
+
+
 def test_reported_corrected_calcium_used_without_total(run) -> None:
     ev = run(obs(CA_CORR_REPORTED, 3.6, "mmol/L"))  # 14.43 mg/dL
     assert any(c["source"]["topic"]["code"] == "severe-hypercalcemia" for c in ev.assessment.cards)
