@@ -18,6 +18,7 @@ from service.cds.fhirutil import iso
 from service.cds.model import Evidence, Factor
 from service.cds.rules import RULE_IDS, Outcome, condition_evidence, fmt, medication_evidence, product_evidence
 from service.terminology.catalog import Catalog
+from service.terminology.schema import SYSTEM_NAMES
 
 CARD_NAMESPACE = uuid.UUID("6f1d8c2e-3b4a-5c6d-8e7f-90a1b2c3d4e5")
 OVERRIDE_SYSTEM = "https://calcinosis-cds.org/fhir/CodeSystem/override-reason"
@@ -91,15 +92,24 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def code_text(code: str | None) -> str:
+    """``system|code`` as a reader names it: "LOINC 17861-6" (an unknown system is shown as it is)."""
+    if not code:
+        return ""
+    system, _, value = code.rpartition("|")
+    return f"{SYSTEM_NAMES.get(system, system)} {value}".strip()
+
+
 def evidence_table(rows: list[tuple[str, Evidence]]) -> str:
     if not rows:
         return ""
-    lines = ["| Factor | Fact | Value | Date | Source | Threshold |", "|---|---|---|---|---|---|"]
+    lines = ["| Factor | Fact | Code | Value | Date | Source | Threshold |", "|---|---|---|---|---|---|---|"]
     for factor, e in rows:
         value = f"{e.value} {e.unit}" if e.value and e.unit else (e.value or "")
         if e.note:
             value += f" ({e.note})"
-        lines.append(f"| {_md(factor)} | {_md(e.label)} | {_md(value)} | {(e.date or '')[:10]} | {_md(e.reference or '')} | {_md(e.threshold or '')} |")
+        cells = (factor, e.label, code_text(e.code), value, (e.date or "")[:10], e.reference or "", e.threshold or "")
+        lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
     return "\n".join(lines)
 
 

@@ -398,6 +398,7 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
                 unit="mg/dL",
                 date=iso(out.measured.effective),
                 reference=out.measured.source.reference,
+                code=f"{out.measured.source.system}|{out.measured.source.code}",
                 threshold=threshold,
                 note="; ".join(notes),
             )
@@ -714,7 +715,7 @@ def product_evidence(product: Product, threshold: str) -> Evidence:
     return Evidence(
         label="Calcium × phosphate product",
         value=fmt(product.value),
-        unit="mg2/dL2",
+        unit="mg²/dL²",
         date=iso(product.phosphate.effective),
         reference=product.phosphate.source.reference,
         threshold=threshold,
@@ -740,6 +741,7 @@ def _bmi_evidence(ctx: _Ctx) -> tuple[Decimal, Evidence] | None:
         unit="kg/m2",
         date=iso(weight.effective),
         reference=weight.source.reference,
+        code=f"{weight.source.system}|{weight.source.code}",
         threshold=f"≥ {fmt(t.bmi_obese_at_least)} kg/m2",
         note=f"height from {height.source.reference}",
     )

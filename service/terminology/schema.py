@@ -24,6 +24,17 @@ SYSTEMS: dict[str, str] = {
     "ucum": "http://unitsofmeasure.org",
 }
 CANONICAL_SYSTEMS = frozenset(SYSTEMS.values())
+#: How a card names each system next to a code ("LOINC 17861-6").
+SYSTEM_NAMES: dict[str, str] = {
+    SYSTEMS["loinc"]: "LOINC",
+    SYSTEMS["snomed"]: "SNOMED CT",
+    SYSTEMS["icd10cm"]: "ICD-10-CM",
+    SYSTEMS["icd10pcs"]: "ICD-10-PCS",
+    SYSTEMS["rxnorm"]: "RxNorm",
+    SYSTEMS["cpt"]: "CPT",
+    SYSTEMS["hcpcs"]: "HCPCS",
+    SYSTEMS["ucum"]: "UCUM",
+}
 
 Dimension = Literal[
     "mass_concentration",  # base g/L

@@ -46,11 +46,14 @@ def test_cards_valid_and_explained(run, name) -> None:
         assert "Evidence:" in card["detail"]
         assert re.search(r"Rule `[a-z.-]+` · rules \S+ · mappings [0-9a-f]{16}", card["detail"])
         assert card["overrideReasons"]
-        # Every fact row carries a source reference and a date.
+        # Every fact row carries a source reference, and its code (REFERENCE §2 principle 1) unless it is derived
+        # from two facts (the Ca×P product names both sources in its value) or is the Patient's sex.
         for row in card["detail"].splitlines():
             if row.startswith("| ") and not row.startswith("| Factor"):
                 cells = [c.strip() for c in row.strip("|").split("|")]
-                assert re.fullmatch(r"[A-Z][A-Za-z]+/\S+", cells[4]), row
+                assert re.fullmatch(r"[A-Z][A-Za-z]+/\S+", cells[5]), row
+                if cells[1] not in ("Calcium × phosphate product", "Sex"):
+                    assert re.fullmatch(r"(LOINC|SNOMED CT|ICD-10-CM|ICD-10-PCS|RxNorm|CPT|HCPCS) \S+", cells[2]), row
 
 
 def test_card_uuid_stable_and_input_sensitive(run) -> None:

@@ -66,7 +66,7 @@ def test_e83_59_with_calciphylaxis_text_is_established(run) -> None:
     assert ev.assessment.calciphylaxis.tier == "established"
     # The card shows the text that qualified the non-specific code, not only the code's name.
     card = next(card for card in ev.assessment.cards if card["source"]["topic"]["code"] == "established-calciphylaxis")
-    assert "Other disorders of calcium metabolism | active (recorded as: Calciphylaxis of lower legs)" in card["detail"]
+    assert "Other disorders of calcium metabolism | ICD-10-CM E83.59 | active (recorded as: Calciphylaxis of lower legs)" in card["detail"]
 
 
 def test_refuted_condition_is_ignored(run) -> None:

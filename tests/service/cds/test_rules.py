@@ -415,7 +415,7 @@ def test_severity_card_names_the_measured_calcium_when_nothing_was_corrected(run
 def test_moderate_severity_card_shows_its_band(run) -> None:
     card = _topic_card(run(obs(CA, 11.0), obs(ALB, 2.5, "g/dL")), "moderate-hypercalcemia")  # corrected 12.2
     assert card["summary"] == "Moderate hypercalcemia: corrected calcium 12.2 mg/dL (12 to < 14)"
-    assert "| Calcium | Calcium, albumin-corrected | 12.2 mg/dL" in card["detail"]
+    assert "| Calcium | Calcium, albumin-corrected | LOINC 17861-6 | 12.2 mg/dL" in card["detail"]
     assert "| 12 to < 14 mg/dL |" in card["detail"]
 
 
