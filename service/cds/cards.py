@@ -364,14 +364,13 @@ def render_cards(outcome: Outcome, ctx: CardContext, catalog: Catalog, *, card_f
         )
     if outcome.dystrophic:
         names = sorted({c.source.display for c in outcome.dystrophic})
+        present = {c.feature for c in outcome.dystrophic}
+        # REFERENCE §2.5.3's card text, the lines that concern the patient's own conditions.
+        lines = [text for features, text in _DYSTROPHIC_LINES if present & features]
         body = (
             "**Dystrophic calcinosis context.** Calcium and phosphate are usually normal in dystrophic calcinosis.\n\n"
-            "- Systemic sclerosis: calcinosis in 24.7% of 5,218 patients, associated with digital ulcers (OR 3.9) and "
-            "osteoporosis (OR 4.2) (Valenzuela 2016); anticentromere and anti-PM/Scl antibodies are more frequent.\n"
-            "- Juvenile dermatomyositis: calcinosis in 13% (CARRA registry, 631 patients), historically about 40%; higher "
-            "with anti-NXP2 (20% of 285 UK patients), younger onset, and delayed treatment or prolonged disease activity "
-            "(Tansley 2014).\n"
-            "- PXE, Ehlers-Danlos and Werner syndrome: case-level evidence only.\n\n"
+            + "".join(f"- {line}\n" for line in lines)
+            + ("\n" if lines else "")
             + evidence_table([("Problem list", e) for e in _conditions_ev(outcome.dystrophic)])
         )
         cards.append(
@@ -386,8 +385,8 @@ def render_cards(outcome: Outcome, ctx: CardContext, catalog: Catalog, *, card_f
         )
     if outcome.iatrogenic:
         body = (
-            "**Iatrogenic calcinosis context**: current intravenous calcium or phosphate. Extravasation can cause "
-            "calcinosis cutis: monitor the IV site.\n\n" + evidence_table([("IV medication", medication_evidence(m)) for m in outcome.iatrogenic])
+            "**Iatrogenic calcinosis context**: intravenous calcium or phosphate, current or recent (dates below). "
+            "Extravasation can cause calcinosis cutis: monitor the IV site.\n\n" + evidence_table([("IV medication", medication_evidence(m)) for m in outcome.iatrogenic])
         )
         cards.append(
             make_card(
@@ -404,6 +403,20 @@ def render_cards(outcome: Outcome, ctx: CardContext, catalog: Catalog, *, card_f
 
 
 _URGENCY = {"critical": 0, "warning": 1, "info": 2}
+_DYSTROPHIC_LINES = (
+    (
+        frozenset({"systemic_sclerosis", "crest"}),
+        "Systemic sclerosis: calcinosis in 24.7% of 5,218 patients, associated with digital ulcers (OR 3.9) and "
+        "osteoporosis (OR 4.2) (Valenzuela 2016); anticentromere and anti-PM/Scl antibodies are more frequent.",
+    ),
+    (
+        frozenset({"juvenile_dermatomyositis"}),
+        "Juvenile dermatomyositis: calcinosis in 13% (CARRA registry, 631 patients), historically about 40%; higher "
+        "with anti-NXP2 (20% of 285 UK patients), younger onset, and delayed treatment or prolonged disease activity "
+        "(Tansley 2014).",
+    ),
+    (frozenset({"pxe", "ehlers_danlos", "werner_syndrome"}), "PXE, Ehlers-Danlos and Werner syndrome: case-level evidence only."),
+)
 
 
 def _conditions_ev(conditions: list[Any]) -> list[Evidence]:

@@ -121,8 +121,9 @@ def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardCo
                     "actions": [{"type": "delete", "description": f"Remove the draft order for {drug}", "resourceId": ref}],
                 }
             )
+        named = f"The order for {drug} adds {kinds}" if coding.get("display") else f"This order adds {kinds}"
         body = (
-            f"**The order for {drug} adds {kinds}** in a patient with {setting}. "
+            f"**{named}** in a patient with {setting}. "
             + (
                 "Vitamin K antagonists, calcium-based binders and vitamin D are case-control risk factors for calciphylaxis. "
                 if features - IV_FEATURES

@@ -119,3 +119,12 @@ def test_warfarin_for_a_transplant_recipient_warns_and_offers_removal_only(cards
 
 def test_no_card_outside_a_renal_context_or_established_calciphylaxis(cards_for: Callable[..., list[dict[str, Any]]]) -> None:
     assert cards_for(draft(CALCIUM_ACETATE), egfr(80)) == []
+
+
+def test_card_text_names_the_drug_once_whether_or_not_the_order_carries_a_display(cards_for: Callable[..., list[dict[str, Any]]]) -> None:
+    [plain] = cards_for(draft(CALCIUM_ACETATE), esrd())
+    assert plain["detail"].startswith("**This order adds a calcium-based phosphate binder** in a patient with renal context R2.")
+    named = draft(CALCIUM_ACETATE)
+    named["medicationCodeableConcept"]["coding"][0]["display"] = "calcium acetate 667 MG Oral Capsule"
+    [card] = cards_for(named, esrd())
+    assert card["detail"].startswith("**The order for calcium acetate 667 MG Oral Capsule adds a calcium-based phosphate binder**")

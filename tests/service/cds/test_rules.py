@@ -468,6 +468,23 @@ def test_dystrophic_context_card(run, code) -> None:
     assert [c["source"]["topic"]["code"] for c in ev.assessment.cards] == ["dystrophic-calcinosis-context"]
 
 
+
+@pytest.mark.parametrize(
+    ("code", "expected", "absent"),
+    [
+        (("89155008", SNOMED), ["Systemic sclerosis:"], ["Juvenile dermatomyositis:", "PXE"]),
+        (("M33.02", ICD10), ["Juvenile dermatomyositis:"], ["Systemic sclerosis:", "PXE"]),
+        (("55464009", SNOMED), [], ["Systemic sclerosis:", "Juvenile dermatomyositis:", "PXE"]),
+    ],
+    ids=["ssc", "jdm", "sle"],
+)
+def test_dystrophic_card_text_concerns_the_patients_own_condition(run, code, expected, absent) -> None:
+    [card] = run(condition(code[0], code[1])).assessment.cards
+    assert "Calcium and phosphate are usually normal" in card["detail"]
+    assert all(text in card["detail"] for text in expected)
+    assert not any(text in card["detail"] for text in absent)
+
+
 def test_iatrogenic_iv_calcium_card_and_pred(run) -> None:
     ev = run(med_admin("1908", days=2, route=(SNOMED, "47625008")), obs(CA, 9.0), obs(P, 4.0))
     topics = [c["source"]["topic"]["code"] for c in ev.assessment.cards]
