@@ -386,7 +386,8 @@ def render_cards(outcome: Outcome, ctx: CardContext, catalog: Catalog, *, card_f
     if outcome.iatrogenic:
         body = (
             "**Iatrogenic calcinosis context**: intravenous calcium or phosphate, current or recent (dates below). "
-            "Extravasation can cause calcinosis cutis: monitor the IV site.\n\n" + evidence_table([("IV medication", medication_evidence(m)) for m in outcome.iatrogenic])
+            "Extravasation can cause calcinosis cutis: monitor the IV site.\n\n"
+            + evidence_table([("IV medication", medication_evidence(m)) for m in outcome.iatrogenic])
         )
         cards.append(
             make_card(
