@@ -6,6 +6,8 @@ server, since that is where the service's own HTTP client (timeouts, headers, fa
 
 from __future__ import annotations
 
+import io
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +114,30 @@ def test_full_prefetch_high_risk_dialysis_patient_gets_a_calciphylaxis_warning(d
     assert "HIGH" in card["summary"].upper()
     assert card["uuid"] and card["overrideReasons"]
     assert "M1" in card["detail"] and "M3" in card["detail"]
+
+
+
+def hook_log_lines(monkeypatch: pytest.MonkeyPatch, client: TestClient, *calls: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``cds_hook`` log line of each call (logging writes to the standard error of the moment)."""
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", captured)
+    for kwargs in calls:
+        call(client, RISK, **kwargs)
+    lines = [orjson.loads(line) for line in captured.getvalue().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == "cds_hook"]
+
+
+def test_only_an_accepted_unsigned_call_is_logged_as_one(
+    monkeypatch: pytest.MonkeyPatch, dev_client: TestClient, signed_client: TestClient
+) -> None:
+    patient = high_risk_dialysis_patient()
+    body = hook_request(RISK, patient.pid, prefetch=patient.prefetch())
+    [accepted, refused] = hook_log_lines(monkeypatch, dev_client, {"body": body}, {"body": body, "headers": {"Authorization": "Bearer not-a-jwt"}})
+    assert (accepted["status"], refused["status"]) == (200, 401)
+    assert accepted["dev_mode"] == "UNAUTHENTICATED CALL ACCEPTED (development mode)"
+    assert "dev_mode" not in refused, "a refused call was not accepted"
+    [production] = hook_log_lines(monkeypatch, signed_client, {"body": body})
+    assert production["status"] == 401 and "dev_mode" not in production
 
 
 def test_full_prefetch_at_encounter_start(dev_client: TestClient) -> None:
