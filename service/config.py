@@ -38,6 +38,16 @@ class TrustedIssuer(BaseModel):
     def _keys(self) -> TrustedIssuer:
         if not (self.jwks_url or self.jwks_file or self.jku_allowlist):
             raise ValueError(f"issuer {self.iss}: needs jwks_url, jwks_file or jku_allowlist")
+        if self.jwks_file is not None:
+            # Refused at start-up, not at the first call (which would be a 401 with the reason only in the log).
+            from service.security.jwks import JwksError, check_jwks_file  # the security package imports this module
+
+            try:
+                check_jwks_file(self.jwks_file)
+            except JwksError as exc:
+                raise PydanticCustomError(
+                    "jwks_file", "issuer {iss}: jwks_file cannot be used: {reason}", {"iss": self.iss, "reason": str(exc)}
+                ) from None
         return self
 
 
@@ -193,6 +203,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _safe(self) -> Settings:
+        if not self.dev_mode:
+            # Outside development mode a fhirServer must be https (the EHR's token never goes over clear text): an
+            # http entry could never match, and is refused here rather than by a 412 on every call.
+            plain = [i for i, base in enumerate(self.fhir_server_allowlist) if urlsplit(base).scheme != "https" or not urlsplit(base).netloc]
+            if plain:
+                raise ValueError(
+                    f"CDS_FHIR_SERVER_ALLOWLIST entries must be https base URLs outside development mode (entry {plain[0] + 1} is not)"
+                )
         if self.environment == "production":
             if self.dev_mode:
                 raise ValueError("CDS_DEV_MODE is refused when CDS_ENVIRONMENT=production")

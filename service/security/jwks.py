@@ -38,6 +38,9 @@ ALLOWED_ALGORITHMS: frozenset[str] = frozenset({"ES384", "RS384"})
 _PRIVATE_MEMBERS: frozenset[str] = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
+MAX_JWKS_BYTES = 256_000
+
+
 class JwksError(Exception):
     """No usable key could be found or loaded. ``str()`` is a short reason, safe to log."""
 
@@ -103,6 +106,27 @@ def parse_jwks(document: object) -> tuple[PyJWK, ...]:
     return tuple(keys)
 
 
+def read_jwks_file(path: Path, max_bytes: int = MAX_JWKS_BYTES) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise JwksError(f"cannot read JWK Set file ({type(exc).__name__})") from None
+    if len(raw) > max_bytes:
+        raise JwksError("JWK Set file too large")
+    return raw
+
+
+def check_jwks_file(path: Path) -> None:
+    """Refuse, at start-up, a configured JWK Set file that could not verify any call: unreadable, not JSON, not a
+    JWK Set, or without an ES384/RS384 key. (It is read again when keys are looked up, so it can be replaced.)"""
+    try:
+        document = json.loads(read_jwks_file(path))
+    except (ValueError, RecursionError):
+        raise JwksError("JWK Set file is not valid JSON") from None
+    if not parse_jwks(document):
+        raise JwksError("JWK Set file holds no ES384/RS384 signing key")
+
+
 @dataclass(frozen=True)
 class _KeySet:
     keys: tuple[PyJWK, ...]
@@ -128,7 +152,7 @@ class JwksProvider:
         min_refetch_s: float = 30.0,
         timeout_s: float = 5.0,
         http_client: httpx.Client | None = None,
-        max_bytes: int = 256_000,
+        max_bytes: int = MAX_JWKS_BYTES,
         clock: Callable[[], float] = time.monotonic,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
@@ -222,12 +246,7 @@ class JwksProvider:
         if location.url is not None:
             raw = self._fetch(location.url)
         elif location.file is not None:
-            try:
-                raw = location.file.read_bytes()
-            except OSError as exc:
-                raise JwksError(f"cannot read JWK Set file ({type(exc).__name__})") from None
-            if len(raw) > self._max_bytes:
-                raise JwksError("JWK Set file too large")
+            raw = read_jwks_file(location.file, self._max_bytes)
         else:  # pragma: no cover - excluded by JwksLocation.__post_init__
             raise JwksError("JWK Set location is empty")
         try:

@@ -41,3 +41,29 @@ def test_a_hook_fetch_proxy_that_is_not_a_proxy_url_is_refused_without_echoing_i
     with pytest.raises(ValidationError, match="CDS_HOOK_FETCH_PROXY must be http") as refused:
         Settings()
     assert "s3cr3t" not in str(refused.value) and raw not in str(refused.value)
+
+
+@pytest.mark.parametrize("entry", ["http://fhir.example.org/r4", "fhir.example.org/r4", "https://"])
+def test_a_fhir_server_allowlist_entry_that_is_not_https_is_refused_outside_development_mode(monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
+    monkeypatch.setenv("CDS_FHIR_SERVER_ALLOWLIST", f"https://ehr.example.org/fhir,{entry}")
+    with pytest.raises(ValidationError, match="entry 2 is not"):
+        Settings()
+    monkeypatch.setenv("CDS_DEV_MODE", "true")  # development mode does not restrict fhirServer at all
+    assert Settings().fhir_server_allowlist[1] == entry
+
+
+def test_a_jwks_file_that_cannot_verify_a_call_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    issuer = '[{"iss": "https://ehr.example.org", "jwks_file": "%s"}]'
+    monkeypatch.setenv("CDS_TRUSTED_ISSUERS", issuer % (tmp_path / "missing.json"))
+    with pytest.raises(ValidationError, match=r"jwks_file cannot be used: cannot read JWK Set file \(FileNotFoundError\)"):
+        Settings()
+    symmetric = tmp_path / "hmac.json"
+    symmetric.write_text('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}')
+    monkeypatch.setenv("CDS_TRUSTED_ISSUERS", issuer % symmetric)
+    with pytest.raises(ValidationError, match="holds no ES384/RS384 signing key"):
+        Settings()
+    junk = tmp_path / "junk.json"
+    junk.write_text("not json")
+    monkeypatch.setenv("CDS_TRUSTED_ISSUERS", issuer % junk)
+    with pytest.raises(ValidationError, match="not valid JSON"):
+        Settings()

@@ -255,8 +255,8 @@ def test_missing_required_keys_without_fhir_server_is_412(dev_client: TestClient
 def test_http_fhir_server_is_refused_outside_development_mode(
     make_client: Callable[..., TestClient], issuer: Issuer, fhir: FakeFhirServer
 ) -> None:
-    # Even on the allowlist: outside development mode the fhirServer must be https (no token over clear text).
-    client = make_client(dev_mode=False, fhir_server_allowlist=[fhir.base_url])
+    # Even when its host is allowed: outside development mode the fhirServer must be https (no token over clear text).
+    client = make_client(dev_mode=False, fhir_server_allowlist=[fhir.base_url.replace("http://", "https://", 1)])
     patient = high_risk_dialysis_patient()
     fake_holds(fhir, patient)
     body = hook_request(RISK, patient.pid, prefetch={"patient": patient.patient}, fhir_server=fhir.base_url, token=FHIR_TOKEN)
