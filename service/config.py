@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Base URLs the service is reached at (for the JWT aud check behind proxies). Empty: the URL of the request as received.",
     )
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
     data_dir: Path = _ROOT / "var"
 
@@ -180,6 +180,11 @@ class Settings(BaseSettings):
             except CaFileError as exc:
                 raise PydanticCustomError("tls_ca_file", "CDS_TLS_CA_FILE cannot be used: {reason}", {"reason": str(exc)}) from None
         return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_any_case(cls, v: Any) -> Any:
+        return v.strip().upper() if isinstance(v, str) else v
 
     @field_validator("hook_fetch_proxy", mode="before")
     @classmethod

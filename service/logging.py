@@ -31,7 +31,9 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    processors.append(structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False))
+    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    processors.append(renderer)
+    _route_standard_logging(level, renderer)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping().get(level.upper(), logging.INFO)),
@@ -43,3 +45,21 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
 
 def get_logger(name: str = "calcinosis-cds") -> Any:
     return structlog.get_logger(name)
+
+
+def _route_standard_logging(level: str, renderer: Any) -> None:
+    """Lines of the standard ``logging`` module (this service's few, and its libraries') in the same format, one
+    object per line. Celery installs its own handlers in worker processes. HTTP clients log every request URL at
+    INFO: only their warnings are kept."""
+    handler = logging.StreamHandler(_Stderr())  # type: ignore[arg-type]
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.getLevelNamesMapping().get(level.upper(), logging.INFO))
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 HOOK_LATENCY = Histogram(
     "cds_hook_request_seconds",
@@ -14,9 +14,10 @@ HOOK_412 = Counter("cds_hook_precondition_failed_total", "CDS Hooks calls answer
 CARDS = Counter("cds_cards_total", "Cards returned, by topic", ["service", "topic"])
 FEEDBACK = Counter("cds_feedback_total", "Card feedback received", ["service", "outcome"])
 AUTH_FAILURES = Counter("cds_auth_failures_total", "Rejected CDS Hooks calls (401)", ["route"])
-HTTP_LATENCY = Histogram("http_request_seconds", "HTTP request latency by route template", ["method", "route", "status"])
 NOTIFICATIONS = Counter("fhir_notifications_total", "Inbound FHIR notifications", ["form", "result"])
 EVALUATIONS = Counter("evaluations_total", "Patient evaluations performed", ["trigger"])
 WRITEBACKS = Counter("writebacks_total", "RiskAssessment write-backs", ["result"])
 TASKS = Counter("worker_tasks_total", "Worker task outcomes", ["task", "result"])
 TASK_LATENCY = Histogram("worker_task_seconds", "Worker task latency", ["task"])
+#: Read from the ledger when /metrics is scraped, so it holds for every worker: alert on status="failed" growing.
+INBOUND_EVENTS = Gauge("inbound_events", "Inbound events in the ledger, by status (read at scrape time)", ["status"])

@@ -8,6 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from service.metrics import INBOUND_EVENTS
+
 router = APIRouter(tags=["Operations"])
 
 
@@ -23,5 +25,9 @@ async def readyz(request: Request) -> Response:
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-def metrics() -> Response:
+async def metrics(request: Request) -> Response:
+    counts = await run_in_threadpool(request.app.state.ctx.event_counts)
+    if counts is not None:  # the database is down: the gauges keep their last values (readiness says why)
+        for status, n in counts.items():
+            INBOUND_EVENTS.labels(status).set(n)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

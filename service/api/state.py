@@ -7,14 +7,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.cds.discovery import discovery_document
 from service.cds.thresholds import Thresholds
 from service.config import Settings
-from service.db.repositories import EvaluationRepository
+from service.db.repositories import EvaluationRepository, InboundEventRepository
 from service.db.session import check_database, make_engine, make_session_factory, session_scope
 from service.fhir.hook_fetch import HookFetcher
+from service.logging import get_logger
 from service.security import JwtVerifier, build_verifier
 from service.terminology.catalog import Catalog
 from service.terminology.checks import load_rule_catalog
@@ -23,6 +25,8 @@ from service.usecases.audit import IssuedCardRecorder
 from service.usecases.evaluate_hook import HookService, StoredAssessment
 from service.usecases.monitor import MonitorContext
 from service.usecases.turns import CpuTurns
+
+log = get_logger("calcinosis-cds.api")
 
 
 @dataclass
@@ -39,9 +43,25 @@ class AppContext:
     issued_cards: IssuedCardRecorder
     turns: CpuTurns = field(default_factory=CpuTurns)  # CDS Hooks calls parse and evaluate one at a time, in arrival order
     _ready_cache: tuple[float, dict[str, Any]] | None = field(default=None, repr=False)
+    _events_cache: tuple[float, dict[str, int]] | None = field(default=None, repr=False)
+
+    def event_counts(self) -> dict[str, int] | None:
+        """Ledger events by status for ``/metrics`` (None when the database cannot say); cached for five seconds."""
+        now = time.monotonic()
+        if self._events_cache is not None and now - self._events_cache[0] < 5.0:
+            return self._events_cache[1]
+        try:
+            with session_scope(self.sessions) as session:
+                counts = InboundEventRepository(session).counts_by_status()
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("event_counts_unavailable", error=type(exc).__name__)
+            return None
+        self._events_cache = (now, counts)
+        return counts
 
     def readiness(self) -> dict[str, Any]:
-        """Database, broker and mappings checks; cached for one second so probes cannot hammer dependencies."""
+        """Database, broker, mappings and replay-cache checks; cached for one second so probes cannot hammer
+        dependencies."""
         now = time.monotonic()
         if self._ready_cache is not None and now - self._ready_cache[0] < 1.0:
             return self._ready_cache[1]
@@ -51,6 +71,7 @@ class AppContext:
             "database": check_database(self.engine),
             "broker": check_broker(self.settings.effective_broker_url),
             "mappings": bool(self.catalog.observations),
+            "replay_cache": self.verifier.replay_cache_available(),  # Redis when CDS_REDIS_URL is set
         }
         result = {
             "status": "ready" if all(checks.values()) else "unready",

@@ -33,6 +33,10 @@ class ReplayCache(Protocol):
         """
         ...
 
+    def available(self) -> bool:
+        """Whether a pair could be recorded now (readiness: a signed call is refused when it cannot)."""
+        ...
+
 
 class MemoryReplayCache:
     """In-process replay cache: a dict plus an expiry heap, swept on every call, bounded in size."""
@@ -68,6 +72,9 @@ class MemoryReplayCache:
             self._expiry[key] = expires_at
             heapq.heappush(self._heap, (expires_at, key))
             return True
+
+    def available(self) -> bool:
+        return True
 
     def _sweep(self, now: float) -> None:
         while self._heap and self._heap[0][0] <= now:
@@ -107,6 +114,12 @@ class RedisReplayCache:
         except redis.RedisError as exc:
             raise ReplayCacheError(f"replay cache unavailable ({type(exc).__name__})") from None
         return bool(created)
+
+    def available(self) -> bool:
+        try:
+            return bool(self._client.ping())
+        except redis.RedisError:
+            return False
 
     def close(self) -> None:
         self._client.close()

@@ -73,7 +73,7 @@ def test_image_commands_run_and_readyz_follows_redis(deployed: Stack) -> None:
     status, body = readiness(stack)
     assert status == 200, body
     assert body["status"] == "ready"
-    assert body["checks"] == {"database": True, "broker": True, "mappings": True}
+    assert body["checks"] == {"database": True, "broker": True, "mappings": True, "replay_cache": True}
 
     before = new_pid("deploy")
     assert stack.notify(collection(*high_risk(before))).status_code == 200
@@ -82,7 +82,7 @@ def test_image_commands_run_and_readyz_follows_redis(deployed: Stack) -> None:
     with redis_stopped():
         status, body = wait_until(lambda: (r := readiness(stack))[0] == 503 and r, timeout=10, what="/readyz to turn unready")
         assert body["status"] == "unready"
-        assert body["checks"] == {"database": True, "broker": False, "mappings": True}
+        assert body["checks"] == {"database": True, "broker": False, "mappings": True, "replay_cache": True}
         assert stack.http.get(f"{stack.api_url}/healthz").status_code == 200, "liveness does not depend on Redis"
     status, body = wait_until(lambda: (r := readiness(stack))[0] == 200 and r, timeout=10, what="/readyz to be ready again")
     assert body["status"] == "ready"

@@ -67,3 +67,11 @@ def test_a_jwks_file_that_cannot_verify_a_call_is_refused(monkeypatch: pytest.Mo
     monkeypatch.setenv("CDS_TRUSTED_ISSUERS", issuer % junk)
     with pytest.raises(ValidationError, match="not valid JSON"):
         Settings()
+
+
+def test_log_level_is_one_of_the_documented_levels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CDS_LOG_LEVEL", "warning")
+    assert Settings().log_level == "WARNING"
+    monkeypatch.setenv("CDS_LOG_LEVEL", "LOUD")
+    with pytest.raises(ValidationError, match="log_level"):
+        Settings()

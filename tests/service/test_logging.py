@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
+import logging
 import sys
 
 import pytest
+import structlog
 
-from service.logging import configure_logging, get_logger
+from service.logging import _route_standard_logging, configure_logging, get_logger
 
 
 def test_a_stream_swapped_and_closed_after_configuration_is_never_written_to(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -19,3 +22,19 @@ def test_a_stream_swapped_and_closed_after_configuration_is_never_written_to(mon
     monkeypatch.setattr(sys, "stderr", second)
     get_logger("test").info("second_line", n=2)  # used to raise "I/O operation on closed file"
     assert "second_line" in second.getvalue()
+
+
+def test_standard_logging_lines_are_json_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warnings from modules on the standard ``logging`` module (the database check, the JWK Set loader) are one JSON
+    object per line like the rest; the HTTP clients' per-request INFO lines (they hold URLs) are not written."""
+    configure_logging("INFO", json=True)
+
+
+    _route_standard_logging("INFO", structlog.processors.JSONRenderer())  # configure_logging acts once per process
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", captured)
+    logging.getLogger("service.db.session").warning("database check failed: %s", "OperationalError")
+    logging.getLogger("httpx").info("HTTP Request: GET https://fhir.example.org/Patient/123")
+    lines = captured.getvalue().splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["database check failed: OperationalError"]
+    assert json.loads(lines[0])["level"] == "warning"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Callable
 
@@ -25,10 +26,21 @@ def test_readyz_reports_checks_and_mode(make_client: Callable[..., TestClient]) 
         assert response.status_code == 200, response.text
         document = response.json()
         assert document["status"] == "ready"
-        assert document["checks"] == {"database": True, "broker": True, "mappings": True}
+        assert document["checks"] == {"database": True, "broker": True, "mappings": True, "replay_cache": True}
         assert document["dev_mode"] is dev_mode
         assert document["mappings_version"] and document["rules_version"]
         assert ("warning" in document) is dev_mode
+
+
+
+def test_readyz_is_unready_when_the_replay_cache_is_unreachable(make_client: Callable[..., TestClient]) -> None:
+    """Without its Redis replay cache every signed call is refused (401): the instance must not look ready."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]  # bound, never listening: connections are refused
+        response = make_client(redis_url=f"redis://127.0.0.1:{closed_port}/0").get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["replay_cache"] is False
 
 
 def test_metrics_after_hook_calls(dev_client: TestClient) -> None:
@@ -54,6 +66,9 @@ def test_metrics_after_hook_calls(dev_client: TestClient) -> None:
     assert samples[("cds_cards_total", (("service", RISK), ("topic", "calciphylaxis-risk")))] >= 1
     assert samples[("cds_feedback_total", (("outcome", "accepted"), ("service", RISK)))] >= 1
     assert samples[("cds_hook_precondition_failed_total", (("service", RISK),))] >= 1
+    # The ledger's events by status, read at scrape time (an alert on failed events needs no worker metrics).
+    assert samples[("inbound_events", (("status", "failed"),))] == 0
+    assert samples[("inbound_events", (("status", "handled"),))] == 0
 
 
 def test_openapi_and_docs(signed_client: TestClient) -> None:
