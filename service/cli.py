@@ -6,6 +6,8 @@ Errors are one clear line on stderr with exit status 2; never a traceback.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -51,6 +53,7 @@ def parse_now(value: str | None) -> datetime:
 def _load_settings() -> Any:
     """The settings, or one line and exit 2 naming the first invalid one."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from service.config import get_settings
 
@@ -59,6 +62,9 @@ def _load_settings() -> Any:
     except ValidationError as exc:
         first = exc.errors()[0]
         fail(f"invalid setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+        raise  # unreachable
+    except SettingsError as exc:  # a complex setting (JSON) that does not parse: its message names the field only
+        fail(f"invalid setting: {str(exc).splitlines()[0]}")
         raise  # unreachable
 
 
@@ -225,7 +231,9 @@ def events(
 
     mctx = _monitor_context(offline=True)
     console = Console(highlight=False)
-    with session_scope(mctx.sessions) as session:
+    if not console.is_terminal:  # piped or `kubectl exec` without -t: full rows, not an 80-column guess
+        console = Console(highlight=False, width=250)
+    with _database_errors(), session_scope(mctx.sessions) as session:
         repos = Repositories(session)
         if not failed:
             counts = repos.ledger.counts_by_status()
@@ -242,6 +250,17 @@ def events(
         console.print(table if rows else "no failed events")
 
 
+@contextmanager
+def _database_errors() -> Iterator[None]:
+    """An unreachable or unmigrated database as one line and exit 2 (the error type only: it may name the host)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        fail(f"database: {type(exc).__name__} (is it running and migrated? `calcinosis-cds migrate`)")
+
+
 @events_app.command("replay")
 def events_replay(
     ids: Annotated[list[int] | None, typer.Argument(help="Event ids to replay")] = None,
@@ -253,11 +272,19 @@ def events_replay(
     if not ids and not all_failed:
         fail("give event ids or --all")
     mctx = _monitor_context()
-    try:
-        replayed = replay_failed(mctx, None if all_failed else list(ids or []))
-    except Exception as exc:
-        fail(f"could not enqueue: {type(exc).__name__}")
-    typer.echo(f"replayed {len(replayed)} event(s): {' '.join(map(str, replayed))}".rstrip(": "))
+    with _database_errors():
+        result = replay_failed(mctx, None if all_failed else list(ids or []))
+    for event_id, status in result.not_failed.items():
+        reason = f"is {status}, not failed" if status else "does not exist"
+        typer.echo(f"calcinosis-cds: event {event_id} {reason}: not replayed", err=True)
+    typer.echo(f"replayed {len(result.replayed)} event(s): {' '.join(map(str, result.replayed))}".rstrip(": "))
+    if result.enqueue_error is not None:
+        fail(
+            f"the task queue is unreachable ({result.enqueue_error}): the replayed events are queued in the ledger "
+            "and the sweeper will send them when the broker is back"
+        )
+    if result.not_failed and not result.replayed:
+        raise typer.Exit(2)
 
 
 subs_app = typer.Typer(help="FHIR Subscriptions on the monitored server.")

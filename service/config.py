@@ -181,6 +181,33 @@ class Settings(BaseSettings):
                 raise PydanticCustomError("tls_ca_file", "CDS_TLS_CA_FILE cannot be used: {reason}", {"reason": str(exc)}) from None
         return v
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str) -> str:
+        """A URL SQLAlchemy can connect with (its dialect and driver installed); the value is never echoed."""
+        if v:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+            try:
+                make_url(v).get_dialect()
+            except (ArgumentError, NoSuchModuleError, ImportError):
+                raise PydanticCustomError("database_url", "CDS_DATABASE_URL is not a database URL this service can use (dialect+driver://...)") from None
+        return v
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, v: str) -> str:
+        """A URL of a kombu transport that is installed (redis://, amqp://, sqla+...); the value is never echoed."""
+        if v:
+            from kombu import Connection
+
+            try:
+                Connection(v).get_transport_cls()
+            except (KeyError, ImportError, ValueError):
+                raise PydanticCustomError("broker_url", "CDS_BROKER_URL is not a broker URL this service can use (redis://, amqp://, ...)") from None
+        return v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level_any_case(cls, v: Any) -> Any:

@@ -51,7 +51,7 @@ def _route_standard_logging(level: str, renderer: Any) -> None:
     """Lines of the standard ``logging`` module (this service's few, and its libraries') in the same format, one
     object per line. Celery installs its own handlers in worker processes. HTTP clients log every request URL at
     INFO: only their warnings are kept."""
-    handler = logging.StreamHandler(_Stderr())  # type: ignore[arg-type]
+    handler = logging.StreamHandler(_Stderr())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

@@ -535,6 +535,14 @@ class InboundEventRepository(_Repository):
         """Like :meth:`replay_failed`, returning how many events were reset."""
         return len(self.replay_failed(event_ids, all_failed=all_failed, now=now))
 
+    def statuses(self, event_ids: Iterable[int]) -> dict[int, str]:
+        """The status of each of these events that exists."""
+        ids = list(event_ids)
+        if not ids:
+            return {}
+        rows = self.session.execute(select(InboundEvent.id, InboundEvent.status).where(InboundEvent.id.in_(ids)))
+        return {int(event_id): str(status) for event_id, status in rows}
+
     def counts_by_status(self) -> dict[str, int]:
         """Number of events per status (every status present, zero included)."""
         counts = {s.value: 0 for s in EventStatus}

@@ -682,12 +682,30 @@ def reconcile(ctx: MonitorContext) -> int | None:
     return event.id if created else None
 
 
-def replay_failed(ctx: MonitorContext, event_ids: list[int] | None) -> list[int]:
-    with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
-        ids = Repositories(session).ledger.replay_failed(event_ids, all_failed=event_ids is None)
-        for event_id in ids:
-            jobs.add(TASK_PROCESS_EVENT, event_id)
-    return ids
+@dataclass
+class ReplayResult:
+    replayed: list[int]  # reset to queued (committed)
+    not_failed: dict[int, str] = field(default_factory=dict)  # asked for, but not failed: id → status ("" = no such event)
+    enqueue_error: str | None = None  # the broker refused: the replayed events wait, queued, for the sweeper
+
+
+def replay_failed(ctx: MonitorContext, event_ids: list[int] | None) -> ReplayResult:
+    """Put failed events back to queued, then (after commit) on the queue. An unreachable broker does not undo the
+    reset: the events stay queued and the sweeper enqueues them once it can, so nothing is lost or hidden."""
+    with session_scope(ctx.sessions) as session:
+        ledger = Repositories(session).ledger
+        result = ReplayResult(ledger.replay_failed(event_ids, all_failed=event_ids is None))
+        if event_ids is not None:
+            others = set(event_ids) - set(result.replayed)
+            statuses = ledger.statuses(others)
+            result.not_failed = {i: statuses.get(i, "") for i in sorted(others)}
+    try:
+        for event_id in result.replayed:
+            ctx.queue.send(TASK_PROCESS_EVENT, [event_id])
+    except Exception as exc:  # any broker client error: the ledger already holds the truth
+        log.warning("replay_enqueue_failed", events=len(result.replayed), error=type(exc).__name__)
+        result.enqueue_error = type(exc).__name__
+    return result
 
 
 def backfill(ctx: MonitorContext, resources: Iterable[dict[str, Any]], batch: int = 500) -> dict[str, int]:

@@ -75,3 +75,34 @@ def test_log_level_is_one_of_the_documented_levels(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("CDS_LOG_LEVEL", "LOUD")
     with pytest.raises(ValidationError, match="log_level"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CDS_DATABASE_URL", "garbage"),
+        ("CDS_DATABASE_URL", "postgresql+nodriver://user:s3cr3t@db.example.org/cds"),
+        ("CDS_BROKER_URL", "garbage://user:s3cr3t@broker.example.org"),
+    ],
+)
+def test_a_database_or_broker_url_nothing_can_connect_with_is_refused_without_echoing_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert name in str(refused.value) and "s3cr3t" not in str(refused.value)
+
+
+def test_working_database_and_broker_urls_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CDS_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/cds")
+    monkeypatch.setenv("CDS_BROKER_URL", "redis://127.0.0.1:6379/0")
+    settings = Settings()
+    assert settings.database_url.startswith("postgresql+psycopg") and settings.broker_url.startswith("redis://")
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "beat", "migrate", "events"])
+def test_a_json_setting_that_does_not_parse_is_one_line_and_exit_2(run_cli, command: str) -> None:
+    code, lines = run_cli([command], CDS_TRUSTED_ISSUERS="notjson")
+    assert code == 2
+    assert lines == ['calcinosis-cds: error: invalid setting: error parsing value for field "trusted_issuers" from source "EnvSettingsSource"']
