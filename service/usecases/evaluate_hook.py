@@ -100,6 +100,9 @@ class HookService:
         _require(isinstance(context, dict), "'context' must be an object")
         patient_id = context.get("patientId")
         _require(isinstance(patient_id, str) and bool(patient_id) and "/" not in patient_id, "'context.patientId' is required")
+        if hook == "encounter-start":
+            encounter = context.get("encounterId")
+            _require(isinstance(encounter, str) and bool(encounter), "'context.encounterId' is required for encounter-start")
         if hook in ORDER_HOOKS:
             _require(isinstance(context.get("draftOrders"), dict), "'context.draftOrders' must be a Bundle")
         if hook == "order-select":

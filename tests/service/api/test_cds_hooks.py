@@ -331,6 +331,12 @@ MARKER = "ECHO-MARKER-7f3a9c"
             400,
             id="draft-orders-string",
         ),
+        pytest.param(
+            ENCOUNTER,
+            {"hook": "encounter-start", "hookInstance": "x", "context": {"patientId": "p1", "userId": MARKER}},
+            400,
+            id="encounter-start-without-encounter-id",
+        ),
         pytest.param(RISK, b"", 400, id="empty-body"),
     ],
 )
