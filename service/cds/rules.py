@@ -388,7 +388,7 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
         threshold = None if out.ionized_paired else f"> {fmt(out.threshold)} mg/dL ({'R1/R2' if renal != 'R0' else 'R0'})"
         notes = [out.correction_note]
         if out.ionized_paired:
-            notes.append("not used: the ionized calcium of the same draw decides")
+            notes.append("hypercalcemia is decided by the ionized calcium of the same draw")
         elif out.corrected:
             notes.append("in CKD the albumin correction may classify worse than the uncorrected value (Lian 2018); ionized calcium is preferred")
         if out.corrected:

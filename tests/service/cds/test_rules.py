@@ -424,7 +424,7 @@ def test_m2_from_a_paired_ionized_calcium_lists_only_the_ionized_value(run) -> N
     ev = run(esrd(), *renal_panel(ca=9.4, p=4.0, alb=4.2), obs(ICA, 1.35, "mmol/L", days=3))
     assert [e.label for e in _m2(ev)] == [ev.facts.labs["calcium_ionized"][0].label]
     total = next(e for e in ev.outcome.calcium.evidence if e.label == "Calcium, total (measured)")
-    assert total.threshold is None and "ionized calcium of the same draw decides" in (total.note or "")
+    assert total.threshold is None and "decided by the ionized calcium of the same draw" in (total.note or "")
 
 
 def test_m2_from_a_corrected_calcium_lists_it_with_its_inputs_and_the_ckd_caveat(run) -> None:
