@@ -60,12 +60,25 @@ class MemoryQueue:
         self.sent.append((name, list(args), countdown))
 
 
+class NotSent(Exception):
+    """The transaction committed, but sending its jobs failed (``__cause__``). Nothing is lost: the ledger and the
+    evaluation queue hold the work, and the sweeper (or a redelivery) sends it again."""
+
+
 @dataclass
 class Jobs:
     items: list[tuple[str, list[Any], float | None]] = field(default_factory=list)
 
     def add(self, name: str, *args: Any, countdown: float | None = None) -> None:
         self.items.append((name, list(args), countdown))
+
+    def send(self, queue: TaskQueue) -> None:
+        """Send every job, after the commit that made them; a broker failure is :class:`NotSent`."""
+        try:
+            for name, args, countdown in self.items:
+                queue.send(name, args, countdown)
+        except Exception as exc:  # any broker client's error
+            raise NotSent() from exc
 
 
 @contextmanager
@@ -74,5 +87,4 @@ def unit_of_work(sessions: sessionmaker[Session], queue: TaskQueue) -> Iterator[
     jobs = Jobs()
     with session_scope(sessions) as session:
         yield session, jobs
-    for name, args, countdown in jobs.items:
-        queue.send(name, args, countdown)
+    jobs.send(queue)

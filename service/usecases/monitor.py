@@ -43,7 +43,7 @@ from service.fhir.notifications import (
 )
 from service.logging import get_logger
 from service.metrics import EVALUATIONS, NOTIFICATIONS, WRITEBACKS
-from service.queue import TASK_EVALUATE, TASK_PROCESS_EVENT, TASK_WRITEBACK, CeleryQueue, Jobs, TaskQueue, unit_of_work
+from service.queue import TASK_EVALUATE, TASK_PROCESS_EVENT, TASK_WRITEBACK, CeleryQueue, Jobs, NotSent, TaskQueue, unit_of_work
 from service.terminology.catalog import Catalog
 from service.terminology.checks import load_rule_catalog
 
@@ -256,7 +256,7 @@ def _commit_receipts(ctx: MonitorContext, batch: list[_Receipt]) -> None:
                 for receipt in batch:
                     receipt.committed = True
                 return
-            except _NotSent as exc:  # committed, but the broker failed: every receipt gets the error
+            except NotSent as exc:  # committed, but the broker failed: every receipt gets the error
                 for receipt in batch:
                     receipt.error = exc.__cause__
                 return
@@ -267,7 +267,7 @@ def _commit_receipts(ctx: MonitorContext, batch: list[_Receipt]) -> None:
             try:
                 _receive_transaction(ctx, [receipt])
                 receipt.committed = True
-            except _NotSent as exc:
+            except NotSent as exc:
                 receipt.error = exc.__cause__
             except Exception as exc:  # answered by the caller (5xx)
                 receipt.error = exc
@@ -277,10 +277,6 @@ def _commit_receipts(ctx: MonitorContext, batch: list[_Receipt]) -> None:
                 receipt.error = RuntimeError("notification not recorded")
             receipt.finished = True
             receipt.wake.set()
-
-
-class _NotSent(Exception):
-    """The transaction committed but sending its jobs failed (``__cause__``)."""
 
 
 def _receive_transaction(ctx: MonitorContext, batch: list[_Receipt]) -> None:
@@ -310,11 +306,7 @@ def _receive_transaction(ctx: MonitorContext, batch: list[_Receipt]) -> None:
         for receipt in batch:
             for event_id in receipt.requeue:
                 jobs.add(TASK_PROCESS_EVENT, event_id)
-    try:
-        for name, args, countdown in jobs.items:
-            ctx.queue.send(name, args, countdown)
-    except Exception as exc:  # committed: the sweeper and a redelivery resend the jobs
-        raise _NotSent() from exc
+    jobs.send(ctx.queue)  # committed: if the broker fails, the sweeper and a redelivery resend the jobs
 
 
 def _receive_ping(repos: Repositories, jobs: Jobs, summary: ReceiveSummary, requeue: list[int], subscription: str) -> None:
@@ -692,19 +684,20 @@ class ReplayResult:
 def replay_failed(ctx: MonitorContext, event_ids: list[int] | None) -> ReplayResult:
     """Put failed events back to queued, then (after commit) on the queue. An unreachable broker does not undo the
     reset: the events stay queued and the sweeper enqueues them once it can, so nothing is lost or hidden."""
-    with session_scope(ctx.sessions) as session:
-        ledger = Repositories(session).ledger
-        result = ReplayResult(ledger.replay_failed(event_ids, all_failed=event_ids is None))
-        if event_ids is not None:
-            others = set(event_ids) - set(result.replayed)
-            statuses = ledger.statuses(others)
-            result.not_failed = {i: statuses.get(i, "") for i in sorted(others)}
+    result = ReplayResult([])
     try:
-        for event_id in result.replayed:
-            ctx.queue.send(TASK_PROCESS_EVENT, [event_id])
-    except Exception as exc:  # any broker client error: the ledger already holds the truth
-        log.warning("replay_enqueue_failed", events=len(result.replayed), error=type(exc).__name__)
-        result.enqueue_error = type(exc).__name__
+        with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
+            ledger = Repositories(session).ledger
+            result.replayed = ledger.replay_failed(event_ids, all_failed=event_ids is None)
+            for event_id in result.replayed:
+                jobs.add(TASK_PROCESS_EVENT, event_id)
+            if event_ids is not None:
+                others = set(event_ids) - set(result.replayed)
+                statuses = ledger.statuses(others)
+                result.not_failed = {i: statuses.get(i, "") for i in sorted(others)}
+    except NotSent as exc:
+        result.enqueue_error = type(exc.__cause__).__name__
+        log.warning("replay_enqueue_failed", events=len(result.replayed), error=result.enqueue_error)
     return result
 
 
