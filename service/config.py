@@ -8,12 +8,13 @@ the same code. Validators refuse unsafe combinations in production (``CDS_ENVIRO
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -52,6 +53,33 @@ class TrustedIssuer(BaseModel):
 
 
 SANDBOX_ISSUER = "https://sandbox.cds-hooks.org"
+
+
+def _database_dialect(url: str) -> None:
+    """ValueError unless SQLAlchemy parses ``url`` and its dialect and driver are installed."""
+    from sqlalchemy.engine import make_url  # here: importing the settings stays light for the offline CLI
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ImportError):
+        raise ValueError from None
+
+
+def _broker_transport(url: str) -> None:
+    """ValueError unless ``url`` names an installed kombu transport."""
+    from kombu import Connection
+
+    try:
+        Connection(url).get_transport_cls()
+    except (KeyError, ImportError):
+        raise ValueError from None
+
+
+_URL_CHECKS: dict[str, tuple[Callable[[str], None], str]] = {
+    "database_url": (_database_dialect, "dialect+driver://..."),
+    "broker_url": (_broker_transport, "redis://, amqp://, ..."),
+}
 
 
 class Settings(BaseSettings):
@@ -181,31 +209,19 @@ class Settings(BaseSettings):
                 raise PydanticCustomError("tls_ca_file", "CDS_TLS_CA_FILE cannot be used: {reason}", {"reason": str(exc)}) from None
         return v
 
-    @field_validator("database_url")
+    @field_validator("database_url", "broker_url")
     @classmethod
-    def _database_url(cls, v: str) -> str:
-        """A URL SQLAlchemy can connect with (its dialect and driver installed); the value is never echoed."""
+    def _connectable(cls, v: str, info: ValidationInfo) -> str:
+        """A URL whose dialect and driver (database) or kombu transport (broker) is installed; never echoed."""
+        field = info.field_name or ""
         if v:
-            from sqlalchemy.engine import make_url
-            from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
+            check, example = _URL_CHECKS[field]
             try:
-                make_url(v).get_dialect()
-            except (ArgumentError, NoSuchModuleError, ImportError):
-                raise PydanticCustomError("database_url", "CDS_DATABASE_URL is not a database URL this service can use (dialect+driver://...)") from None
-        return v
-
-    @field_validator("broker_url")
-    @classmethod
-    def _broker_url(cls, v: str) -> str:
-        """A URL of a kombu transport that is installed (redis://, amqp://, sqla+...); the value is never echoed."""
-        if v:
-            from kombu import Connection
-
-            try:
-                Connection(v).get_transport_cls()
-            except (KeyError, ImportError, ValueError):
-                raise PydanticCustomError("broker_url", "CDS_BROKER_URL is not a broker URL this service can use (redis://, amqp://, ...)") from None
+                check(v)
+            except ValueError:
+                raise PydanticCustomError(
+                    "url", "{name} is not a URL this service can use ({example})", {"name": f"CDS_{field.upper()}", "example": example}
+                ) from None
         return v
 
     @field_validator("log_level", mode="before")
@@ -238,7 +254,7 @@ class Settings(BaseSettings):
         if not self.dev_mode:
             # Outside development mode a fhirServer must be https (the EHR's token never goes over clear text): an
             # http entry could never match, and is refused here rather than by a 412 on every call.
-            plain = [i for i, base in enumerate(self.fhir_server_allowlist) if urlsplit(base).scheme != "https" or not urlsplit(base).netloc]
+            plain = [i for i, parts in enumerate(map(urlsplit, self.fhir_server_allowlist)) if parts.scheme != "https" or not parts.netloc]
             if plain:
                 raise ValueError(
                     f"CDS_FHIR_SERVER_ALLOWLIST entries must be https base URLs outside development mode (entry {plain[0] + 1} is not)"
