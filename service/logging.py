@@ -26,17 +26,13 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
     global _configured
     if _configured:
         return
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
+    numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    stamped: list[Any] = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)]
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
-    processors.append(renderer)
-    _route_standard_logging(level, renderer)
+    _route_standard_logging(numeric_level, stamped, renderer)
     structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping().get(level.upper(), logging.INFO)),
+        processors=[structlog.contextvars.merge_contextvars, *stamped, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
@@ -47,19 +43,18 @@ def get_logger(name: str = "calcinosis-cds") -> Any:
     return structlog.get_logger(name)
 
 
-def _route_standard_logging(level: str, renderer: Any) -> None:
+def _route_standard_logging(level: int, stamped: list[Any], renderer: Any) -> None:
     """Lines of the standard ``logging`` module (this service's few, and its libraries') in the same format, one
     object per line. Celery installs its own handlers in worker processes. HTTP clients log every request URL at
     INFO: only their warnings are kept."""
     handler = logging.StreamHandler(_Stderr())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-            foreign_pre_chain=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer], foreign_pre_chain=stamped
         )
     )
     root = logging.getLogger()
     root.handlers = [handler]
-    root.setLevel(logging.getLevelNamesMapping().get(level.upper(), logging.INFO))
+    root.setLevel(level)
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

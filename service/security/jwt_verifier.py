@@ -141,10 +141,10 @@ class JwtVerifier:
         self._max_lifetime = max_lifetime_s
         self._dev_mode = dev_mode
 
-
     def replay_cache_available(self) -> bool:
         """Whether the jti replay cache can record a token now (without it every signed call is refused)."""
         return self._replay.available()
+
     def verify(self, authorization_header: str | None, audience: str) -> VerifiedCaller:
         """Verify the ``Authorization`` header of a call to the service at URL ``audience``.
 

@@ -30,7 +30,8 @@ def test_standard_logging_lines_are_json_too(monkeypatch: pytest.MonkeyPatch) ->
     configure_logging("INFO", json=True)
 
 
-    _route_standard_logging("INFO", structlog.processors.JSONRenderer())  # configure_logging acts once per process
+    stamped = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)]
+    _route_standard_logging(logging.INFO, stamped, structlog.processors.JSONRenderer())  # configure_logging acts once per process
     captured = io.StringIO()
     monkeypatch.setattr(sys, "stderr", captured)
     logging.getLogger("service.db.session").warning("database check failed: %s", "OperationalError")
