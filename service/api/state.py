@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -27,6 +28,26 @@ from service.usecases.monitor import MonitorContext
 from service.usecases.turns import CpuTurns
 
 log = get_logger("calcinosis-cds.api")
+T = TypeVar("T")
+
+
+class _Recent(Generic[T]):
+    """The last value a check gave, reused for ``ttl_s`` seconds so that probes and scrapes cannot hammer the
+    dependencies behind it; a check that could not answer (None) is tried again at the next call."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._at = 0.0
+        self._value: T | None = None
+
+    def get(self, check: Callable[[], T | None]) -> T | None:
+        now = time.monotonic()
+        if self._value is not None and now - self._at < self.ttl_s:
+            return self._value
+        value = check()
+        if value is not None:
+            self._at, self._value = now, value
+        return value
 
 
 @dataclass
@@ -42,29 +63,28 @@ class AppContext:
     monitor: MonitorContext
     issued_cards: IssuedCardRecorder
     turns: CpuTurns = field(default_factory=CpuTurns)  # CDS Hooks calls parse and evaluate one at a time, in arrival order
-    _ready_cache: tuple[float, dict[str, Any]] | None = field(default=None, repr=False)
-    _events_cache: tuple[float, dict[str, int]] | None = field(default=None, repr=False)
+    _readiness: _Recent[dict[str, Any]] = field(default_factory=lambda: _Recent(1.0), repr=False)
+    _event_counts: _Recent[dict[str, int]] = field(default_factory=lambda: _Recent(5.0), repr=False)
 
     def event_counts(self) -> dict[str, int] | None:
-        """Ledger events by status for ``/metrics`` (None when the database cannot say); cached for five seconds."""
-        now = time.monotonic()
-        if self._events_cache is not None and now - self._events_cache[0] < 5.0:
-            return self._events_cache[1]
+        """Ledger events by status for ``/metrics`` (None when the database cannot say); kept for five seconds."""
+        return self._event_counts.get(self._count_events)
+
+    def readiness(self) -> dict[str, Any]:
+        """Database, broker, mappings and replay-cache checks; kept for one second."""
+        result = self._readiness.get(self._check_readiness)
+        assert result is not None  # the check always answers
+        return result
+
+    def _count_events(self) -> dict[str, int] | None:
         try:
             with session_scope(self.sessions) as session:
-                counts = InboundEventRepository(session).counts_by_status()
+                return InboundEventRepository(session).counts_by_status()
         except (SQLAlchemyError, OSError) as exc:
             log.warning("event_counts_unavailable", error=type(exc).__name__)
             return None
-        self._events_cache = (now, counts)
-        return counts
 
-    def readiness(self) -> dict[str, Any]:
-        """Database, broker, mappings and replay-cache checks; cached for one second so probes cannot hammer
-        dependencies."""
-        now = time.monotonic()
-        if self._ready_cache is not None and now - self._ready_cache[0] < 1.0:
-            return self._ready_cache[1]
+    def _check_readiness(self) -> dict[str, Any]:
         from service.broker import check_broker
 
         checks = {
@@ -82,7 +102,6 @@ class AppContext:
         }
         if self.settings.dev_mode:
             result["warning"] = "development mode: unsigned CDS Hooks calls are accepted and fhirServer is not restricted"
-        self._ready_cache = (now, result)
         return result
 
 
