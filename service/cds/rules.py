@@ -41,9 +41,6 @@ RULE_IDS = {
 }
 
 RENAL_R2_CONDITIONS = ("esrd_or_ckd5", "dialysis_dependence", "kidney_transplant")
-#: What a renal tier can rest on: a condition feature, a procedure feature (dialysis within the window, a kidney
-#: transplant) or the latest eGFR.
-RENAL_BASES = frozenset({*RENAL_R2_CONDITIONS, "ckd4", "dialysis", "kidney_transplant_procedure", "egfr"})
 PRED_CONDITIONS = (
     "hyperparathyroidism",
     "hypervitaminosis_d",
@@ -212,7 +209,7 @@ class Outcome:
     sex: str | None
     renal: str
     renal_evidence: list[Evidence]
-    renal_bases: frozenset[str]  # what the renal tier rests on: see RENAL_BASES
+    renal_bases: frozenset[str]  # what the renal tier rests on: see renal_context
     calciphylaxis_tier: str
     incomplete: bool
     majors: list[Factor]
@@ -281,7 +278,9 @@ class _Ctx:
 
 # --------------------------------------------------------------------------- §2.2 renal context
 def renal_context(ctx: _Ctx) -> tuple[str, list[Evidence], frozenset[str]]:
-    """The renal tier, its evidence, and what it rests on (:data:`RENAL_BASES`)."""
+    """The renal tier, its evidence, and what it rests on: condition features (``esrd_or_ckd5``,
+    ``dialysis_dependence``, ``kidney_transplant``, ``ckd4``), procedure features (``dialysis`` within the window,
+    ``kidney_transplant_procedure``) or ``egfr``."""
     t = ctx.t
     r2_conditions = ctx.conditions(*RENAL_R2_CONDITIONS)
     r2: list[Evidence] = [condition_evidence(c) for c in r2_conditions]
@@ -379,7 +378,7 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
         if out.corrected_mg_dl is None and out.ionized is not None:
             out.basis = "ionized"
 
-    measured_row = albumin_row = None
+    measured_row = albumin_row = ionized_row = None
     if out.corrected and out.measured is not None:
         measured_row = lab_evidence(out.measured, label="Calcium, total (measured)")
         out.evidence.append(measured_row)
@@ -416,11 +415,12 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
             note="within 24 h of the total calcium: decides" if out.ionized_paired else "not paired with a total calcium",
         )
         out.evidence.append(ionized_row)
-        if iono_high:
-            out.fired.append(ionized_row)
-    if corrected_high and out.total_row is not None:
-        # The value that crossed, with the facts it was computed from (decision 2: measured and corrected shown).
-        out.fired[:0] = [r for r in (out.total_row, measured_row, albumin_row if out.corrected else None) if r]
+    # The facts behind the decision: a total calcium that crossed, with what it was computed from (decision 2:
+    # measured and corrected shown), and an ionized calcium that crossed.
+    fired = [out.total_row, *((measured_row, albumin_row) if out.corrected else ())] if corrected_high else []
+    if iono_high:
+        fired.append(ionized_row)
+    out.fired = [row for row in fired if row is not None]
     return out
 
 
