@@ -16,7 +16,14 @@ RunCli = Callable[..., tuple[int, list[str]]]
 
 @pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch) -> RunCli:
-    """Runs the CLI in process with the given settings, read afresh (the settings are cached per process)."""
+    """Runs the CLI in process with the given settings, read afresh (the settings are cached per process). Starting
+    Celery would replace the test process (``os.execvp``): it fails the test instead, unless a test replaces
+    ``cli._exec_celery`` itself."""
+
+    def never(args: list[str]) -> None:
+        raise AssertionError(f"Celery was started with {args}")
+
+    monkeypatch.setattr(cli, "_exec_celery", never)
 
     def run(args: list[str], **env: str) -> tuple[int, list[str]]:
         for name, value in env.items():

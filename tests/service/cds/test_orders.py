@@ -13,36 +13,22 @@ from service.cds.engine import Evaluation
 from service.cds.orders import order_risk_cards, patient_settings
 from service.terminology.catalog import Catalog
 from tests import builders as b
+from tests.service.api.support import CALCIUM_ACETATE, SEVELAMER, WARFARIN, draft_order
 
-CALCIUM_ACETATE = "214342"
 CALCIUM_GLUCONATE_INJECTION = "1668250"  # parenteral product
-WARFARIN_TABLET = "855332"
-SEVELAMER = "749206"
 
-esrd = b.esrd
-
-
-def transplant() -> dict[str, Any]:
-    return b.condition("Z94.0", b.ICD10, display="Kidney transplant status")
-
-
-def ckd4() -> dict[str, Any]:
-    return b.condition("N18.4", b.ICD10, display="Chronic kidney disease, stage 4 (severe)")
-
-
-def calciphylaxis() -> dict[str, Any]:
-    return b.condition("237900002", display="Calciphylaxis")
-
-
-def draft(code: str, rid: str = "draft-1") -> dict[str, Any]:
-    order = b.med_request(code, status="draft", authored_days=0)
-    order["id"] = rid
-    order["dosageInstruction"] = [{"text": "as directed"}]
-    return order
+TRANSPLANT = b.condition("Z94.0", b.ICD10, display="Kidney transplant status")
+CKD4 = b.condition("N18.4", b.ICD10, display="Chronic kidney disease, stage 4 (severe)")
+CALCIPHYLAXIS = b.condition("237900002", display="Calciphylaxis")
+ESRD = b.esrd()
 
 
 def egfr(value: float) -> dict[str, Any]:
     return b.obs(b.EGFR, value, "mL/min/{1.73_m2}", days=5)
+
+
+def draft(code: str, display: str | None = None) -> dict[str, Any]:
+    return draft_order("draft-1", code, "p1", display=display)
 
 
 @pytest.fixture
@@ -61,25 +47,25 @@ def actions(card: dict[str, Any]) -> list[dict[str, Any]]:
 @pytest.mark.parametrize(
     ("record", "expected"),
     [
-        pytest.param((esrd,), {"kidney_failure"}, id="esrd"),
-        pytest.param((lambda: egfr(12),), {"kidney_failure"}, id="egfr-below-15"),
-        pytest.param((transplant, lambda: egfr(55)), {"kidney_transplant"}, id="transplant-functioning"),
-        pytest.param((transplant, lambda: egfr(12)), {"kidney_failure", "kidney_transplant"}, id="transplant-failing"),
-        pytest.param((ckd4,), {"ckd4"}, id="ckd4"),
-        pytest.param((lambda: egfr(22),), {"ckd4"}, id="egfr-15-29"),
-        pytest.param((calciphylaxis, lambda: egfr(80)), {"established_calciphylaxis"}, id="established-non-renal"),
-        pytest.param((lambda: egfr(80),), set(), id="non-renal"),
+        pytest.param((ESRD,), {"kidney_failure"}, id="esrd"),
+        pytest.param((egfr(12),), {"kidney_failure"}, id="egfr-below-15"),
+        pytest.param((TRANSPLANT, egfr(55)), {"kidney_transplant"}, id="transplant-functioning"),
+        pytest.param((TRANSPLANT, egfr(12)), {"kidney_failure", "kidney_transplant"}, id="transplant-failing"),
+        pytest.param((CKD4,), {"ckd4"}, id="ckd4"),
+        pytest.param((egfr(22),), {"ckd4"}, id="egfr-15-29"),
+        pytest.param((CALCIPHYLAXIS, egfr(80)), {"established_calciphylaxis"}, id="established-non-renal"),
+        pytest.param((egfr(80),), set(), id="non-renal"),
     ],
 )
-def test_patient_settings(run: Callable[..., Evaluation], record: tuple[Callable[[], dict[str, Any]], ...], expected: set[str]) -> None:
-    assert patient_settings(run(*(make() for make in record)).outcome) == expected
+def test_patient_settings(run: Callable[..., Evaluation], record: tuple[dict[str, Any], ...], expected: set[str]) -> None:
+    assert patient_settings(run(*record).outcome) == expected
 
 
-@pytest.mark.parametrize("record", [(esrd,), (lambda: egfr(12),), (calciphylaxis,)], ids=["esrd", "egfr-below-15", "established"])
+@pytest.mark.parametrize("record", [(ESRD,), (egfr(12),), (CALCIPHYLAXIS,)], ids=["esrd", "egfr-below-15", "established"])
 def test_calcium_binder_in_kidney_failure_or_calciphylaxis_offers_a_non_calcium_binder(
-    cards_for: Callable[..., list[dict[str, Any]]], record: tuple[Callable[[], dict[str, Any]], ...]
+    cards_for: Callable[..., list[dict[str, Any]]], record: tuple[dict[str, Any], ...]
 ) -> None:
-    [card] = cards_for(draft(CALCIUM_ACETATE), *(make() for make in record))
+    [card] = cards_for(draft(CALCIUM_ACETATE), *record)
     assert card["indicator"] == "warning"
     assert card["selectionBehavior"] == "at-most-one"
     [update] = [a for a in actions(card) if a["type"] == "update"]
@@ -88,23 +74,19 @@ def test_calcium_binder_in_kidney_failure_or_calciphylaxis_offers_a_non_calcium_
     assert [a["resourceId"] for a in actions(card) if a["type"] == "delete"] == ["MedicationRequest/draft-1"]
 
 
-@pytest.mark.parametrize(
-    "record",
-    [(transplant, lambda: egfr(55)), (ckd4,)],
-    ids=["transplant", "ckd4"],
-)
+@pytest.mark.parametrize("record", [(TRANSPLANT, egfr(55)), (CKD4,)], ids=["transplant", "ckd4"])
 def test_calcium_binder_after_a_transplant_or_in_ckd4_warns_without_proposing_a_swap(
-    cards_for: Callable[..., list[dict[str, Any]]], record: tuple[Callable[[], dict[str, Any]], ...]
+    cards_for: Callable[..., list[dict[str, Any]]], record: tuple[dict[str, Any], ...]
 ) -> None:
     """Calcium carbonate or acetate there is often a calcium supplement: sevelamer is not the sound alternative."""
-    [card] = cards_for(draft(CALCIUM_ACETATE), *(make() for make in record))
+    [card] = cards_for(draft(CALCIUM_ACETATE), *record)
     assert card["indicator"] == "warning"
     assert [a["type"] for a in actions(card)] == ["delete"]
 
 
 def test_iv_calcium_order_is_information_without_a_removal(cards_for: Callable[..., list[dict[str, Any]]]) -> None:
     """IV calcium is often emergency treatment (hyperkalaemia): the card informs, it does not propose removing it."""
-    [card] = cards_for(draft(CALCIUM_GLUCONATE_INJECTION), esrd())
+    [card] = cards_for(draft(CALCIUM_GLUCONATE_INJECTION), ESRD)
     assert card["indicator"] == "info"
     assert "suggestions" not in card and "selectionBehavior" not in card
     assert "monitor the IV site" in card["detail"]
@@ -112,7 +94,7 @@ def test_iv_calcium_order_is_information_without_a_removal(cards_for: Callable[.
 
 
 def test_warfarin_for_a_transplant_recipient_warns_and_offers_removal_only(cards_for: Callable[..., list[dict[str, Any]]]) -> None:
-    [card] = cards_for(draft(WARFARIN_TABLET), transplant(), egfr(55))
+    [card] = cards_for(draft(WARFARIN), TRANSPLANT, egfr(55))
     assert card["indicator"] == "warning"
     assert [a["type"] for a in actions(card)] == ["delete"]
 
@@ -122,9 +104,7 @@ def test_no_card_outside_a_renal_context_or_established_calciphylaxis(cards_for:
 
 
 def test_card_text_names_the_drug_once_whether_or_not_the_order_carries_a_display(cards_for: Callable[..., list[dict[str, Any]]]) -> None:
-    [plain] = cards_for(draft(CALCIUM_ACETATE), esrd())
+    [plain] = cards_for(draft(CALCIUM_ACETATE), ESRD)
     assert plain["detail"].startswith("**This order adds a calcium-based phosphate binder** in a patient with renal context R2.")
-    named = draft(CALCIUM_ACETATE)
-    named["medicationCodeableConcept"]["coding"][0]["display"] = "calcium acetate 667 MG Oral Capsule"
-    [card] = cards_for(named, esrd())
+    [card] = cards_for(draft(CALCIUM_ACETATE, display="calcium acetate 667 MG Oral Capsule"), ESRD)
     assert card["detail"].startswith("**The order for calcium acetate 667 MG Oral Capsule adds a calcium-based phosphate binder**")

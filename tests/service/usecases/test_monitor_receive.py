@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from service.config import Settings
 from service.db.repositories import Repositories
 from service.db.session import session_scope
 from service.fhir.client import FhirClient
@@ -13,11 +12,12 @@ from service.fhir.notifications import ResourceDeleted
 from service.queue import MemoryQueue
 from service.usecases.monitor import MonitorContext, PermanentEventError, process_event, receive
 from tests.builders import changed
+from tests.service.usecases.conftest import MakeMonitor
 
 
 @pytest.fixture
-def ctx(db_session_factory, catalog, tmp_path) -> MonitorContext:
-    return MonitorContext.from_settings(Settings(data_dir=tmp_path), catalog=catalog, sessions=db_session_factory, queue=MemoryQueue())
+def ctx(make_monitor: MakeMonitor) -> MonitorContext:
+    return make_monitor(MemoryQueue())
 
 
 def deleted_state(ctx: MonitorContext) -> bool:

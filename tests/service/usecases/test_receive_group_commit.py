@@ -10,13 +10,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.cds.thresholds import Thresholds
-from service.config import Settings
 from service.db.models import InboundEvent
 from service.db.session import session_scope
 from service.queue import TASK_EVALUATE, MemoryQueue
 from service.usecases import monitor
 from tests.builders import changed
+from tests.service.usecases.conftest import MakeMonitor
 
 
 class GatedQueue(MemoryQueue):
@@ -40,7 +39,7 @@ class GatedQueue(MemoryQueue):
 
 
 @pytest.fixture
-def context(db_session_factory: sessionmaker[Session], catalog: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+def context(make_monitor: MakeMonitor, monkeypatch: pytest.MonkeyPatch) -> Any:
     batches: list[int] = []
     original = monitor._receive_transaction
 
@@ -51,9 +50,7 @@ def context(db_session_factory: sessionmaker[Session], catalog: Any, tmp_path: A
     monkeypatch.setattr(monitor, "_receive_transaction", recording)
 
     def make(queue: MemoryQueue) -> tuple[monitor.MonitorContext, list[int]]:
-        settings = Settings(data_dir=tmp_path)
-        ctx = monitor.MonitorContext(settings=settings, catalog=catalog, thresholds=Thresholds(), sessions=db_session_factory, queue=queue)
-        return ctx, batches
+        return make_monitor(queue), batches
 
     return make
 

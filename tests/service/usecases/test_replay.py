@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.cds.thresholds import Thresholds
-from service.config import Settings
 from service.db.repositories import InboundEventRepository
 from service.db.session import session_scope
 from service.queue import TASK_PROCESS_EVENT, MemoryQueue
 from service.usecases import monitor
+from tests.service.conftest import RunCli
+from tests.service.usecases.conftest import MakeMonitor
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -35,10 +36,6 @@ def ledger_with(factory: sessionmaker[Session]) -> tuple[int, int]:
         return failed.id, handled.id
 
 
-def context(factory: sessionmaker[Session], catalog: Any, tmp_path: Any, queue: MemoryQueue) -> monitor.MonitorContext:
-    return monitor.MonitorContext(settings=Settings(data_dir=tmp_path), catalog=catalog, thresholds=Thresholds(), sessions=factory, queue=queue)
-
-
 def status_of(factory: sessionmaker[Session], event_id: int) -> str:
     with session_scope(factory) as session:
         event = InboundEventRepository(session).get(event_id)
@@ -46,10 +43,10 @@ def status_of(factory: sessionmaker[Session], event_id: int) -> str:
         return event.status
 
 
-def test_replay_names_the_ids_it_did_not_replay(db_session_factory: sessionmaker[Session], catalog: Any, tmp_path: Any) -> None:
+def test_replay_names_the_ids_it_did_not_replay(db_session_factory: sessionmaker[Session], make_monitor: MakeMonitor) -> None:
     failed, handled = ledger_with(db_session_factory)
     queue = MemoryQueue()
-    result = monitor.replay_failed(context(db_session_factory, catalog, tmp_path, queue), [failed, handled, 999_999])
+    result = monitor.replay_failed(make_monitor(queue), [failed, handled, 999_999])
     assert result.replayed == [failed]
     assert result.not_failed == {handled: "handled", 999_999: ""}
     assert result.enqueue_error is None
@@ -57,17 +54,17 @@ def test_replay_names_the_ids_it_did_not_replay(db_session_factory: sessionmaker
 
 
 def test_an_unreachable_broker_leaves_the_replayed_events_queued_for_the_sweeper(
-    db_session_factory: sessionmaker[Session], catalog: Any, tmp_path: Any
+    db_session_factory: sessionmaker[Session], make_monitor: MakeMonitor
 ) -> None:
     failed, _ = ledger_with(db_session_factory)
-    result = monitor.replay_failed(context(db_session_factory, catalog, tmp_path, DownQueue()), None)
+    result = monitor.replay_failed(make_monitor(DownQueue()), None)
     assert result.replayed == [failed]
     assert result.enqueue_error == "ConnectionError"
     assert status_of(db_session_factory, failed) == "queued", "visible and picked up by the sweeper, not silently lost"
 
 
 @pytest.mark.parametrize("ids", [["999999"], []], ids=["unknown-id", "no-id"])
-def test_cli_replay_of_nothing_exits_2(run_cli: Any, tmp_path: Any, ids: list[str]) -> None:
+def test_cli_replay_of_nothing_exits_2(run_cli: RunCli, tmp_path: Path, ids: list[str]) -> None:
     assert run_cli(["migrate"], CDS_DATA_DIR=str(tmp_path))[0] == 0
     code, lines = run_cli(["events", "replay", *ids], CDS_DATA_DIR=str(tmp_path))
     assert code == 2
