@@ -177,4 +177,3 @@ class HookFetcher:
                 return None
             chunks.append(chunk)
         return b"".join(chunks)
-

@@ -277,7 +277,7 @@ def test_default_values_trust_the_public_cas_only() -> None:
     specs = list(pod_specs(render()))
     assert specs
     for name, spec in specs:
-        assert "CDS_TLS_CA_FILE" not in {e["name"] for e in spec["containers"][0].get("env", [])}, name
+        assert "CDS_TLS_CA_FILE" not in env_names(spec["containers"][0]), name
         assert "trusted-ca" not in {v["name"] for v in spec["volumes"]}, name
 
 

@@ -27,11 +27,9 @@ def test_a_stream_swapped_and_closed_after_configuration_is_never_written_to(mon
 def test_standard_logging_lines_are_json_too(monkeypatch: pytest.MonkeyPatch) -> None:
     """Warnings from modules on the standard ``logging`` module (the database check, the JWK Set loader) are one JSON
     object per line like the rest; the HTTP clients' per-request INFO lines (they hold URLs) are not written."""
-    configure_logging("INFO", json=True)
-
-
+    # configure_logging acts once per process (whichever test or app came first): route standard logging here.
     stamped = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)]
-    _route_standard_logging(logging.INFO, stamped, structlog.processors.JSONRenderer())  # configure_logging acts once per process
+    _route_standard_logging(logging.INFO, stamped, structlog.processors.JSONRenderer())
     captured = io.StringIO()
     monkeypatch.setattr(sys, "stderr", captured)
     logging.getLogger("service.db.session").warning("database check failed: %s", "OperationalError")

@@ -218,4 +218,3 @@ def test_the_page_gets_nothing_it_may_not_read_when_its_origin_is_not_allowed(ma
         plan = [{"name": "discovery", "method": "GET", "url": url, "token": issuer.token(url)}]
         seen = run_page(PAGE.replace("__PLAN__", json.dumps(plan)))
     assert "error" in seen["discovery"], seen["discovery"]
-

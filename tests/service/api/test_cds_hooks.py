@@ -116,7 +116,6 @@ def test_full_prefetch_high_risk_dialysis_patient_gets_a_calciphylaxis_warning(d
     assert "M1" in card["detail"] and "M3" in card["detail"]
 
 
-
 def hook_log_lines(monkeypatch: pytest.MonkeyPatch, client: TestClient, *calls: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``cds_hook`` log line of each call (logging writes to the standard error of the moment)."""
     captured = io.StringIO()
@@ -476,5 +475,3 @@ def test_a_private_network_preflight_is_refused_when_every_origin_is_allowed_in_
     preflight = private_network_preflight(signed_client)
     assert preflight.status_code == 400
     assert "access-control-allow-private-network" not in preflight.headers
-
-

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Callable
 
@@ -12,6 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service.api.conftest import ADMIN_TOKEN
 from tests.service.api.support import RISK, high_risk_dialysis_patient, hook_request
+
+UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # port 1: nothing listens (as security.support.unreachable_redis)
 
 
 def test_healthz(signed_client: TestClient) -> None:
@@ -32,13 +33,9 @@ def test_readyz_reports_checks_and_mode(make_client: Callable[..., TestClient]) 
         assert ("warning" in document) is dev_mode
 
 
-
 def test_readyz_is_unready_when_the_replay_cache_is_unreachable(make_client: Callable[..., TestClient]) -> None:
     """Without its Redis replay cache every signed call is refused (401): the instance must not look ready."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]  # bound, never listening: connections are refused
-        response = make_client(redis_url=f"redis://127.0.0.1:{closed_port}/0").get("/readyz")
+    response = make_client(redis_url=UNREACHABLE_REDIS).get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["replay_cache"] is False
 

@@ -393,7 +393,6 @@ def test_moderate_hypercalcemia_card_suggests_workup(run, catalog) -> None:
     assert len(labels) == 4 and any("PTHrP" in x for x in labels)
 
 
-
 def _m2(ev) -> list:
     return next(f for f in ev.assessment.calciphylaxis.factors if f.id == "M2").evidence
 
@@ -466,7 +465,6 @@ def test_calcinosis_cutis_card(run) -> None:
 def test_dystrophic_context_card(run, code) -> None:
     ev = run(condition(code[0], code[1]))
     assert [c["source"]["topic"]["code"] for c in ev.assessment.cards] == ["dystrophic-calcinosis-context"]
-
 
 
 @pytest.mark.parametrize(
