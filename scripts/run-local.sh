@@ -30,8 +30,8 @@ calcinosis-cds on embedded defaults (database and broker: SQLite files in var/)
   API docs:    ${base}/docs
   worker log:  var/worker.log
 MSG
-case "${CDS_DEV_MODE:-}" in
-  1 | true | True | TRUE | yes | on) echo "Development mode is ON: unsigned calls are accepted." ;;
+case "$(printf %s "${CDS_DEV_MODE:-}" | tr '[:upper:]' '[:lower:]')" in
+  1 | true | t | yes | y | on) echo "Development mode is ON: unsigned calls are accepted." ;;
   *) echo "Development mode (unsigned calls): CDS_DEV_MODE=true make run" ;;
 esac
 echo

@@ -126,7 +126,9 @@ class Settings(BaseSettings):
     jwks_cache_s: int = 3600
     jwks_timeout_s: float = Field(5.0, description="HTTP timeout when fetching an issuer's JWK Set")
     jwks_min_refetch_s: int = Field(30, description="Least time between JWK Set refetches per issuer (unknown kid, failures)")
-    fhir_server_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Allowed fhirServer base URL prefixes")
+    fhir_server_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="https base URLs a fhirServer may be at or under (same origin); not used in development mode"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     admin_token: SecretStr | None = Field(None, description="Bearer token for audit and assessment reads (feedback, /patients/...)")
     max_hook_request_bytes: int = 20_000_000

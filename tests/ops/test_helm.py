@@ -281,6 +281,14 @@ def test_default_values_trust_the_public_cas_only() -> None:
         assert "trusted-ca" not in {v["name"] for v in spec["volumes"]}, name
 
 
+def test_the_fallback_proxy_comes_from_a_secret() -> None:
+    specs = list(pod_specs(render(set_json={"secrets": {"existingSecret": "cds", "hookFetchProxy": {"enabled": True}}})))
+    assert specs
+    for name, spec in specs:
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        assert env["CDS_HOOK_FETCH_PROXY"]["valueFrom"]["secretKeyRef"] == {"name": "cds", "key": "hook-fetch-proxy"}, name
+
+
 def test_an_enabled_internal_ca_needs_its_configmap() -> None:
     assert "configMap" in render_fails({"trustedCa": {"enabled": True, "configMap": ""}})
 
@@ -290,6 +298,9 @@ def test_an_enabled_internal_ca_needs_its_configmap() -> None:
     [
         {"image": {"pullPolicy": "Sometimes"}},
         {"env": {"CDS_DATABASE_URL": "postgresql://u:p@db/x"}},  # secrets never go to the ConfigMap
+        {"env": {"CDS_HOOK_FETCH_PROXY": "http://user:pw@proxy:3128"}},
+        {"env": {"CDS_TLS_CA_FILE": "/etc/ca.pem"}},  # set by trustedCa, from its mounted file
+        {"env": {"CDS_LOG_LEVEL": "CRITICAL"}},  # the service accepts DEBUG, INFO, WARNING and ERROR only
         {"env": {"CDS_ENVIRONMENT": "production", "CDS_DEV_MODE": "true"}},
         {"env": {"log_level": "INFO"}},
         {"workers": {"queues": [{"name": "notifications", "replicas": 1, "concurrency": 1, "resources": {}}]}},

@@ -97,6 +97,9 @@ app.kubernetes.io/part-of: calcinosis-cds
 {{- if .Values.secrets.fhirBearerToken.enabled }}
 {{ include "calcinosis-cds.secretEnv" (dict "root" . "entry" "fhirBearerToken" "env" "CDS_FHIR_BEARER_TOKEN") }}
 {{- end }}
+{{- if .Values.secrets.hookFetchProxy.enabled }}
+{{ include "calcinosis-cds.secretEnv" (dict "root" . "entry" "hookFetchProxy" "env" "CDS_HOOK_FETCH_PROXY") }}
+{{- end }}
 {{- if .Values.trustedCa.enabled }}
 - name: CDS_TLS_CA_FILE
   value: {{ include "calcinosis-cds.mountedFile" .Values.trustedCa | quote }}
