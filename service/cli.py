@@ -130,11 +130,31 @@ def evaluate(
     out.write(b"\n")
 
 
+def _share_metrics(settings: Any, command: str) -> Path:
+    """A fresh directory through which the processes this command starts share their metrics (see service.metrics).
+
+    Named in ``PROMETHEUS_MULTIPROC_DIR`` (the library's variable, read by every process it starts), under the one
+    already named there if any, else under the system temporary directory."""
+    import os
+    import tempfile
+
+    base = settings.metrics_dir
+    try:
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
+        shared = Path(tempfile.mkdtemp(prefix=f"calcinosis-{command}-metrics-", dir=base))
+    except OSError as exc:
+        fail(f"cannot create a metrics directory under {base or tempfile.gettempdir()}: {exc.strerror or exc}")
+        raise  # unreachable
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
+    return shared
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default CDS_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default CDS_PORT)")] = None,
-    workers: Annotated[int, typer.Option(help="uvicorn worker processes (metrics are then per process)")] = 1,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes (/metrics sums over them)")] = 1,
 ) -> None:
     """Run the API (CDS Hooks services, FHIR notification receiver, health and metrics) with uvicorn."""
     import uvicorn
@@ -151,9 +171,15 @@ def serve(
         fail(f"cannot listen on {bind_host}:{bind_port}: {exc.strerror or exc}")
     options: dict[str, Any] = {"host": bind_host, "port": bind_port, "log_level": "warning", "access_log": False}
     if workers > 1:  # each process builds its own app from the same settings (nothing is built in the supervisor)
+        import shutil
+
         from uvicorn.supervisors import Multiprocess
 
-        Multiprocess(uvicorn.Config("service.main:create_app", factory=True, workers=workers, **options), sockets=[listener]).run()
+        shared = _share_metrics(settings, "serve")
+        try:
+            Multiprocess(uvicorn.Config("service.main:create_app", factory=True, workers=workers, **options), sockets=[listener]).run()
+        finally:
+            shutil.rmtree(shared, ignore_errors=True)
         return
     from service.main import create_app
 
@@ -188,8 +214,17 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="Worker processes")] = 1,
     pool: Annotated[str, typer.Option(help="prefork | solo | threads")] = "prefork",
 ) -> None:
-    """Run a Celery worker for the given queues."""
-    _load_context()  # settings and mappings checked here: one line and exit 2, not a traceback from Celery's loader
+    """Run a Celery worker for the given queues (metrics on CDS_WORKER_METRICS_PORT when set)."""
+    settings, _, _ = _load_context()  # settings and mappings checked here: one line and exit 2, not a traceback from Celery
+    if settings.worker_metrics_port is not None:
+        from service.serving import tcp_listener
+
+        host, port = settings.worker_metrics_host, settings.worker_metrics_port
+        try:  # a taken port is one line here, not a traceback from the worker after it has started
+            tcp_listener(host, port).close()
+        except OSError as exc:
+            fail(f"cannot serve worker metrics on {host}:{port}: {exc.strerror or exc}")
+        _share_metrics(settings, "worker")  # every pool process counts into it; the main process serves the sum
     _exec_celery(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "--without-gossip", "--without-mingle", "-l", "INFO"])
 
 

@@ -89,6 +89,7 @@ class Settings(BaseSettings):
         env_file=None,
         extra="ignore",
         frozen=True,
+        populate_by_name=True,  # metrics_dir is also settable by its field name (tests)
         hide_input_in_errors=True,  # a refused setting may hold a credential: errors name the setting, not its value
     )
 
@@ -181,6 +182,19 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: int = 900
     assessment_fresh_s: int = Field(3600, description="CDS Hooks reuses a stored assessment this recent for the same data")
 
+    # --- metrics ----------------------------------------------------------------------------------
+    worker_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Port on which `calcinosis-cds worker` serves Prometheus metrics (unset: not served)"
+    )
+    worker_metrics_host: str = Field("127.0.0.1", description="Address the worker's metrics port binds (0.0.0.0 in a container)")
+    # The library's own variable, read here under its own name so the two cannot disagree. `serve --workers N` and
+    # `worker` set it to a fresh directory of their own; the processes they start share their metrics through it.
+    metrics_dir: Path | None = Field(
+        None,
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description="Where the processes of one command share their metrics (set by serve --workers N and worker)",
+    )
+
     # --- process tuning ---------------------------------------------------------------------------
     gc_gen0_threshold: int = Field(
         50_000, ge=0, description="Garbage collector generation-0 threshold in the API and workers (0: the interpreter's 700)"
@@ -195,9 +209,9 @@ class Settings(BaseSettings):
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
 
-    @field_validator("thresholds_file", "smart_private_key_file", "tls_ca_file", mode="before")
+    @field_validator("thresholds_file", "smart_private_key_file", "tls_ca_file", "metrics_dir", "worker_metrics_port", mode="before")
     @classmethod
-    def _empty_path_is_none(cls, v: Any) -> Any:
+    def _empty_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("tls_ca_file")

@@ -1,8 +1,16 @@
-"""Prometheus metrics of the API and the workers. Labels carry service ids, paths and outcomes, never patient data."""
+"""Prometheus metrics of the API and the workers. Labels carry service ids, paths and outcomes, never patient data.
+
+One process keeps its metrics in memory. When a command starts several processes (``serve --workers N``, a prefork
+``worker``), it names a directory in ``PROMETHEUS_MULTIPROC_DIR`` before they start; each process then writes its
+values to files there, and a scrape of any of them reads the sum over all (``exposition``).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 HOOK_LATENCY = Histogram(
     "cds_hook_request_seconds",
@@ -20,4 +28,38 @@ WRITEBACKS = Counter("writebacks_total", "RiskAssessment write-backs", ["result"
 TASKS = Counter("worker_tasks_total", "Worker task outcomes", ["task", "result"])
 TASK_LATENCY = Histogram("worker_task_seconds", "Worker task latency", ["task"])
 #: Read from the ledger when /metrics is scraped, so it holds for every worker: alert on status="failed" growing.
-INBOUND_EVENTS = Gauge("inbound_events", "Inbound events in the ledger, by status (read at scrape time)", ["status"])
+INBOUND_EVENTS = Gauge(
+    "inbound_events",
+    "Inbound events in the ledger, by status (read at scrape time)",
+    ["status"],
+    multiprocess_mode="mostrecent",  # several API processes: the latest reading, not their sum
+)
+
+
+def _registry(shared_dir: Path | None) -> CollectorRegistry | None:
+    if shared_dir is None:
+        return None  # this process's own registry
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(shared_dir))
+    return registry
+
+
+def exposition(shared_dir: Path | None) -> bytes:
+    """The Prometheus text of this process or, with a shared directory, of every process that wrote to it."""
+    registry = _registry(shared_dir)
+    return generate_latest() if registry is None else generate_latest(registry)
+
+
+def serve_http(host: str, port: int, shared_dir: Path | None) -> None:
+    """Serve ``/metrics`` from a background thread (the worker's main process; the API serves its own route)."""
+    registry = _registry(shared_dir)
+    if registry is None:
+        start_http_server(port, addr=host)
+    else:
+        start_http_server(port, addr=host, registry=registry)
+
+
+def process_exited(pid: int, shared_dir: Path | None) -> None:
+    """Drop an exited process's live gauges; its counters stay in the sum."""
+    if shared_dir is not None:
+        mark_process_dead(pid, path=str(shared_dir))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from service.config import get_settings
 from service.queue import QUEUES, TASK_RECONCILE, TASK_SWEEP
@@ -52,6 +52,13 @@ def _warm_up(**_: object) -> None:
 
     warm_up()
     settle_gc(settings.gc_gen0_threshold)
+    if settings.worker_metrics_port is not None:
+        from service.logging import get_logger
+        from service.metrics import serve_http
+
+        if settings.metrics_dir is None:  # started by `celery` itself, not `calcinosis-cds worker`
+            get_logger("calcinosis-cds.worker").warning("worker_metrics_main_process_only", reason="PROMETHEUS_MULTIPROC_DIR unset")
+        serve_http(settings.worker_metrics_host, settings.worker_metrics_port, settings.metrics_dir)
 
 
 @worker_process_init.connect
@@ -69,3 +76,12 @@ def _process_context(**_: object) -> None:
 
         get_logger("calcinosis-cds.worker").warning("context_not_built_at_start", error=type(exc).__name__)
     settle_gc(settings.gc_gen0_threshold)
+
+
+@worker_process_shutdown.connect
+def _process_exited(pid: int | None = None, **_: object) -> None:
+    import os
+
+    from service.metrics import process_exited
+
+    process_exited(pid or os.getpid(), settings.metrics_dir)

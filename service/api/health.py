@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import orjson
 from fastapi import APIRouter, Request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from service.metrics import INBOUND_EVENTS
+from service.metrics import INBOUND_EVENTS, exposition
 
 router = APIRouter(tags=["Operations"])
 
@@ -26,8 +26,9 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
-    counts = await run_in_threadpool(request.app.state.ctx.event_counts)
+    ctx = request.app.state.ctx
+    counts = await run_in_threadpool(ctx.event_counts)
     if counts is not None:  # the database is down: the gauges keep their last values (readiness says why)
         for status, n in counts.items():
             INBOUND_EVENTS.labels(status).set(n)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(await run_in_threadpool(exposition, ctx.settings.metrics_dir), media_type=CONTENT_TYPE_LATEST)

@@ -94,3 +94,46 @@ def test_image_commands_run_and_readyz_follows_redis(deployed: Stack) -> None:
     assert stack.api is not None and stack.api.alive()
     assert all(w.alive() for w in stack.workers), "the worker survived the Redis restart"
     assert stack.beat is not None and stack.beat.alive()
+
+
+def test_a_prefork_worker_serves_the_metrics_of_all_its_pool_processes(deployed: Stack) -> None:
+    """``CDS_WORKER_METRICS_PORT`` (the chart sets it): evaluations, write-backs and task outcomes counted in the pool
+    processes are served by the worker's main process, summed over them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stack = deployed
+    assert run_cli(["migrate"], stack.env).returncode == 0
+    metrics_port = free_port()
+    base = stack.log_dir / "metrics"
+    stack.start_api(port=free_port())
+    stack.env.update(CDS_WORKER_METRICS_PORT=str(metrics_port), CDS_WORKER_METRICS_HOST="127.0.0.1", PROMETHEUS_MULTIPROC_DIR=str(base))
+    worker = stack.start_worker("--queues", "ingest,evaluate,writeback", "--concurrency", "2")
+    pool = {str(pid) for pid in worker.children()}
+    assert len(pool) == 2
+
+    pids = [new_pid("metrics") for _ in range(6)]
+    for pid in pids:
+        assert stack.notify(collection(*high_risk(pid))).status_code == 200
+    for pid in pids:
+        stack.wait_assessment(pid, lambda a: a["metastatic_calcification"]["tier"] == "high")
+    stored = sum(stack.evaluations(pid) for pid in pids)
+
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = stack.http.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5.0).text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples
+        }
+
+    def settled() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        seen = samples()  # the last task may still be finishing after its assessment was stored
+        return seen if seen.get(("evaluations_total", (("trigger", "monitor"),))) == stored else None
+
+    seen = wait_until(settled, timeout=15, what=f"evaluations_total to reach the {stored} stored evaluations")
+    ok = {dict(labels)["task"]: value for (name, labels), value in seen.items() if name == "worker_tasks_total" and ("result", "ok") in labels}
+    assert ok.get("cds.evaluate.patient", 0) >= len(pids), ok  # (the API applied the notifications itself)
+    (shared,) = base.iterdir()  # the worker's own directory, under the one named in PROMETHEUS_MULTIPROC_DIR
+    counted_in = {path.stem.rsplit("_", 1)[1] for path in shared.glob("counter_*.db")}
+    # The tasks were counted in pool processes (the main process runs none), yet the main process served them.
+    assert counted_in and counted_in <= pool, (pool, counted_in)
+    worker.stop()
+    assert not worker.alive()

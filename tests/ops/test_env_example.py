@@ -60,6 +60,15 @@ def names(entries: list[Entry]) -> dict[str, Entry]:
     return by_name
 
 
+def env_name(field: str) -> str:
+    """``CDS_<FIELD>``, or the variable a field reads under another library's name (PROMETHEUS_MULTIPROC_DIR)."""
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else f"CDS_{field.upper()}"
+
+
+ALIASES = {env_name(f) for f in Settings.model_fields} - {f"CDS_{f.upper()}" for f in Settings.model_fields}
+
+
 def _is_secret(field: str) -> bool:
     annotation = Settings.model_fields[field].annotation
     return SecretStr in (typing.get_args(annotation) or (annotation,))
@@ -72,8 +81,8 @@ def test_every_setting_is_documented(names: dict[str, Entry]) -> None:
             prefix = f"CDS_{field.upper()}__"
             if not any(n.startswith(prefix) for n in names):
                 missing.append(f"{prefix}* (group)")
-        elif f"CDS_{field.upper()}" not in names:
-            missing.append(f"CDS_{field.upper()}")
+        elif env_name(field) not in names:
+            missing.append(env_name(field))
     assert not missing, f"settings missing from .env.example: {missing}"
 
 
@@ -89,7 +98,7 @@ def test_nothing_unknown(names: dict[str, Entry]) -> None:
             known_nested = field in NESTED and sub in NESTED[field].model_fields
             if field not in Settings.model_fields or (sub and not known_nested):
                 unknown.append(name)
-        elif name not in compose_vars:
+        elif name not in compose_vars and name not in ALIASES:
             unknown.append(f"{name} (not a setting, not used by docker-compose.yml)")
     assert not unknown, f"unknown names in .env.example: {unknown}"
 

@@ -111,6 +111,32 @@ def test_worker_queue_settings_are_per_queue(production: list[dict[str, Any]]) -
     assert wb["args"][wb["args"].index("--concurrency") + 1] == "2"
 
 
+def _workers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in by_kind(docs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
+
+
+def test_every_worker_pod_serves_its_metrics(manifests: list[dict[str, Any]]) -> None:
+    for doc in _workers(manifests):
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        (port,) = container["ports"]
+        assert port == {"name": "metrics", "containerPort": 9808, "protocol": "TCP"}
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["CDS_WORKER_METRICS_PORT"] == "9808"
+        assert env["CDS_WORKER_METRICS_HOST"] == "0.0.0.0"  # reachable from the scraper, not only inside the pod
+
+
+def test_worker_metrics_can_be_turned_off_and_annotated() -> None:
+    docs = render(set_json={"workers": {"metricsPort": None, "podAnnotations": {"prometheus.io/scrape": "false"}}})
+    for doc in _workers(docs):
+        template = doc["spec"]["template"]
+        (container,) = template["spec"]["containers"]
+        assert "ports" not in container
+        assert not {"CDS_WORKER_METRICS_PORT", "CDS_WORKER_METRICS_HOST"} & env_names(container)
+        assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
+    api = one(docs, "Deployment", f"{FULLNAME}-api")
+    assert "prometheus.io/scrape" not in api["spec"]["template"]["metadata"].get("annotations", {})
+
+
 def test_default_worker_replicas_without_keda() -> None:
     docs = render(set_json={"workers": {"queues": [{"name": "evaluate", "replicas": 5, "concurrency": 3, "resources": {}}]}})
     (worker,) = [d for d in by_kind(docs, "Deployment") if "worker" in d["metadata"]["name"]]
@@ -300,6 +326,8 @@ def test_an_enabled_internal_ca_needs_its_configmap() -> None:
         {"env": {"CDS_DATABASE_URL": "postgresql://u:p@db/x"}},  # secrets never go to the ConfigMap
         {"env": {"CDS_HOOK_FETCH_PROXY": "http://user:pw@proxy:3128"}},
         {"env": {"CDS_TLS_CA_FILE": "/etc/ca.pem"}},  # set by trustedCa, from its mounted file
+        {"env": {"CDS_WORKER_METRICS_PORT": 9100}},  # set per worker pod by workers.metricsPort
+        {"workers": {"metricsPort": 80}},  # the pods run as non-root: no privileged port
         {"env": {"CDS_LOG_LEVEL": "CRITICAL"}},  # the service accepts DEBUG, INFO, WARNING and ERROR only
         {"env": {"CDS_ENVIRONMENT": "production", "CDS_DEV_MODE": "true"}},
         {"env": {"log_level": "INFO"}},

@@ -78,6 +78,62 @@ def test_serve_with_two_workers_answers_on_one_keep_alive_connection(tmp_path) -
         api.stop()
 
 
+def _metric_total(text: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples if sample.name == name)
+
+
+def test_serve_with_two_workers_reports_the_sum_of_both_processes(tmp_path) -> None:
+    """Each scrape, whichever process answers it, counts the calls of both: before, it saw only its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.integration.support import Process, base_env, free_port, run_cli, wait_until
+    from tests.service.api.support import RISK, high_risk_dialysis_patient, hook_request
+
+    base = tmp_path / "metrics"
+    env = base_env(CDS_DATA_DIR=str(tmp_path), CDS_DEV_MODE="true", CDS_ENVIRONMENT="local", PROMETHEUS_MULTIPROC_DIR=str(base))
+    assert run_cli(["migrate"], env).returncode == 0
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    api = Process("api", ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"], env, tmp_path)
+    patient = high_risk_dialysis_patient("metrics-1")
+
+    def call(_: int) -> int:  # a connection per call, four at a time: both processes take some
+        response = httpx.post(f"{url}/cds-services/{RISK}", json=hook_request(RISK, patient.pid, prefetch=patient.prefetch()))
+        assert response.status_code == 200, response.text
+        return len(response.json()["cards"])
+
+    try:
+
+        def healthy() -> bool:
+            assert api.alive(), api.log()[-2000:]
+            try:
+                return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, timeout=60, what="serve --workers 2 to answer")
+        (shared,) = base.iterdir()  # the command's own directory, under the one named in PROMETHEUS_MULTIPROC_DIR
+        calls = cards = 0
+        with ThreadPoolExecutor(4) as pool:
+            while calls < 400:  # until both processes have answered calls (each then has its own latency file)
+                cards += sum(pool.map(call, range(4)))
+                calls += 4
+                if len(list(shared.glob("histogram_*.db"))) >= 2:
+                    break
+        assert len(list(shared.glob("histogram_*.db"))) == 2
+        assert cards >= calls  # the patient gets cards on every call
+        for _ in range(10):
+            text = httpx.get(f"{url}/metrics").text
+            assert _metric_total(text, "cds_hook_request_seconds_count") == calls
+            assert _metric_total(text, "cds_cards_total") == cards
+    finally:
+        api.stop()
+    assert api.popen.returncode == 0, api.log()[-2000:]
+    assert list(base.iterdir()) == []  # removed when the server stops
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_on_a_taken_port_is_one_line_exit_2(tmp_path, workers: str) -> None:
     from tests.integration.support import base_env, run_cli
@@ -105,3 +161,17 @@ def test_serve_with_a_bad_thresholds_file_is_one_line_exit_2(tmp_path) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("calcinosis-cds: error: thresholds:") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+def test_worker_on_a_taken_metrics_port_is_one_line_exit_2(tmp_path) -> None:
+    from tests.integration.support import base_env, run_cli
+
+    taken = tcp_listener("127.0.0.1", 0)
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        result = run_cli(["worker"], base_env(CDS_DATA_DIR=str(tmp_path), CDS_WORKER_METRICS_PORT=str(port)))
+    finally:
+        taken.close()
+    assert result.returncode == 2
+    assert result.stderr == f"calcinosis-cds: error: cannot serve worker metrics on 127.0.0.1:{port}: Address already in use\n"
