@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None, *, catalog: Catalog | None = No
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema
             _document_served_media_types(schema)
+            _document_security(schema, settings)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -90,6 +91,52 @@ def create_app(settings: Settings | None = None, *, catalog: Catalog | None = No
 
 
 _OUTCOME_REF = "#/components/schemas/OperationOutcome"
+
+
+def _document_security(schema: dict[str, Any], settings: Settings) -> None:
+    """Say in the document how each route is authenticated, as these settings enforce it (Swagger UI's Authorize)."""
+    schemes: dict[str, dict[str, Any]] = {
+        "ehrJwt": {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": "The EHR's signed JWT (CDS Hooks 2.0 trust): ES384 or RS384 from a trusted issuer, `aud` the exact URL called.",
+        },
+        "adminToken": {"type": "http", "scheme": "bearer", "description": "`CDS_ADMIN_TOKEN` (audit and assessment reads)."},
+        "subscriptionSecret": {
+            "type": "apiKey",
+            "in": "header",
+            "name": settings.subscription_header,
+            "description": "`CDS_SUBSCRIPTION_SECRET`, as `Bearer <secret>` or the secret alone, in the subscription's channel header.",
+        },
+        "medplumSignature": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-Signature",
+            "description": "HMAC-SHA256 of the body with `CDS_MEDPLUM_HMAC_SECRET` (Medplum subscriptions).",
+        },
+    }
+    hook: list[dict[str, list[str]]] = [{"ehrJwt": []}]
+    if settings.dev_mode:
+        hook.append({})  # development mode also accepts a call without a token (a token present is still verified)
+    receiver: list[dict[str, list[str]]] = []
+    if settings.subscription_secret is not None:
+        receiver.append({"subscriptionSecret": []})
+    if settings.medplum_hmac_secret is not None:
+        receiver.append({"medplumSignature": []})
+    if not receiver:  # neither configured: development mode accepts anything, otherwise every call is refused
+        receiver.append({} if settings.dev_mode else {"subscriptionSecret": []})
+    schema.setdefault("components", {})["securitySchemes"] = schemes
+    for path, item in schema.get("paths", {}).items():
+        for method, operation in item.items():
+            if path.startswith("/fhir/notifications"):
+                operation["security"] = receiver
+            elif (path == "/cds-services/{service_id}/feedback" and method == "get") or path.startswith("/patients/"):
+                operation["security"] = [{"adminToken": []}]
+            elif path.startswith("/cds-services/"):
+                operation["security"] = hook
+            else:  # discovery, health, readiness, metrics (and the bench route): no credentials
+                operation["security"] = []
 
 
 def _document_served_media_types(schema: dict[str, Any]) -> None:

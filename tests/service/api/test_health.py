@@ -78,6 +78,44 @@ def test_openapi_and_docs(signed_client: TestClient) -> None:
     assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
 
 
+_PATH_VALUES = {"service_id": RISK, "patient_id": "p1", "resource_type": "Observation", "resource_id": "o1"}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"dev_mode": False},
+        {"dev_mode": True},
+        {"dev_mode": False, "subscription_secret": "channel-secret"},
+        {"dev_mode": True, "subscription_secret": "channel-secret", "medplum_hmac_secret": "hmac-secret"},
+    ],
+    ids=["signed", "development", "signed-with-secret", "development-with-secrets"],
+)
+def test_the_document_says_which_calls_need_credentials(make_client: Callable[..., TestClient], settings: dict[str, object]) -> None:
+    """Every operation, called without credentials: 401 exactly where the document names no credential-free way."""
+    client = make_client(**settings)
+    document = client.get("/openapi.json").json()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["ehrJwt"]["bearerFormat"] == "JWT" and schemes["adminToken"]["scheme"] == "bearer"
+    body = hook_request(RISK, "p1", prefetch=high_risk_dialysis_patient().prefetch())
+    checked = 0
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            security = operation["security"]
+            assert all(set(requirement) <= schemes.keys() for requirement in security), (path, method)
+            needs_credentials = bool(security) and {} not in security
+            url = path.format(**_PATH_VALUES)
+            if path == "/cds-services/{service_id}/feedback" and method == "post":
+                response = client.post(url, json={"feedback": [{"card": str(uuid.uuid4()), "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]})
+            elif method in {"post", "put"}:
+                response = client.request(method.upper(), url, json=body if path.startswith("/cds-services") else None)
+            else:
+                response = client.request(method.upper(), url)
+            assert (response.status_code == 401) == needs_credentials, (path, method, response.status_code, security)
+            checked += 1
+    assert checked >= 11
+
+
 def test_assessment_read_needs_the_admin_token(signed_client: TestClient) -> None:
     assert signed_client.get("/patients/p1/assessment").status_code == 401
     response = signed_client.get("/patients/nobody-here/assessment", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
