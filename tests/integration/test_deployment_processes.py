@@ -7,6 +7,8 @@ The API binds 127.0.0.1 here instead of the chart's 0.0.0.0; everything else is 
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from tests.integration.support import (
 )
 
 pytestmark = pytest.mark.integration
+CELERY_HEADER = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+: [A-Z]+/")  # "[2026-11-22 19:00:53,827: INFO/MainProcess] …"
 
 BROKER_URL = "redis://127.0.0.1:6379/8"  # not the shared stack's database
 
@@ -94,6 +97,12 @@ def test_image_commands_run_and_readyz_follows_redis(deployed: Stack) -> None:
     assert stack.api is not None and stack.api.alive()
     assert all(w.alive() for w in stack.workers), "the worker survived the Redis restart"
     assert stack.beat is not None and stack.beat.alive()
+    # After Celery's banner, every line of the worker and beat is one JSON object, Celery's own lines included.
+    for process in (*stack.workers, stack.beat):
+        lines = process.log().splitlines()
+        objects = [json.loads(line) for line in lines if line.startswith("{")]
+        assert not [line for line in lines if CELERY_HEADER.match(line)], process.name
+        assert any(o["event"].endswith((" ready.", "beat: Starting...")) and o["level"] == "info" for o in objects), process.name
 
 
 def test_a_prefork_worker_serves_the_metrics_of_all_its_pool_processes(deployed: Stack) -> None:
