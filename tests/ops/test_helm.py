@@ -125,6 +125,14 @@ def test_every_worker_pod_serves_its_metrics(manifests: list[dict[str, Any]]) ->
         assert env["CDS_WORKER_METRICS_HOST"] == "0.0.0.0"  # reachable from the scraper, not only inside the pod
 
 
+def test_production_scrapes_every_worker_on_its_metrics_port(production: list[dict[str, Any]]) -> None:
+    for doc in _workers(production):
+        annotations = doc["spec"]["template"]["metadata"]["annotations"]
+        (port,) = doc["spec"]["template"]["spec"]["containers"][0]["ports"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(port["containerPort"])
+
+
 def test_worker_metrics_can_be_turned_off_and_annotated() -> None:
     docs = render(set_json={"workers": {"metricsPort": None, "podAnnotations": {"prometheus.io/scrape": "false"}}})
     for doc in _workers(docs):
