@@ -136,6 +136,7 @@ async def call_service(service_id: str, request: Request) -> Response:
     data_path = "none"
     status = 200
     n_cards = 0
+    data_gaps: list[str] = []  # value-free reasons: a key not provided, not fetched, or cut after its first page
     try:
         if service_id not in SERVICES_BY_ID:
             raise NotFound(f"unknown CDS service {service_id!r}")
@@ -147,6 +148,7 @@ async def call_service(service_id: str, request: Request) -> Response:
             body = _parse_json(raw)
             answer = await ctx.hooks.answer(service_id, body, datetime.now(UTC), turn)
             data_path = answer.data_path
+            data_gaps = answer.notes
             n_cards = len(answer.cards)
             for card in answer.cards:
                 CARDS.labels(service_id, card["source"]["topic"]["code"]).inc()
@@ -174,6 +176,7 @@ async def call_service(service_id: str, request: Request) -> Response:
             ms=round(elapsed * 1000, 2),
             authenticated=caller.authenticated,
             issuer=caller.iss,
+            **({"data_gaps": data_gaps} if data_gaps else {}),
             **({"dev_mode": "UNAUTHENTICATED CALL ACCEPTED (development mode)"} if accepted_unsigned else {}),
         )
 

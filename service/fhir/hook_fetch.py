@@ -112,17 +112,32 @@ class HookFetcher:
             await session.close()
 
     async def fetch_all(self, base: str, token: str | None, queries: dict[str, str]) -> dict[str, FetchResult]:
+        """Each query (relative to ``base``), with its ``next`` pages."""
+        root = base.rstrip("/") + "/"
+        return await self._gather(root, token, {k: root + q.lstrip("/") for k, q in queries.items()})
+
+    async def fetch_rest(self, base: str, token: str | None, next_links: dict[str, str]) -> dict[str, FetchResult]:
+        """The pages after the first of searchsets the EHR prefetched (CDS Hooks 2.0 lets prefetch results be
+        paged): from each one's ``next`` link, which must lie under ``base`` like every page followed."""
+        root = base.rstrip("/") + "/"
+        starts = {k: urljoin(root, link) for k, link in next_links.items()}
+        refused = {k: FetchResult(error="its next link is not under fhirServer") for k, url in starts.items() if not within_base(url, root)}
+        fetched = await self._gather(root, token, {k: url for k, url in starts.items() if k not in refused})
+        return {**refused, **fetched}
+
+    async def _gather(self, root: str, token: str | None, urls: dict[str, str]) -> dict[str, FetchResult]:
         if self._closed:
-            return {k: FetchResult(error="the service is shutting down") for k in queries}
+            return {k: FetchResult(error="the service is shutting down") for k in urls}
+        if not urls:
+            return {}
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         client = await self._client()
-        keys = list(queries)
-        results = await asyncio.gather(*(self._fetch(client, base, queries[k], headers) for k in keys))
+        keys = list(urls)
+        results = await asyncio.gather(*(self._fetch(client, root, urls[k], headers) for k in keys))
         return dict(zip(keys, results, strict=True))
 
-    async def _fetch(self, client: aiohttp.ClientSession, base: str, query: str, headers: dict[str, str]) -> FetchResult:
-        root = base.rstrip("/") + "/"
-        url: str | None = root + query.lstrip("/")
+    async def _fetch(self, client: aiohttp.ClientSession, root: str, first: str, headers: dict[str, str]) -> FetchResult:
+        url: str | None = first
         result = FetchResult()
         try:
             async with asyncio.timeout(self.timeout_s * self.max_pages):

@@ -22,6 +22,7 @@ from service.cds.grouping import group_by_patient
 from service.cds.orders import draft_medication_requests, order_risk_cards
 from service.cds.thresholds import Thresholds
 from service.errors import BadRequest, NotFound, PrefetchUnavailable
+from service.fhir.client import next_link
 from service.fhir.hook_fetch import FetchRefused, HookFetcher, check_fhir_server
 from service.terminology.catalog import Catalog
 from service.usecases.turns import Turn
@@ -125,6 +126,7 @@ class HookService:
         prefetch: dict[str, Any] = body.get("prefetch") or {}
         resources: list[Any] = []
         to_fetch: dict[str, str] = {}
+        paged: dict[str, str] = {}
         for key, template in self.templates.items():
             if key in prefetch:
                 value = prefetch[key]
@@ -135,11 +137,13 @@ class HookService:
                     to_fetch[key] = template  # the EHR failed to prefetch: try ourselves
                 else:
                     resources.append(value)
+                    if value["resourceType"] == "Bundle" and (link := next_link(value)) is not None:
+                        paged[key] = link  # a paged searchset: the rest is fetched like a missing key
             else:
                 to_fetch[key] = template
         notes: list[str] = []
         data_path = "prefetch"
-        if to_fetch:
+        if to_fetch or paged:
             data_path = "fallback"
             async with _paused(turn):
                 try:
@@ -149,6 +153,7 @@ class HookService:
                     if answer is None:
                         raise
                     return answer
+                await self._fetch_rest(body, paged, resources, notes)
         groups = group_by_patient(resources)  # flattens the Bundles once, resolving their urn:uuid fullUrls
         evaluation = evaluate_patient(
             groups.patients.get(patient_ref, []),
@@ -163,9 +168,31 @@ class HookService:
         cards = self.cards_for(hook, context, evaluation)
         return HookAnswer({"cards": cards}, service_id, patient_ref, data_path, evaluation, cards, notes)
 
+    async def _fetch_rest(self, body: dict[str, Any], paged: dict[str, str], resources: list[Any], notes: list[str]) -> None:
+        """The pages after the first of prefetched searchsets. The first page is data the EHR gave: when the rest
+        cannot be had the call is answered from what was given, and the assessment's notes say which key was cut."""
+        if not paged:
+            return
+        server = body.get("fhirServer")
+        try:
+            if not isinstance(server, str):
+                raise FetchRefused("no fhirServer was given")
+            check_fhir_server(server, self.allowlist, self.dev_mode)
+        except FetchRefused as exc:
+            notes.extend(f"prefetch {k} is paged; the pages after the first were not fetched ({exc})" for k in sorted(paged))
+            return
+        token = (body.get("fhirAuthorization") or {}).get("access_token")
+        results = await self.fetcher.fetch_rest(server, token, paged)
+        for key, result in sorted(results.items()):
+            if result.error is not None:
+                notes.append(f"prefetch {key} is paged; the pages after the first could not be fetched ({result.error})")
+            resources.extend(result.resources)
+
     async def _fetch_missing(
         self, body: dict[str, Any], context: dict[str, Any], to_fetch: dict[str, str], resources: list[Any], notes: list[str]
     ) -> None:
+        if not to_fetch:
+            return
         server = body.get("fhirServer")
         required_missing = sorted(REQUIRED_KEYS & to_fetch.keys())
         if not isinstance(server, str):

@@ -301,6 +301,53 @@ def test_fallback_over_real_http_end_to_end(make_app: Callable[..., Any], fhir: 
     assert "http://loinc.org|" in (observation_query.param("code") or "")
 
 
+def _first_page(fhir: FakeFhirServer, resource_type: str, pid: str, count: int, *, paged: bool = True) -> dict[str, Any]:
+    """A searchset as an EHR that pages its prefetch sends it: the first ``count`` entries and a ``next`` link."""
+    page = httpx.get(
+        f"{fhir.base_url}/{resource_type}", params={"patient": pid, "_count": count}, headers={"Authorization": f"Bearer {FHIR_TOKEN}"}
+    ).json()
+    assert len(page["entry"]) == count
+    assert any(link["relation"] == "next" for link in page.get("link", [])) == paged
+    return page
+
+
+def test_a_paged_prefetch_is_completed_from_the_fhir_server(dev_client: TestClient, fhir: FakeFhirServer) -> None:
+    """CDS Hooks 2.0 allows prefetch results to be paged: the pages after the first come from fhirServer, with the
+    EHR's token, and the cards are those of the whole record."""
+    patient = high_risk_dialysis_patient()
+    fake_holds(fhir, patient)
+    count = len(patient.observations)
+    unpaged = {**patient.prefetch(), "observations": _first_page(fhir, "Observation", patient.pid, count, paged=False)}
+    whole = ok_cards(call(dev_client, RISK, hook_request(RISK, patient.pid, prefetch=unpaged)))
+    prefetch = {**patient.prefetch(), "observations": _first_page(fhir, "Observation", patient.pid, 1)}
+    fhir.clear_requests()
+    paged = ok_cards(call(dev_client, RISK, hook_request(RISK, patient.pid, prefetch=prefetch, fhir_server=fhir.base_url, token=FHIR_TOKEN)))
+    assert paged == whole
+    pages = fhir.requests_matching(path="/fhir/Observation")
+    assert len(pages) == count - 1  # one request per later page, none for the first
+    assert all(r.headers.get("authorization") == f"Bearer {FHIR_TOKEN}" for r in fhir.requests)
+    assert not fhir.requests_matching(path="/fhir/Condition") and not fhir.requests_matching(path="/fhir/MedicationRequest")
+
+
+def test_a_paged_prefetch_without_a_fhir_server_is_evaluated_from_its_first_page(
+    monkeypatch: pytest.MonkeyPatch, dev_client: TestClient, fhir: FakeFhirServer
+) -> None:
+    """The first page is data the EHR gave: answered from it (not 412), as far as it goes, and the log line says
+    which key was cut."""
+    patient = high_risk_dialysis_patient()
+    fake_holds(fhir, patient)
+    whole = ok_cards(call(dev_client, RISK, hook_request(RISK, patient.pid, prefetch=patient.prefetch())))
+    prefetch = {**patient.prefetch(), "observations": _first_page(fhir, "Observation", patient.pid, 1)}
+    fhir.clear_requests()
+    first_page_only = ok_cards(call(dev_client, RISK, hook_request(RISK, patient.pid, prefetch=prefetch)))
+    assert fhir.requests == []
+    assert first_page_only != whole and "calciphylaxis-risk" in topics(first_page_only)
+    [line] = hook_log_lines(monkeypatch, dev_client, {"body": hook_request(RISK, patient.pid, prefetch=prefetch)})
+    assert line["data_gaps"] == ["prefetch observations is paged; the pages after the first were not fetched (no fhirServer was given)"]
+    [complete] = hook_log_lines(monkeypatch, dev_client, {"body": hook_request(RISK, patient.pid, prefetch=patient.prefetch())})
+    assert "data_gaps" not in complete
+
+
 # --- malformed calls ------------------------------------------------------------------------------
 MARKER = "ECHO-MARKER-7f3a9c"
 

@@ -126,6 +126,43 @@ def test_a_next_link_off_the_fhir_base_is_not_followed(next_for: Callable[[str],
     assert (ids(result), result.error, seen) == (["a"], None, ["/fhir/Observation?patient=p1"])
 
 
+def test_the_rest_of_a_prefetched_searchset_is_fetched_from_its_next_link_under_the_base_only() -> None:
+    """A paged prefetch: the pages after the first, from each key's next link (relative or absolute), never off the
+    fhirServer base: that key gets a reason, and the EHR's token goes nowhere else."""
+    seen: list[str] = []
+    pages = {
+        "/fhir/Observation?patient=p1&page=2": bundle(["b"], "Observation?patient=p1&page=3"),
+        "/fhir/Observation?patient=p1&page=3": bundle(["c"]),
+        "/fhir/Condition?patient=p1&page=2": bundle(["d"]),
+    }
+
+    async def run() -> dict[str, FetchResult]:
+        base_box: list[str] = []
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await pages_handler(lambda _: pages, seen)(base_box[0])(request)
+
+        runner, base = await serve(handler)
+        base_box.append(base)
+        fetcher = HookFetcher(timeout_s=5, max_pages=5)
+        try:
+            links = {
+                "observations": "Observation?patient=p1&page=2",
+                "conditions": f"{base}/Condition?patient=p1&page=2",
+                "medicationRequests": "http://elsewhere.invalid/fhir/MedicationRequest?page=2",
+            }
+            return await fetcher.fetch_rest(base, "t0k3n", links)
+        finally:
+            await fetcher.aclose()
+            await runner.cleanup()
+
+    results = asyncio.run(run())
+    assert (ids(results["observations"]), results["observations"].error) == (["b", "c"], None)
+    assert (ids(results["conditions"]), results["conditions"].error) == (["d"], None)
+    assert (ids(results["medicationRequests"]), results["medicationRequests"].error) == ([], "its next link is not under fhirServer")
+    assert sorted(seen) == sorted(pages)
+
+
 def test_a_next_link_to_the_base_itself_is_followed() -> None:
     """HAPI pages at the base URL (``/fhir?_getpages=…``), without the trailing slash."""
     seen: list[str] = []

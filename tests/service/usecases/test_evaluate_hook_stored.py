@@ -1,5 +1,5 @@
-"""HookService.answer: from a fresh stored assessment when the EHR's data cannot be had, and prefetch Bundles
-whose entries name the patient by fullUrl."""
+"""HookService.answer: from a fresh stored assessment when the EHR's data cannot be had, prefetch Bundles whose
+entries name the patient by fullUrl, and paged prefetch that cannot be completed."""
 
 from __future__ import annotations
 
@@ -82,3 +82,28 @@ def test_prefetch_bundle_with_urn_uuid_references(catalog) -> None:
     assert answer.evaluation is not None
     assert answer.evaluation.assessment.renal_context == "R2"
     assert answer.evaluation.assessment.metastatic_calcification.ca_x_p is not None
+
+
+@pytest.mark.parametrize(
+    ("server", "reason"),
+    [(None, "no fhirServer was given"), ("https://ehr.example.org/fhir", "fhirServer is not on the allowlist")],
+    ids=["no-server", "server-not-allowed"],
+)
+def test_a_paged_prefetch_that_cannot_be_completed_is_answered_from_its_first_page_and_noted(catalog, server, reason) -> None:
+    first_page = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "link": [{"relation": "next", "url": "https://ehr.example.org/fhir/Observation?page=2"}],
+    }
+    empty = {"resourceType": "Bundle", "type": "searchset"}
+    body: dict = {
+        "hook": "patient-view",
+        "hookInstance": "i",
+        "context": {"patientId": "p1"},
+        "prefetch": {"observations": first_page, "conditions": empty, "medicationRequests": empty},
+    }
+    if server is not None:
+        body["fhirServer"] = server
+    answer = asyncio.run(service(catalog, None).answer("calcinosis-risk", body, NOW))
+    assert answer.data_path == "fallback"
+    assert f"prefetch observations is paged; the pages after the first were not fetched ({reason})" in answer.notes
