@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from service.api import cds_hooks, health, notifications, patients
 from service.api.handlers import install_handlers
 from service.api.models import CdsRequest, FeedbackRequest
+from service.api.paths import CollapseSlashes
 from service.api.state import build_context
 from service.cds.thresholds import Thresholds
 from service.cds.validate import warm_up
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None, *, catalog: Catalog | None = No
         # set-up (both refused in production); never for every origin of a production service on a private network
         allow_private_network=settings.cors_origins != ["*"] or settings.dev_mode or settings.trust_sandbox,
     )
+    app.add_middleware(CollapseSlashes)  # innermost: "…/cds-services/" registered with its slash still routes
     install_handlers(app)
     app.include_router(cds_hooks.router)
     app.include_router(notifications.router)

@@ -24,6 +24,7 @@ from service.api.models import (
     OperationOutcome,
     OverrideReason,
 )
+from service.api.paths import requested_path
 from service.api.state import AppContext
 from service.cds.discovery import SERVICES_BY_ID
 from service.db.repositories import CardFeedbackRepository
@@ -55,10 +56,10 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 
 def _audiences(request: Request, settings_bases: list[str]) -> list[str]:
-    path = request.url.path
+    path = requested_path(request.scope)  # as called: "…/cds-services//calcinosis-risk" stays what the token names
     if settings_bases:
         return [b.rstrip("/") + path for b in settings_bases]
-    return [str(request.url.replace(query=None, fragment=None))]
+    return [str(request.url.replace(path=path, query=None, fragment=None))]
 
 
 def authenticate(request: Request, route: str) -> VerifiedCaller:

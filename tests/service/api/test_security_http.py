@@ -227,3 +227,21 @@ def test_sandbox_token_refused_when_not_trusted(signed_client: TestClient) -> No
 def test_trusting_the_sandbox_is_refused_in_production() -> None:
     with pytest.raises(ValueError, match="SANDBOX"):
         Settings(environment="production", trust_sandbox=True)
+
+
+def test_a_discovery_url_registered_with_a_trailing_slash_works_and_aud_is_the_url_called(
+    signed_client: TestClient, issuer: Issuer
+) -> None:
+    """Registered as ``…/cds-services/``, a client (the CDS Hooks Sandbox) calls ``…/cds-services//{id}``: the same
+    services answer, with no redirect, and the token's ``aud`` must name that URL as called."""
+    discovery = signed_client.get("/cds-services/", follow_redirects=False)
+    assert discovery.status_code == 200 and {s["id"] for s in discovery.json()["services"]} >= {RISK}
+    as_called = f"{TESTSERVER}/cds-services//{RISK}"
+    response = signed_client.post(f"/cds-services//{RISK}", json=body(), headers=issuer.bearer(as_called), follow_redirects=False)
+    assert response.status_code == 200, response.text
+    assert response.json()["cards"]
+    assert_bare_401(signed_client.post(f"/cds-services//{RISK}", json=body(), headers=issuer.bearer(AUD)))
+    card = response.json()["cards"][0]
+    feedback = {"feedback": [{"card": card["uuid"], "outcome": "accepted", "outcomeTimestamp": "2026-11-22T00:00:00Z"}]}
+    url = f"/cds-services//{RISK}/feedback/"
+    assert signed_client.post(url, json=feedback, headers=issuer.bearer(f"{TESTSERVER}{url}")).status_code == 200
