@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
-from urllib.parse import quote, urlencode, urljoin, urlsplit
+from urllib.parse import quote, unquote, urlencode, urljoin, urlsplit
 
 import httpx
 import orjson
@@ -205,10 +205,13 @@ def origin_of(url: str | httpx.URL) -> tuple[str, str, int | None]:
 def within_base(url: str, base: str) -> bool:
     """Whether ``url`` is on the FHIR server whose base URL is ``base``: the same origin and a path at or under the
     base's (HAPI pages at the base itself, ``/fhir?_getpages=…``). A next link that is not, whether on another host
-    or on another base of the same host (another tenant), is never followed with the server's token."""
+    or on another base of the same host (another tenant), is never followed with the server's token. Nor is one with
+    a dot segment (``/fhir/../tenant2``, ``/fhir/%2e%2e/…``): HTTP clients resolve those before sending."""
     if origin_of(url) != origin_of(base):
         return False
     base_path, path = urlsplit(base).path.rstrip("/"), urlsplit(url).path
+    if any(segment in (".", "..") for segment in unquote(path).replace("\\", "/").split("/")):
+        return False
     return path == base_path or path.startswith(base_path + "/")
 
 

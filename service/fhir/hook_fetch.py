@@ -26,6 +26,8 @@ import orjson
 from service.fhir.client import FHIR_JSON, PRODUCT, entry_resources, next_link, within_base
 from service.tls import client_ssl_context, tls_problem
 
+_OFF_BASE = "a next link is not under fhirServer"
+
 
 class FetchRefused(Exception):
     """The fhirServer is not allowed (scheme or allowlist)."""
@@ -35,6 +37,7 @@ class FetchRefused(Exception):
 class FetchResult:
     resources: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None  # short, value-free reason
+    cut: str | None = None  # why the pages after those fetched were not (value-free): the resources are a part
 
 
 def check_fhir_server(url: str, allowlist: list[str], dev_mode: bool) -> None:
@@ -121,7 +124,7 @@ class HookFetcher:
         paged): from each one's ``next`` link, which must lie under ``base`` like every page followed."""
         root = base.rstrip("/") + "/"
         starts = {k: urljoin(root, link) for k, link in next_links.items()}
-        refused = {k: FetchResult(error="its next link is not under fhirServer") for k, url in starts.items() if not within_base(url, root)}
+        refused = {k: FetchResult(cut=_OFF_BASE) for k, url in starts.items() if not within_base(url, root)}
         fetched = await self._gather(root, token, {k: url for k, url in starts.items() if k not in refused})
         return {**refused, **fetched}
 
@@ -162,11 +165,16 @@ class HookFetcher:
                         nxt = next_link(doc)
                         if nxt is not None:
                             nxt = urljoin(root, nxt)
-                            url = nxt if within_base(nxt, root) else None
+                            if within_base(nxt, root):
+                                url = nxt
+                            else:
+                                result.cut = _OFF_BASE
                     elif doc.get("resourceType") == "OperationOutcome":
                         result.error = "server answered an OperationOutcome"
                     else:
                         result.resources.append(doc)
+                if url is not None:
+                    result.cut = f"more than {self.max_pages} pages"
         except TimeoutError:  # aiohttp's timeouts are TimeoutError too
             result.error = "timed out"
         except (aiohttp.ClientError, OSError) as exc:  # OSError: a socket or TLS error aiohttp did not wrap

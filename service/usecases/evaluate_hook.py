@@ -8,6 +8,7 @@ with an empty card list.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -146,14 +147,25 @@ class HookService:
         if to_fetch or paged:
             data_path = "fallback"
             async with _paused(turn):
+                # Missing keys and the rest of paged ones, fetched at once; merged in a fixed order afterwards.
+                missing: tuple[list[Any], list[str]] = ([], [])
+                rest: tuple[list[Any], list[str]] = ([], [])
+                rest_task = asyncio.ensure_future(self._fetch_rest(body, paged, *rest))
                 try:
-                    await self._fetch_missing(body, context, to_fetch, resources, notes)
+                    await self._fetch_missing(body, context, to_fetch, *missing)
                 except PrefetchUnavailable:
+                    rest_task.cancel()
                     answer = await self._from_stored(hook, service_id, patient_ref, now)
                     if answer is None:
                         raise
                     return answer
-                await self._fetch_rest(body, paged, resources, notes)
+                except BaseException:
+                    rest_task.cancel()
+                    raise
+                await rest_task
+                for part_resources, part_notes in (missing, rest):
+                    resources.extend(part_resources)
+                    notes.extend(part_notes)
         groups = group_by_patient(resources)  # flattens the Bundles once, resolving their urn:uuid fullUrls
         evaluation = evaluate_patient(
             groups.patients.get(patient_ref, []),
@@ -186,6 +198,8 @@ class HookService:
         for key, result in sorted(results.items()):
             if result.error is not None:
                 notes.append(f"prefetch {key} is paged; the pages after the first could not be fetched ({result.error})")
+            if result.cut is not None:
+                notes.append(f"prefetch {key} is paged; the pages after the first were fetched in part or not at all ({result.cut})")
             resources.extend(result.resources)
 
     async def _fetch_missing(
@@ -224,6 +238,8 @@ class HookService:
         for key, result in results.items():
             if result.error is not None:
                 notes.append(f"{key} could not be fetched ({result.error}); evaluated without it")
+            if result.cut is not None:
+                notes.append(f"{key} was fetched in part ({result.cut}); evaluated without the rest")
             resources.extend(result.resources)
 
     async def _from_stored(self, hook: str, service_id: str, patient_ref: str, now: datetime) -> HookAnswer | None:
