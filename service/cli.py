@@ -24,6 +24,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Calciphylaxi
 @app.callback()
 def _root() -> None:
     """calcinosis-cds: evaluate offline, serve CDS Hooks, run workers."""
+    import os
+
+    # The Prometheus library writes its values to files wherever this names, in every process, from its import on.
+    # Only the commands that start several processes set it (_share_metrics), for those processes; a value from
+    # the shell would leave files nothing removes, and a missing directory would fail every request.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
 class OutputFormat(StrEnum):
@@ -130,22 +136,22 @@ def evaluate(
     out.write(b"\n")
 
 
-def _share_metrics(settings: Any, command: str) -> Path:
-    """A fresh directory through which the processes this command starts share their metrics (see service.metrics).
+def _share_metrics(command: str, port: int) -> Path:
+    """The directory through which the processes this command starts share their metrics (see service.metrics):
+    under the system temporary directory, one per command and port (so a restart reuses it), emptied first.
 
-    Named in ``PROMETHEUS_MULTIPROC_DIR`` (the library's variable, read by every process it starts), under the one
-    already named there if any, else under the system temporary directory."""
+    Named in ``PROMETHEUS_MULTIPROC_DIR``, the library's variable, for those processes only (:func:`_root` removes
+    any value from the shell)."""
     import os
+    import shutil
     import tempfile
 
-    base = settings.metrics_dir
+    shared = Path(tempfile.gettempdir()) / f"calcinosis-{command}-metrics-{port}"
     try:
-        if base is not None:
-            base.mkdir(parents=True, exist_ok=True)
-        shared = Path(tempfile.mkdtemp(prefix=f"calcinosis-{command}-metrics-", dir=base))
+        shutil.rmtree(shared, ignore_errors=True)  # a previous run's values (its port is free again: checked before)
+        shared.mkdir(mode=0o700)
     except OSError as exc:
-        fail(f"cannot create a metrics directory under {base or tempfile.gettempdir()}: {exc.strerror or exc}")
-        raise  # unreachable
+        fail(f"cannot create the metrics directory {shared}: {exc.strerror or exc}")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
     return shared
 
@@ -175,7 +181,7 @@ def serve(
 
         from uvicorn.supervisors import Multiprocess
 
-        shared = _share_metrics(settings, "serve")
+        shared = _share_metrics("serve", bind_port)
         try:
             Multiprocess(uvicorn.Config("service.main:create_app", factory=True, workers=workers, **options), sockets=[listener]).run()
         finally:
@@ -224,7 +230,7 @@ def worker(
             tcp_listener(host, port).close()
         except OSError as exc:
             fail(f"cannot serve worker metrics on {host}:{port}: {exc.strerror or exc}")
-        _share_metrics(settings, "worker")  # every pool process counts into it; the main process serves the sum
+        _share_metrics("worker", port)  # every pool process counts into it; the main process serves the sum
     _exec_celery(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "--without-gossip", "--without-mingle", "-l", "INFO"])
 
 

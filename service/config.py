@@ -89,7 +89,6 @@ class Settings(BaseSettings):
         env_file=None,
         extra="ignore",
         frozen=True,
-        populate_by_name=True,  # metrics_dir is also settable by its field name (tests)
         hide_input_in_errors=True,  # a refused setting may hold a credential: errors name the setting, not its value
     )
 
@@ -187,8 +186,8 @@ class Settings(BaseSettings):
         None, ge=1, le=65535, description="Port on which `calcinosis-cds worker` serves Prometheus metrics (unset: not served)"
     )
     worker_metrics_host: str = Field("127.0.0.1", description="Address the worker's metrics port binds (0.0.0.0 in a container)")
-    # The library's own variable, read here under its own name so the two cannot disagree. `serve --workers N` and
-    # `worker` set it to a fresh directory of their own; the processes they start share their metrics through it.
+    # The library's own variable, read here under its own name so the two cannot disagree. Set by `serve --workers N`
+    # and `worker` for the processes they start, which share their metrics through it; never set by hand.
     metrics_dir: Path | None = Field(
         None,
         validation_alias="PROMETHEUS_MULTIPROC_DIR",

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
+from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 _configured = False
+_FRAMES = 8  # of an exception's traceback, the innermost
 
 
 class _Stderr:
@@ -43,6 +47,18 @@ def get_logger(name: str = "calcinosis-cds") -> Any:
     return structlog.get_logger(name)
 
 
+def exception_frames(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A record's exception (a Celery task that raised, a library's error) as its type and where it was raised, the
+    last frames first: never its message or locals, which may hold patient data or a credential."""
+    exc_info = event.pop("exc_info", None)
+    if exc_info and isinstance(exc_info, tuple) and exc_info[0] is not None:
+        kind, _value, tb = exc_info
+        frames = traceback.extract_tb(tb)[-_FRAMES:]
+        event["exception"] = kind.__name__
+        event["raised_at"] = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)]
+    return event
+
+
 def _route_standard_logging(level: int, stamped: list[Any], renderer: Any) -> None:
     """Lines of the standard ``logging`` module (this service's few, and its libraries') in the same format, one
     object per line. Celery installs its own handlers in worker processes. HTTP clients log every request URL at
@@ -50,7 +66,8 @@ def _route_standard_logging(level: int, stamped: list[Any], renderer: Any) -> No
     handler = logging.StreamHandler(_Stderr())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer], foreign_pre_chain=stamped
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[*stamped, exception_frames],
         )
     )
     root = logging.getLogger()

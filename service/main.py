@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None, *, catalog: Catalog | None = No
         # set-up (both refused in production); never for every origin of a production service on a private network
         allow_private_network=settings.cors_origins != ["*"] or settings.dev_mode or settings.trust_sandbox,
     )
-    app.add_middleware(CollapseSlashes)  # innermost: "…/cds-services/" registered with its slash still routes
+    app.add_middleware(CollapseSlashes)  # before routing: "…/cds-services/" registered with its slash still routes
     install_handlers(app)
     app.include_router(cds_hooks.router)
     app.include_router(notifications.router)
@@ -121,6 +121,8 @@ def _document_security(schema: dict[str, Any], settings: Settings) -> None:
     hook: list[dict[str, list[str]]] = [{"ehrJwt": []}]
     if settings.dev_mode:
         hook.append({})  # development mode also accepts a call without a token (a token present is still verified)
+    # Development mode without an admin token leaves the audit reads open (a configured token is always required).
+    admin: list[dict[str, list[str]]] = [{}] if settings.dev_mode and settings.admin_token is None else [{"adminToken": []}]
     receiver: list[dict[str, list[str]]] = []
     if settings.subscription_secret is not None:
         receiver.append({"subscriptionSecret": []})
@@ -134,7 +136,7 @@ def _document_security(schema: dict[str, Any], settings: Settings) -> None:
             if path.startswith("/fhir/notifications"):
                 operation["security"] = receiver
             elif (path == "/cds-services/{service_id}/feedback" and method == "get") or path.startswith("/patients/"):
-                operation["security"] = [{"adminToken": []}]
+                operation["security"] = admin
             elif path.startswith("/cds-services/"):
                 operation["security"] = hook
             else:  # discovery, health, readiness, metrics (and the bench route): no credentials

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
 
 HOOK_LATENCY = Histogram(
     "cds_hook_request_seconds",
@@ -58,8 +58,3 @@ def serve_http(host: str, port: int, shared_dir: Path | None) -> None:
     else:
         start_http_server(port, addr=host, registry=registry)
 
-
-def process_exited(pid: int, shared_dir: Path | None) -> None:
-    """Drop an exited process's live gauges; its counters stay in the sum."""
-    if shared_dir is not None:
-        mark_process_dead(pid, path=str(shared_dir))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import setup_logging, worker_init, worker_process_init
 
 from service.config import get_settings
 from service.queue import QUEUES, TASK_RECONCILE, TASK_SWEEP
@@ -33,7 +33,6 @@ app.conf.update(
     broker_transport_options=transport_options,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
-    worker_redirect_stdouts=False,  # our lines go to stderr as they are, not through Celery's logger and its header
     worker_send_task_events=False,
     beat_schedule={
         "sweep": {"task": TASK_SWEEP, "schedule": float(settings.sweeper_interval_s)},
@@ -46,7 +45,8 @@ app.conf.update(
 @setup_logging.connect
 def _logging(**_: object) -> None:
     """Celery's own lines (connected, ready, task received and succeeded) in the service's format, one JSON object per
-    line, instead of Celery's handlers and header (connecting this signal is what turns those off)."""
+    line, instead of Celery's handlers and header (connecting this signal is what turns those off, and with them
+    the redirection of standard output into its logger)."""
     from service.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
@@ -86,12 +86,3 @@ def _process_context(**_: object) -> None:
 
         get_logger("calcinosis-cds.worker").warning("context_not_built_at_start", error=type(exc).__name__)
     settle_gc(settings.gc_gen0_threshold)
-
-
-@worker_process_shutdown.connect
-def _process_exited(pid: int | None = None, **_: object) -> None:
-    import os
-
-    from service.metrics import process_exited
-
-    process_exited(pid or os.getpid(), settings.metrics_dir)

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 _REQUESTED = "calcinosis.requested_path"
 _SLASHES = re.compile(r"/{2,}")
+_RAW_SLASHES = re.compile(rb"/{2,}")
 
 
 class CollapseSlashes:
@@ -25,7 +26,9 @@ class CollapseSlashes:
             path: str = scope["path"]
             if "//" in path or (path.endswith("/") and path != "/"):
                 clean = _SLASHES.sub("/", path).rstrip("/") or "/"
-                scope = {**scope, "path": clean, "raw_path": clean.encode(), _REQUESTED: path}
+                raw: bytes = scope.get("raw_path") or path.encode()
+                raw = _RAW_SLASHES.sub(b"/", raw).rstrip(b"/") or b"/"  # still percent-encoded, as the client sent it
+                scope = {**scope, "path": clean, "raw_path": raw, _REQUESTED: path}
         await self.app(scope, receive, send)
 
 

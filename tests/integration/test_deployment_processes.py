@@ -113,9 +113,10 @@ def test_a_prefork_worker_serves_the_metrics_of_all_its_pool_processes(deployed:
     stack = deployed
     assert run_cli(["migrate"], stack.env).returncode == 0
     metrics_port = free_port()
-    base = stack.log_dir / "metrics"
+    base = stack.log_dir / "tmp"
+    base.mkdir()
     stack.start_api(port=free_port())
-    stack.env.update(CDS_WORKER_METRICS_PORT=str(metrics_port), CDS_WORKER_METRICS_HOST="127.0.0.1", PROMETHEUS_MULTIPROC_DIR=str(base))
+    stack.env.update(CDS_WORKER_METRICS_PORT=str(metrics_port), CDS_WORKER_METRICS_HOST="127.0.0.1", TMPDIR=str(base))
     worker = stack.start_worker("--queues", "ingest,evaluate,writeback", "--concurrency", "2")
     pool = {str(pid) for pid in worker.children()}
     assert len(pool) == 2
@@ -140,7 +141,7 @@ def test_a_prefork_worker_serves_the_metrics_of_all_its_pool_processes(deployed:
     seen = wait_until(settled, timeout=15, what=f"evaluations_total to reach the {stored} stored evaluations")
     ok = {dict(labels)["task"]: value for (name, labels), value in seen.items() if name == "worker_tasks_total" and ("result", "ok") in labels}
     assert ok.get("cds.evaluate.patient", 0) >= len(pids), ok  # (the API applied the notifications itself)
-    (shared,) = base.iterdir()  # the worker's own directory, under the one named in PROMETHEUS_MULTIPROC_DIR
+    shared = base / f"calcinosis-worker-metrics-{metrics_port}"  # the worker's own, under the temporary directory
     counted_in = {path.stem.rsplit("_", 1)[1] for path in shared.glob("counter_*.db")}
     # The tasks were counted in pool processes (the main process runs none), yet the main process served them.
     assert counted_in and counted_in <= pool, (pool, counted_in)

@@ -37,3 +37,26 @@ def test_standard_logging_lines_are_json_too(monkeypatch: pytest.MonkeyPatch) ->
     lines = captured.getvalue().splitlines()
     assert [json.loads(line)["event"] for line in lines] == ["database check failed: OperationalError"]
     assert json.loads(lines[0])["level"] == "warning"
+
+
+def test_an_exception_on_a_standard_logging_line_is_its_type_and_frames_never_its_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery logs a task that raised with the exception attached: the line says which exception and where, in JSON,
+    and carries neither its message nor a traceback object's repr."""
+    stamped = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)]
+    _route_standard_logging(logging.INFO, stamped, structlog.processors.JSONRenderer())
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", captured)
+
+    def evaluate() -> None:
+        raise KeyError("Patient/secret-mrn-12345")
+
+    try:
+        evaluate()
+    except KeyError:
+        logging.getLogger("celery.app.trace").error("Task %s raised unexpected", "cds.evaluate.patient", exc_info=True)
+    (line,) = captured.getvalue().splitlines()
+    assert "secret-mrn" not in line and "traceback object" not in line
+    record = json.loads(line)
+    assert record["exception"] == "KeyError"
+    assert record["raised_at"][0].startswith("test_logging.py:") and record["raised_at"][0].endswith(" evaluate")
+    assert "exc_info" not in record

@@ -91,10 +91,14 @@ def test_serve_with_two_workers_reports_the_sum_of_both_processes(tmp_path) -> N
     from tests.integration.support import Process, base_env, free_port, run_cli, wait_until
     from tests.service.api.support import RISK, high_risk_dialysis_patient, hook_request
 
-    base = tmp_path / "metrics"
-    env = base_env(CDS_DATA_DIR=str(tmp_path), CDS_DEV_MODE="true", CDS_ENVIRONMENT="local", PROMETHEUS_MULTIPROC_DIR=str(base))
+    base = tmp_path / "tmp"
+    base.mkdir()
+    env = base_env(CDS_DATA_DIR=str(tmp_path), CDS_DEV_MODE="true", CDS_ENVIRONMENT="local", TMPDIR=str(base))
     assert run_cli(["migrate"], env).returncode == 0
     port = free_port()
+    shared = base / f"calcinosis-serve-metrics-{port}"  # the command's own directory, under the temporary one
+    shared.mkdir()
+    (shared / "counter_1.db").write_bytes(b"stale")  # a previous run's file: removed before the processes start
     url = f"http://127.0.0.1:{port}"
     api = Process("api", ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"], env, tmp_path)
     patient = high_risk_dialysis_patient("metrics-1")
@@ -114,7 +118,7 @@ def test_serve_with_two_workers_reports_the_sum_of_both_processes(tmp_path) -> N
                 return False
 
         wait_until(healthy, timeout=60, what="serve --workers 2 to answer")
-        (shared,) = base.iterdir()  # the command's own directory, under the one named in PROMETHEUS_MULTIPROC_DIR
+        assert not (shared / "counter_1.db").exists()
         calls = cards = 0
         with ThreadPoolExecutor(4) as pool:
             while calls < 400:  # until both processes have answered calls (each then has its own latency file)
@@ -131,7 +135,39 @@ def test_serve_with_two_workers_reports_the_sum_of_both_processes(tmp_path) -> N
     finally:
         api.stop()
     assert api.popen.returncode == 0, api.log()[-2000:]
-    assert list(base.iterdir()) == []  # removed when the server stops
+    assert not shared.exists()  # removed when the server stops
+
+
+def test_a_prometheus_directory_from_the_shell_is_ignored(tmp_path) -> None:
+    """A one-process server given PROMETHEUS_MULTIPROC_DIR (here a directory that does not exist) keeps its metrics
+    in memory: before, every hook call and /metrics failed with 500."""
+    from tests.integration.support import Process, base_env, free_port, run_cli, wait_until
+    from tests.service.api.support import RISK, high_risk_dialysis_patient, hook_request
+
+    env = base_env(CDS_DATA_DIR=str(tmp_path), CDS_DEV_MODE="true", CDS_ENVIRONMENT="local", PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "nowhere"))
+    assert run_cli(["migrate"], env).returncode == 0
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    api = Process("api", ["serve", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path)
+    patient = high_risk_dialysis_patient("metrics-2")
+    try:
+
+        def healthy() -> bool:
+            assert api.alive(), api.log()[-2000:]
+            try:
+                return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, timeout=60, what="serve to answer")
+        hook = httpx.post(f"{url}/cds-services/{RISK}", json=hook_request(RISK, patient.pid, prefetch=patient.prefetch()))
+        assert hook.status_code == 200, hook.text
+        metrics = httpx.get(f"{url}/metrics")
+        assert metrics.status_code == 200
+        assert _metric_total(metrics.text, "cds_hook_request_seconds_count") == 1
+    finally:
+        api.stop()
+    assert not (tmp_path / "nowhere").exists()
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -88,8 +88,9 @@ _PATH_VALUES = {"service_id": RISK, "patient_id": "p1", "resource_type": "Observ
         {"dev_mode": True},
         {"dev_mode": False, "subscription_secret": "channel-secret"},
         {"dev_mode": True, "subscription_secret": "channel-secret", "medplum_hmac_secret": "hmac-secret"},
+        {"dev_mode": True, "admin_token": None},
     ],
-    ids=["signed", "development", "signed-with-secret", "development-with-secrets"],
+    ids=["signed", "development", "signed-with-secret", "development-with-secrets", "development-without-admin-token"],
 )
 def test_the_document_says_which_calls_need_credentials(make_client: Callable[..., TestClient], settings: dict[str, object]) -> None:
     """Every operation, called without credentials: 401 exactly where the document names no credential-free way."""
