@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 import httpx
 import pytest
@@ -78,6 +79,19 @@ def test_serve_with_two_workers_answers_on_one_keep_alive_connection(tmp_path) -
         api.stop()
 
 
+def _wait_healthy(api: Any, url: str) -> None:
+    from tests.integration.support import wait_until
+
+    def healthy() -> bool:
+        assert api.alive(), api.log()[-2000:]
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, timeout=60, what=f"{' '.join(api.args)} to answer")
+
+
 def _metric_total(text: str, name: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -88,7 +102,7 @@ def test_serve_with_two_workers_reports_the_sum_of_both_processes(tmp_path) -> N
     """Each scrape, whichever process answers it, counts the calls of both: before, it saw only its own."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.integration.support import Process, base_env, free_port, run_cli, wait_until
+    from tests.integration.support import Process, base_env, free_port, run_cli
     from tests.service.api.support import RISK, high_risk_dialysis_patient, hook_request
 
     base = tmp_path / "tmp"
@@ -109,15 +123,7 @@ def test_serve_with_two_workers_reports_the_sum_of_both_processes(tmp_path) -> N
         return len(response.json()["cards"])
 
     try:
-
-        def healthy() -> bool:
-            assert api.alive(), api.log()[-2000:]
-            try:
-                return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, timeout=60, what="serve --workers 2 to answer")
+        _wait_healthy(api, url)
         assert not (shared / "counter_1.db").exists()
         calls = cards = 0
         with ThreadPoolExecutor(4) as pool:
@@ -141,7 +147,7 @@ def test_serve_with_two_workers_reports_the_sum_of_both_processes(tmp_path) -> N
 def test_a_prometheus_directory_from_the_shell_is_ignored(tmp_path) -> None:
     """A one-process server given PROMETHEUS_MULTIPROC_DIR (here a directory that does not exist) keeps its metrics
     in memory: before, every hook call and /metrics failed with 500."""
-    from tests.integration.support import Process, base_env, free_port, run_cli, wait_until
+    from tests.integration.support import Process, base_env, free_port, run_cli
     from tests.service.api.support import RISK, high_risk_dialysis_patient, hook_request
 
     env = base_env(CDS_DATA_DIR=str(tmp_path), CDS_DEV_MODE="true", CDS_ENVIRONMENT="local", PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "nowhere"))
@@ -151,15 +157,7 @@ def test_a_prometheus_directory_from_the_shell_is_ignored(tmp_path) -> None:
     api = Process("api", ["serve", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path)
     patient = high_risk_dialysis_patient("metrics-2")
     try:
-
-        def healthy() -> bool:
-            assert api.alive(), api.log()[-2000:]
-            try:
-                return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, timeout=60, what="serve to answer")
+        _wait_healthy(api, url)
         hook = httpx.post(f"{url}/cds-services/{RISK}", json=hook_request(RISK, patient.pid, prefetch=patient.prefetch()))
         assert hook.status_code == 200, hook.text
         metrics = httpx.get(f"{url}/metrics")
