@@ -123,10 +123,7 @@ class HookFetcher:
         """The pages after the first of searchsets the EHR prefetched (CDS Hooks 2.0 lets prefetch results be
         paged): from each one's ``next`` link, which must lie under ``base`` like every page followed."""
         root = base.rstrip("/") + "/"
-        starts = {k: urljoin(root, link) for k, link in next_links.items()}
-        refused = {k: FetchResult(cut=_OFF_BASE) for k, url in starts.items() if not within_base(url, root)}
-        fetched = await self._gather(root, token, {k: url for k, url in starts.items() if k not in refused})
-        return {**refused, **fetched}
+        return await self._gather(root, token, {k: urljoin(root, link) for k, link in next_links.items()})
 
     async def _gather(self, root: str, token: str | None, urls: dict[str, str]) -> dict[str, FetchResult]:
         if self._closed:
@@ -140,12 +137,20 @@ class HookFetcher:
         return dict(zip(keys, results, strict=True))
 
     async def _fetch(self, client: aiohttp.ClientSession, root: str, first: str, headers: dict[str, str]) -> FetchResult:
+        """``first`` and its ``next`` pages, each only under ``root`` (the token goes nowhere else) and at most
+        ``max_pages``; where either stops the chain, ``cut`` says so."""
         url: str | None = first
         result = FetchResult()
         try:
             async with asyncio.timeout(self.timeout_s * self.max_pages):
                 pages = 0
-                while url is not None and pages < self.max_pages:
+                while url is not None:
+                    if pages == self.max_pages:
+                        result.cut = f"more than {self.max_pages} pages"
+                        break
+                    if not within_base(url, root):
+                        result.cut = _OFF_BASE
+                        break
                     async with client.get(url, headers=headers, allow_redirects=False, proxy=self.proxy) as response:
                         pages += 1
                         if response.status >= 300:  # redirects are not followed (the allowlist names the server)
@@ -163,18 +168,11 @@ class HookFetcher:
                     if doc.get("resourceType") == "Bundle":
                         result.resources.extend(entry_resources(doc, include_included=True))
                         nxt = next_link(doc)
-                        if nxt is not None:
-                            nxt = urljoin(root, nxt)
-                            if within_base(nxt, root):
-                                url = nxt
-                            else:
-                                result.cut = _OFF_BASE
+                        url = urljoin(root, nxt) if nxt is not None else None
                     elif doc.get("resourceType") == "OperationOutcome":
                         result.error = "server answered an OperationOutcome"
                     else:
                         result.resources.append(doc)
-                if url is not None:
-                    result.cut = f"more than {self.max_pages} pages"
         except TimeoutError:  # aiohttp's timeouts are TimeoutError too
             result.error = "timed out"
         except (aiohttp.ClientError, OSError) as exc:  # OSError: a socket or TLS error aiohttp did not wrap

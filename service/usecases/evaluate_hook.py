@@ -147,25 +147,14 @@ class HookService:
         if to_fetch or paged:
             data_path = "fallback"
             async with _paused(turn):
-                # Missing keys and the rest of paged ones, fetched at once; merged in a fixed order afterwards.
-                missing: tuple[list[Any], list[str]] = ([], [])
-                rest: tuple[list[Any], list[str]] = ([], [])
-                rest_task = asyncio.ensure_future(self._fetch_rest(body, paged, *rest))
                 try:
-                    await self._fetch_missing(body, context, to_fetch, *missing)
+                    fetched, notes = await self._fetch(body, context, to_fetch, paged)
                 except PrefetchUnavailable:
-                    rest_task.cancel()
                     answer = await self._from_stored(hook, service_id, patient_ref, now)
                     if answer is None:
                         raise
                     return answer
-                except BaseException:
-                    rest_task.cancel()
-                    raise
-                await rest_task
-                for part_resources, part_notes in (missing, rest):
-                    resources.extend(part_resources)
-                    notes.extend(part_notes)
+            resources.extend(fetched)
         groups = group_by_patient(resources)  # flattens the Bundles once, resolving their urn:uuid fullUrls
         evaluation = evaluate_patient(
             groups.patients.get(patient_ref, []),
@@ -180,47 +169,24 @@ class HookService:
         cards = self.cards_for(hook, context, evaluation)
         return HookAnswer({"cards": cards}, service_id, patient_ref, data_path, evaluation, cards, notes)
 
-    async def _fetch_rest(self, body: dict[str, Any], paged: dict[str, str], resources: list[Any], notes: list[str]) -> None:
-        """The pages after the first of prefetched searchsets. The first page is data the EHR gave: when the rest
-        cannot be had the call is answered from what was given, and the assessment's notes say which key was cut."""
-        if not paged:
-            return
+    async def _fetch(
+        self, body: dict[str, Any], context: dict[str, Any], to_fetch: dict[str, str], paged: dict[str, str]
+    ) -> tuple[list[Any], list[str]]:
+        """The keys the EHR did not send, and the pages after the first of the searchsets it sent paged, from its
+        ``fhirServer`` at once: the resources, and value-free notes on what could not be had. A required key that
+        cannot be had is :class:`PrefetchUnavailable` (412); a paged key keeps the pages the EHR gave."""
         server = body.get("fhirServer")
         try:
             if not isinstance(server, str):
                 raise FetchRefused("no fhirServer was given")
             check_fhir_server(server, self.allowlist, self.dev_mode)
         except FetchRefused as exc:
-            notes.extend(f"prefetch {k} is paged; the pages after the first were not fetched ({exc})" for k in sorted(paged))
-            return
-        token = (body.get("fhirAuthorization") or {}).get("access_token")
-        results = await self.fetcher.fetch_rest(server, token, paged)
-        for key, result in sorted(results.items()):
-            if result.error is not None:
-                notes.append(f"prefetch {key} is paged; the pages after the first could not be fetched ({result.error})")
-            if result.cut is not None:
-                notes.append(f"prefetch {key} is paged; the pages after the first were fetched in part or not at all ({result.cut})")
-            resources.extend(result.resources)
-
-    async def _fetch_missing(
-        self, body: dict[str, Any], context: dict[str, Any], to_fetch: dict[str, str], resources: list[Any], notes: list[str]
-    ) -> None:
-        if not to_fetch:
-            return
-        server = body.get("fhirServer")
-        required_missing = sorted(REQUIRED_KEYS & to_fetch.keys())
-        if not isinstance(server, str):
-            if required_missing:
-                raise PrefetchUnavailable(f"prefetch lacks {', '.join(required_missing)} and no fhirServer was given")
-            notes.extend(f"prefetch {k} not provided" for k in sorted(to_fetch))
-            return
-        try:
-            check_fhir_server(server, self.allowlist, self.dev_mode)
-        except FetchRefused as exc:
+            required_missing = sorted(REQUIRED_KEYS & to_fetch.keys())
             if required_missing:
                 raise PrefetchUnavailable(f"{exc}: cannot fetch {', '.join(required_missing)}") from None
-            notes.extend(f"prefetch {k} not provided ({exc})" for k in sorted(to_fetch))
-            return
+            return [], [f"prefetch {k} not provided ({exc})" for k in sorted(to_fetch)] + [
+                f"prefetch {k} is paged; the pages after the first were not fetched ({exc})" for k in sorted(paged)
+            ]
         queries: dict[str, str] = {}
         for key, template in to_fetch.items():
             query = render_template(template, context)
@@ -230,17 +196,28 @@ class HookService:
                 continue
             queries[key] = query
         token = (body.get("fhirAuthorization") or {}).get("access_token")
-        results = await self.fetcher.fetch_all(server, token, queries)
-        failed = sorted(k for k, r in results.items() if r.error is not None and k in REQUIRED_KEYS)
+        missing, rest = await asyncio.gather(self.fetcher.fetch_all(server, token, queries), self.fetcher.fetch_rest(server, token, paged))
+        failed = sorted(k for k, r in missing.items() if r.error is not None and k in REQUIRED_KEYS)
         if failed:
-            reasons = "; ".join(f"{k}: {results[k].error}" for k in failed)
+            reasons = "; ".join(f"{k}: {missing[k].error}" for k in failed)
             raise PrefetchUnavailable(f"could not fetch from fhirServer ({reasons})")
-        for key, result in results.items():
-            if result.error is not None:
-                notes.append(f"{key} could not be fetched ({result.error}); evaluated without it")
-            if result.cut is not None:
-                notes.append(f"{key} was fetched in part ({result.cut}); evaluated without the rest")
-            resources.extend(result.resources)
+        resources: list[Any] = []
+        notes: list[str] = []
+        for results, failed_note, cut_note in (
+            (missing, "{} could not be fetched ({}); evaluated without it", "{} was fetched in part ({}); evaluated without the rest"),
+            (
+                rest,
+                "prefetch {} is paged; the pages after the first could not be fetched ({})",
+                "prefetch {} is paged; the pages after the first were fetched in part or not at all ({})",
+            ),
+        ):
+            for key, result in results.items():
+                if result.error is not None:
+                    notes.append(failed_note.format(key, result.error))
+                if result.cut is not None:
+                    notes.append(cut_note.format(key, result.cut))
+                resources.extend(result.resources)
+        return resources, notes
 
     async def _from_stored(self, hook: str, service_id: str, patient_ref: str, now: datetime) -> HookAnswer | None:
         """The data cannot be had from the EHR, but background monitoring has a fresh assessment of the patient
