@@ -136,6 +136,17 @@ def evaluate(
     out.write(b"\n")
 
 
+def _listener(host: str, port: int, what: str) -> Any:
+    """A bound TCP listener (see service.serving), or one line and exit 2 when the port is taken."""
+    from service.serving import tcp_listener
+
+    try:
+        return tcp_listener(host, port)
+    except OSError as exc:
+        fail(f"cannot {what} on {host}:{port}: {exc.strerror or exc}")
+        raise  # unreachable
+
+
 def _share_metrics(command: str, port: int) -> Path:
     """The directory through which the processes this command starts share their metrics (see service.metrics):
     under the system temporary directory, one per command and port (so a restart reuses it), emptied first.
@@ -165,16 +176,11 @@ def serve(
     """Run the API (CDS Hooks services, FHIR notification receiver, health and metrics) with uvicorn."""
     import uvicorn
 
-    from service.serving import tcp_listener
-
     settings, catalog, thresholds = _load_context()  # checked here: one line and exit 2, not a traceback
     bind_host, bind_port = host or settings.host, port or settings.port
     # Bound here for any number of processes: a taken port is one line and exit 2, and connections get
     # TCP_NODELAY on the standard asyncio loop too (see service.serving).
-    try:
-        listener = tcp_listener(bind_host, bind_port)
-    except OSError as exc:
-        fail(f"cannot listen on {bind_host}:{bind_port}: {exc.strerror or exc}")
+    listener = _listener(bind_host, bind_port, "listen")
     options: dict[str, Any] = {"host": bind_host, "port": bind_port, "log_level": "warning", "access_log": False}
     if workers > 1:  # each process builds its own app from the same settings (nothing is built in the supervisor)
         import shutil
@@ -223,13 +229,9 @@ def worker(
     """Run a Celery worker for the given queues (metrics on CDS_WORKER_METRICS_PORT when set)."""
     settings, _, _ = _load_context()  # settings and mappings checked here: one line and exit 2, not a traceback from Celery
     if settings.worker_metrics_port is not None:
-        from service.serving import tcp_listener
-
-        host, port = settings.worker_metrics_host, settings.worker_metrics_port
-        try:  # a taken port is one line here, not a traceback from the worker after it has started
-            tcp_listener(host, port).close()
-        except OSError as exc:
-            fail(f"cannot serve worker metrics on {host}:{port}: {exc.strerror or exc}")
+        port = settings.worker_metrics_port
+        # A taken port is one line here, not a traceback from the worker after it has started.
+        _listener(settings.worker_metrics_host, port, "serve worker metrics").close()
         _share_metrics("worker", port)  # every pool process counts into it; the main process serves the sum
     _exec_celery(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "--without-gossip", "--without-mingle", "-l", "INFO"])
 

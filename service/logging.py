@@ -60,9 +60,9 @@ def exception_frames(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutabl
 
 
 def _route_standard_logging(level: int, stamped: list[Any], renderer: Any) -> None:
-    """Lines of the standard ``logging`` module (this service's few, and its libraries') in the same format, one
-    object per line. Celery installs its own handlers in worker processes. HTTP clients log every request URL at
-    INFO: only their warnings are kept."""
+    """Lines of the standard ``logging`` module (this service's few, its libraries' and, in worker and beat
+    processes, Celery's) in the same format, one object per line. HTTP clients log every request URL at INFO:
+    only their warnings are kept."""
     handler = logging.StreamHandler(_Stderr())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

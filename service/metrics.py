@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
 HOOK_LATENCY = Histogram(
@@ -36,25 +36,20 @@ INBOUND_EVENTS = Gauge(
 )
 
 
-def _registry(shared_dir: Path | None) -> CollectorRegistry | None:
+def _registry(shared_dir: Path | None) -> CollectorRegistry:
+    """This process's registry or, with a shared directory, one that reads every process that wrote to it."""
     if shared_dir is None:
-        return None  # this process's own registry
+        return REGISTRY
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(shared_dir))
     return registry
 
 
 def exposition(shared_dir: Path | None) -> bytes:
-    """The Prometheus text of this process or, with a shared directory, of every process that wrote to it."""
-    registry = _registry(shared_dir)
-    return generate_latest() if registry is None else generate_latest(registry)
+    """The Prometheus text a scrape gets (the API's ``/metrics``)."""
+    return generate_latest(_registry(shared_dir))
 
 
 def serve_http(host: str, port: int, shared_dir: Path | None) -> None:
-    """Serve ``/metrics`` from a background thread (the worker's main process; the API serves its own route)."""
-    registry = _registry(shared_dir)
-    if registry is None:
-        start_http_server(port, addr=host)
-    else:
-        start_http_server(port, addr=host, registry=registry)
-
+    """Serve the same text from a background thread (the worker's main process)."""
+    start_http_server(port, addr=host, registry=_registry(shared_dir))

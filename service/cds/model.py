@@ -34,6 +34,11 @@ class Source:
     code: str
     display: str
 
+    @property
+    def token(self) -> str:
+        """``system|code``, as evidence rows carry it."""
+        return f"{self.system}|{self.code}"
+
 
 @dataclass(slots=True, unsafe_hash=True)
 class LabValue:

@@ -135,7 +135,7 @@ def lab_evidence(lab: LabValue, *, label: str | None = None, threshold: str | No
         unit=lab.unit,
         date=iso(lab.effective),
         reference=lab.source.reference,
-        code=f"{lab.source.system}|{lab.source.code}",
+        code=lab.source.token,
         threshold=threshold,
         note="; ".join(n for n in (extra, note) if n) or None,
     )
@@ -148,7 +148,7 @@ def condition_evidence(c: ConditionFact, note: str | None = None) -> Evidence:
         value=c.clinical_status or "current",
         date=iso(c.onset),
         reference=c.source.reference,
-        code=f"{c.source.system}|{c.source.code}",
+        code=c.source.token,
         note="; ".join(n for n in (qualified, note) if n) or None,
     )
 
@@ -161,7 +161,7 @@ def medication_evidence(m: MedicationFact, note: str | None = None) -> Evidence:
         value=status,
         date=iso(when),
         reference=m.source.reference,
-        code=f"{m.source.system}|{m.source.code}",
+        code=m.source.token,
         note=note,
     )
 
@@ -297,14 +297,14 @@ def renal_context(ctx: _Ctx) -> tuple[str, list[Evidence], frozenset[str]]:
                     value="performed",
                     date=iso(p.performed),
                     reference=p.source.reference,
-                    code=f"{p.source.system}|{p.source.code}",
+                    code=p.source.token,
                     threshold=f"dialysis within {t.window_dialysis_procedure_days} d",
                 )
             )
         elif p.feature == "kidney_transplant_procedure":
             r2.append(
                 Evidence(
-                    label=p.source.display, value="performed", date=iso(p.performed), reference=p.source.reference, code=f"{p.source.system}|{p.source.code}"
+                    label=p.source.display, value="performed", date=iso(p.performed), reference=p.source.reference, code=p.source.token
                 )
             )
     egfr = ctx.latest("egfr", t.window_renal_function_days)
@@ -397,7 +397,7 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
                 unit="mg/dL",
                 date=iso(out.measured.effective),
                 reference=out.measured.source.reference,
-                code=f"{out.measured.source.system}|{out.measured.source.code}",
+                code=out.measured.source.token,
                 threshold=threshold,
                 note="; ".join(notes),
             )
@@ -741,7 +741,7 @@ def _bmi_evidence(ctx: _Ctx) -> tuple[Decimal, Evidence] | None:
         unit="kg/m2",
         date=iso(weight.effective),
         reference=weight.source.reference,
-        code=f"{weight.source.system}|{weight.source.code}",
+        code=weight.source.token,
         threshold=f"≥ {fmt(t.bmi_obese_at_least)} kg/m2",
         note=f"height from {height.source.reference}",
     )
