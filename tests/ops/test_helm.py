@@ -145,6 +145,20 @@ def test_worker_metrics_can_be_turned_off_and_annotated() -> None:
     assert "prometheus.io/scrape" not in api["spec"]["template"]["metadata"].get("annotations", {})
 
 
+def test_a_component_annotation_overrides_the_global_one_of_the_same_key() -> None:
+    docs = render(
+        set_json={
+            "podAnnotations": {"prometheus.io/scrape": "false", "team": "renal"},
+            "api": {"podAnnotations": {"prometheus.io/scrape": "true"}},
+            "workers": {"podAnnotations": {"prometheus.io/scrape": "true"}},
+        }
+    )
+    for name, component in [(f"{FULLNAME}-api", "api"), *((d["metadata"]["name"], "worker") for d in _workers(docs)), (f"{FULLNAME}-beat", "beat")]:
+        annotations = one(docs, "Deployment", name)["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == ("false" if component == "beat" else "true"), name
+        assert annotations["team"] == "renal" and annotations["checksum/config"], name
+
+
 def test_default_worker_replicas_without_keda() -> None:
     docs = render(set_json={"workers": {"queues": [{"name": "evaluate", "replicas": 5, "concurrency": 3, "resources": {}}]}})
     (worker,) = [d for d in by_kind(docs, "Deployment") if "worker" in d["metadata"]["name"]]

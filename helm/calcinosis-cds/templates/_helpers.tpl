@@ -129,6 +129,15 @@ CDS_DATA_DIR: {{ .Values.volumes.data.mountPath | quote }}
 checksum/config: {{ include "calcinosis-cds.configData" . | sha256sum }}
 {{- end }}
 
+{{/* A pod template's annotations: the config checksum, and podAnnotations merged with the component's own
+     ("own": api.podAnnotations, workers.podAnnotations), which win on a shared key (one key, never two). */}}
+{{- define "calcinosis-cds.podAnnotations" -}}
+{{ include "calcinosis-cds.configChecksum" .root }}
+{{- with merge (deepCopy (.own | default dict)) (deepCopy (.root.Values.podAnnotations | default dict)) }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
 {{- define "calcinosis-cds.volumeMounts" -}}
 - name: tmp
   mountPath: /tmp
