@@ -185,6 +185,31 @@ class Process:
         self._log.close()
 
 
+def wait_healthy(process: Process, url: str, timeout: float = 60.0) -> None:
+    """Until the server ``process`` started answers ``{url}/healthz`` (its log's tail if it exits first)."""
+
+    def healthy() -> bool:
+        if not process.alive():
+            raise AssertionError(f"{process.name} exited:\n{process.log()[-3000:]}")
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, timeout=timeout, what=f"{process.name} ({' '.join(process.args)}) to answer /healthz")
+
+
+#: Prometheus samples by (name, sorted labels).
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metric_samples(text: str) -> Samples:
+    """Parse a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(CLI), *args], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -218,16 +243,7 @@ class Stack:
         port = port or free_port()
         self.api = Process("api", ["serve", "--host", "127.0.0.1", "--port", str(port), *(extra_args or [])], self.env, self.log_dir)
         self.api_url = f"http://127.0.0.1:{port}"
-
-        def healthy() -> bool:
-            if not self.api or not self.api.alive():
-                raise AssertionError(f"the API exited:\n{self.api.log()[-3000:] if self.api else ''}")
-            try:
-                return self.http.get(f"{self.api_url}/healthz", timeout=1.0).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, timeout=30, what="the API to answer /healthz")
+        wait_healthy(self.api, self.api_url, timeout=30)
         return self.api
 
     def start_worker(self, *args: str) -> Process:

@@ -18,11 +18,13 @@ from service.db.session import make_engine
 from tests.fakes.databases import create_postgres_database, drop_postgres_database, require_postgres
 from tests.integration.conftest import require_redis, stack_env
 from tests.integration.support import (
+    Samples,
     Stack,
     collection,
     flush_redis_db,
     free_port,
     high_risk,
+    metric_samples,
     new_pid,
     redis_ping,
     redis_stopped,
@@ -108,14 +110,12 @@ def test_image_commands_run_and_readyz_follows_redis(deployed: Stack) -> None:
 def test_a_prefork_worker_serves_the_metrics_of_all_its_pool_processes(deployed: Stack) -> None:
     """``CDS_WORKER_METRICS_PORT`` (the chart sets it): evaluations, write-backs and task outcomes counted in the pool
     processes are served by the worker's main process, summed over them."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     stack = deployed
     assert run_cli(["migrate"], stack.env).returncode == 0
     metrics_port = free_port()
     base = stack.log_dir / "tmp"
     base.mkdir()
-    stack.start_api(port=free_port())
+    stack.start_api()
     stack.env.update(CDS_WORKER_METRICS_PORT=str(metrics_port), CDS_WORKER_METRICS_HOST="127.0.0.1", TMPDIR=str(base))
     worker = stack.start_worker("--queues", "ingest,evaluate,writeback", "--concurrency", "2")
     pool = {str(pid) for pid in worker.children()}
@@ -128,14 +128,9 @@ def test_a_prefork_worker_serves_the_metrics_of_all_its_pool_processes(deployed:
         stack.wait_assessment(pid, lambda a: a["metastatic_calcification"]["tier"] == "high")
     stored = sum(stack.evaluations(pid) for pid in pids)
 
-    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        text = stack.http.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5.0).text
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples
-        }
-
-    def settled() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
-        seen = samples()  # the last task may still be finishing after its assessment was stored
+    def settled() -> Samples | None:
+        # the last task may still be finishing after its assessment was stored
+        seen = metric_samples(stack.http.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5.0).text)
         return seen if seen.get(("evaluations_total", (("trigger", "monitor"),))) == stored else None
 
     seen = wait_until(settled, timeout=15, what=f"evaluations_total to reach the {stored} stored evaluations")
@@ -146,4 +141,4 @@ def test_a_prefork_worker_serves_the_metrics_of_all_its_pool_processes(deployed:
     # The tasks were counted in pool processes (the main process runs none), yet the main process served them.
     assert counted_in and counted_in <= pool, (pool, counted_in)
     worker.stop()
-    assert not worker.alive()
+    assert worker.popen.returncode == 0, worker.log()[-2000:]  # a warm shutdown, the metrics server with it

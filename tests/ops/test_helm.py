@@ -80,6 +80,13 @@ def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]
             yield f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]
 
 
+def _workers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The worker Deployments (there is always at least one: a loop over none would check nothing)."""
+    found = [d for d in by_kind(docs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
+    assert found, "no worker Deployment rendered"
+    return found
+
+
 def env_names(container: dict[str, Any]) -> set[str]:
     return {e["name"] for e in container.get("env", [])}
 
@@ -88,7 +95,7 @@ def env_names(container: dict[str, Any]) -> set[str]:
 
 
 def test_one_worker_deployment_per_queue(manifests: list[dict[str, Any]]) -> None:
-    workers = [d for d in by_kind(manifests, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
+    workers = _workers(manifests)
     assert sorted(d["metadata"]["labels"]["calcinosis-cds/queue"] for d in workers) == sorted(QUEUES)
     for doc in workers:
         queue = doc["metadata"]["labels"]["calcinosis-cds/queue"]
@@ -109,10 +116,6 @@ def test_worker_queue_settings_are_per_queue(production: list[dict[str, Any]]) -
     assert ev["resources"] != wb["resources"]
     assert ev["args"][ev["args"].index("--concurrency") + 1] == "4"
     assert wb["args"][wb["args"].index("--concurrency") + 1] == "2"
-
-
-def _workers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [d for d in by_kind(docs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
 
 
 def test_every_worker_pod_serves_its_metrics(manifests: list[dict[str, Any]]) -> None:

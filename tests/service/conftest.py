@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -16,9 +17,12 @@ RunCli = Callable[..., tuple[int, list[str]]]
 
 @pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch) -> RunCli:
-    """Runs the CLI in process with the given settings, read afresh (the settings are cached per process). Starting
-    Celery would replace the test process (``os.execvp``): it fails the test instead, unless a test replaces
+    """Runs the CLI in process with the given settings and no other ``CDS_*`` variable of the shell (as
+    ``tests.integration.support.base_env`` does for a subprocess), read afresh (the settings are cached per process).
+    Starting Celery would replace the test process (``os.execvp``): it fails the test instead, unless a test replaces
     ``cli._exec_celery`` itself."""
+    for name in [n for n in os.environ if n.startswith("CDS_")]:
+        monkeypatch.delenv(name)
 
     def never(args: list[str]) -> None:
         raise AssertionError(f"Celery was started with {args}")

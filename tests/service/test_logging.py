@@ -24,14 +24,20 @@ def test_a_stream_swapped_and_closed_after_configuration_is_never_written_to(mon
     assert "second_line" in second.getvalue()
 
 
-def test_standard_logging_lines_are_json_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Warnings from modules on the standard ``logging`` module (the database check, the JWK Set loader) are one JSON
-    object per line like the rest; the HTTP clients' per-request INFO lines (they hold URLs) are not written."""
-    # configure_logging acts once per process (whichever test or app came first): route standard logging here.
+def standard_logging_here(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """Standard ``logging`` routed as configure_logging does, into a stream the test reads (configure_logging acts
+    once per process, whichever test or app came first)."""
     stamped = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)]
     _route_standard_logging(logging.INFO, stamped, structlog.processors.JSONRenderer())
     captured = io.StringIO()
     monkeypatch.setattr(sys, "stderr", captured)
+    return captured
+
+
+def test_standard_logging_lines_are_json_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warnings from modules on the standard ``logging`` module (the database check, the JWK Set loader) are one JSON
+    object per line like the rest; the HTTP clients' per-request INFO lines (they hold URLs) are not written."""
+    captured = standard_logging_here(monkeypatch)
     logging.getLogger("service.db.session").warning("database check failed: %s", "OperationalError")
     logging.getLogger("httpx").info("HTTP Request: GET https://fhir.example.org/Patient/123")
     lines = captured.getvalue().splitlines()
@@ -42,10 +48,7 @@ def test_standard_logging_lines_are_json_too(monkeypatch: pytest.MonkeyPatch) ->
 def test_an_exception_on_a_standard_logging_line_is_its_type_and_frames_never_its_text(monkeypatch: pytest.MonkeyPatch) -> None:
     """Celery logs a task that raised with the exception attached: the line says which exception and where, in JSON,
     and carries neither its message nor a traceback object's repr."""
-    stamped = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)]
-    _route_standard_logging(logging.INFO, stamped, structlog.processors.JSONRenderer())
-    captured = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", captured)
+    captured = standard_logging_here(monkeypatch)
 
     def evaluate() -> None:
         raise KeyError("Patient/secret-mrn-12345")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
 
 import httpx
 import pytest
@@ -56,53 +55,32 @@ def test_a_port_in_use_is_an_error() -> None:
 
 
 def test_serve_with_two_workers_answers_on_one_keep_alive_connection(tmp_path) -> None:
-    from tests.integration.support import Process, base_env, free_port, run_cli, wait_until
+    from tests.integration.support import Process, base_env, free_port, run_cli, wait_healthy
 
     env = base_env(CDS_DATA_DIR=str(tmp_path), CDS_DEV_MODE="true", CDS_ENVIRONMENT="local")
     assert run_cli(["migrate"], env).returncode == 0
     port = free_port()
     api = Process("api", ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"], env, tmp_path)
     try:
+        wait_healthy(api, f"http://127.0.0.1:{port}")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as client:
-
-            def healthy() -> bool:
-                assert api.alive(), api.log()[-2000:]
-                try:
-                    return client.get("/healthz").status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_until(healthy, timeout=60, what="serve --workers 2 to answer")
             assert [client.get("/cds-services").status_code for _ in range(5)] == [200] * 5
         assert len(api.children()) >= 2  # the supervisor and its two worker processes
     finally:
         api.stop()
 
 
-def _wait_healthy(api: Any, url: str) -> None:
-    from tests.integration.support import wait_until
-
-    def healthy() -> bool:
-        assert api.alive(), api.log()[-2000:]
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, timeout=60, what=f"{' '.join(api.args)} to answer")
-
-
 def _metric_total(text: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
+    from tests.integration.support import metric_samples
 
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples if sample.name == name)
+    return sum(value for (sample, _), value in metric_samples(text).items() if sample == name)
 
 
 def test_serve_with_two_workers_reports_the_sum_of_both_processes(tmp_path) -> None:
     """Each scrape, whichever process answers it, counts the calls of both: before, it saw only its own."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.integration.support import Process, base_env, free_port, run_cli
+    from tests.integration.support import Process, base_env, free_port, run_cli, wait_healthy
     from tests.service.api.support import RISK, high_risk_dialysis_patient, hook_request
 
     base = tmp_path / "tmp"
@@ -123,7 +101,7 @@ def test_serve_with_two_workers_reports_the_sum_of_both_processes(tmp_path) -> N
         return len(response.json()["cards"])
 
     try:
-        _wait_healthy(api, url)
+        wait_healthy(api, url)
         assert not (shared / "counter_1.db").exists()
         calls = cards = 0
         with ThreadPoolExecutor(4) as pool:
@@ -147,7 +125,7 @@ def test_serve_with_two_workers_reports_the_sum_of_both_processes(tmp_path) -> N
 def test_a_prometheus_directory_from_the_shell_is_ignored(tmp_path) -> None:
     """A one-process server given PROMETHEUS_MULTIPROC_DIR (here a directory that does not exist) keeps its metrics
     in memory: before, every hook call and /metrics failed with 500."""
-    from tests.integration.support import Process, base_env, free_port, run_cli
+    from tests.integration.support import Process, base_env, free_port, run_cli, wait_healthy
     from tests.service.api.support import RISK, high_risk_dialysis_patient, hook_request
 
     env = base_env(CDS_DATA_DIR=str(tmp_path), CDS_DEV_MODE="true", CDS_ENVIRONMENT="local", PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "nowhere"))
@@ -157,7 +135,7 @@ def test_a_prometheus_directory_from_the_shell_is_ignored(tmp_path) -> None:
     api = Process("api", ["serve", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path)
     patient = high_risk_dialysis_patient("metrics-2")
     try:
-        _wait_healthy(api, url)
+        wait_healthy(api, url)
         hook = httpx.post(f"{url}/cds-services/{RISK}", json=hook_request(RISK, patient.pid, prefetch=patient.prefetch()))
         assert hook.status_code == 200, hook.text
         metrics = httpx.get(f"{url}/metrics")

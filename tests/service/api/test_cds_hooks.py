@@ -116,14 +116,19 @@ def test_full_prefetch_high_risk_dialysis_patient_gets_a_calciphylaxis_warning(d
     assert "M1" in card["detail"] and "M3" in card["detail"]
 
 
-def hook_log_lines(monkeypatch: pytest.MonkeyPatch, client: TestClient, *calls: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ``cds_hook`` log line of each call (logging writes to the standard error of the moment)."""
+def logged_calls(
+    monkeypatch: pytest.MonkeyPatch, client: TestClient, *calls: dict[str, Any]
+) -> tuple[list[httpx.Response], list[dict[str, Any]]]:
+    """Each call's response and its ``cds_hook`` log line (logging writes to the standard error of the moment)."""
     captured = io.StringIO()
     monkeypatch.setattr(sys, "stderr", captured)
-    for kwargs in calls:
-        call(client, RISK, **kwargs)
+    responses = [call(client, RISK, **kwargs) for kwargs in calls]
     lines = [orjson.loads(line) for line in captured.getvalue().splitlines() if line.startswith("{")]
-    return [line for line in lines if line.get("event") == "cds_hook"]
+    return responses, [line for line in lines if line.get("event") == "cds_hook"]
+
+
+def hook_log_lines(monkeypatch: pytest.MonkeyPatch, client: TestClient, *calls: dict[str, Any]) -> list[dict[str, Any]]:
+    return logged_calls(monkeypatch, client, *calls)[1]
 
 
 def test_only_an_accepted_unsigned_call_is_logged_as_one(
@@ -336,15 +341,18 @@ def test_a_paged_prefetch_without_a_fhir_server_is_evaluated_from_its_first_page
     which key was cut."""
     patient = high_risk_dialysis_patient()
     fake_holds(fhir, patient)
-    whole = ok_cards(call(dev_client, RISK, hook_request(RISK, patient.pid, prefetch=patient.prefetch())))
     prefetch = {**patient.prefetch(), "observations": _first_page(fhir, "Observation", patient.pid, 1)}
     fhir.clear_requests()
-    first_page_only = ok_cards(call(dev_client, RISK, hook_request(RISK, patient.pid, prefetch=prefetch)))
+    responses, [complete, line] = logged_calls(
+        monkeypatch,
+        dev_client,
+        {"body": hook_request(RISK, patient.pid, prefetch=patient.prefetch())},
+        {"body": hook_request(RISK, patient.pid, prefetch=prefetch)},
+    )
+    whole, first_page_only = (ok_cards(r) for r in responses)
     assert fhir.requests == []
     assert first_page_only != whole and "calciphylaxis-risk" in topics(first_page_only)
-    [line] = hook_log_lines(monkeypatch, dev_client, {"body": hook_request(RISK, patient.pid, prefetch=prefetch)})
     assert line["data_gaps"] == ["prefetch observations is paged; the pages after the first were not fetched (no fhirServer was given)"]
-    [complete] = hook_log_lines(monkeypatch, dev_client, {"body": hook_request(RISK, patient.pid, prefetch=patient.prefetch())})
     assert "data_gaps" not in complete
 
 

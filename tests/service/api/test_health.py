@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.support import metric_samples
 from tests.service.api.conftest import ADMIN_TOKEN
 from tests.service.api.support import RISK, high_risk_dialysis_patient, hook_request
 
@@ -51,11 +51,7 @@ def test_metrics_after_hook_calls(dev_client: TestClient) -> None:
     response = dev_client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(response.text)
-        for s in family.samples
-    }
+    samples = metric_samples(response.text)
     names = {name for name, _ in samples}
     assert "cds_hook_request_seconds_bucket" in names
     latency_count = samples[("cds_hook_request_seconds_count", (("data_path", "prefetch"), ("service", RISK)))]

@@ -47,13 +47,15 @@ async def serve(handler: Handler) -> tuple[web.AppRunner, str]:
 
 def fetch(
     handler_for: Callable[[str], Handler],
-    queries: dict[str, str] | None = None,
+    queries: dict[str, str] | Callable[[str], dict[str, str]] | None = None,
     *,
+    rest: bool = False,
     max_pages: int = 5,
     timeout_s: float = 5,
     max_bytes: int = 1_000_000,
 ) -> dict[str, FetchResult]:
-    """Start a server whose handler knows its own base URL, fetch ``queries`` from it, stop both."""
+    """Start a server whose handler knows its own base URL, fetch ``queries`` (or ``queries(base)``) from it, stop
+    both. ``rest``: they are the next links of prefetched searchsets (``fetch_rest``), not queries."""
 
     async def run() -> dict[str, FetchResult]:
         base_box: list[str] = []
@@ -64,8 +66,9 @@ def fetch(
         runner, base = await serve(handler)
         base_box.append(base)
         fetcher = HookFetcher(timeout_s=timeout_s, max_pages=max_pages, max_bytes=max_bytes)
+        asked = queries(base) if callable(queries) else queries or {"labs": "Observation?patient=p1"}
         try:
-            return await fetcher.fetch_all(base, "t0k3n", queries or {"labs": "Observation?patient=p1"})
+            return await (fetcher.fetch_rest if rest else fetcher.fetch_all)(base, "t0k3n", asked)
         finally:
             await fetcher.aclose()
             await runner.cleanup()
@@ -141,27 +144,14 @@ def test_the_rest_of_a_prefetched_searchset_is_fetched_from_its_next_link_under_
         "/fhir/Condition?patient=p1&page=2": bundle(["d"]),
     }
 
-    async def run() -> dict[str, FetchResult]:
-        base_box: list[str] = []
+    def links(base: str) -> dict[str, str]:
+        return {
+            "observations": "Observation?patient=p1&page=2",
+            "conditions": f"{base}/Condition?patient=p1&page=2",
+            "medicationRequests": "http://elsewhere.invalid/fhir/MedicationRequest?page=2",
+        }
 
-        async def handler(request: web.Request) -> web.StreamResponse:
-            return await pages_handler(lambda _: pages, seen)(base_box[0])(request)
-
-        runner, base = await serve(handler)
-        base_box.append(base)
-        fetcher = HookFetcher(timeout_s=5, max_pages=5)
-        try:
-            links = {
-                "observations": "Observation?patient=p1&page=2",
-                "conditions": f"{base}/Condition?patient=p1&page=2",
-                "medicationRequests": "http://elsewhere.invalid/fhir/MedicationRequest?page=2",
-            }
-            return await fetcher.fetch_rest(base, "t0k3n", links)
-        finally:
-            await fetcher.aclose()
-            await runner.cleanup()
-
-    results = asyncio.run(run())
+    results = fetch(pages_handler(lambda _: pages, seen), links, rest=True)
     assert (ids(results["observations"]), results["observations"].error) == (["b", "c"], None)
     assert (ids(results["conditions"]), results["conditions"].error) == (["d"], None)
     assert (ids(results["medicationRequests"]), results["medicationRequests"].cut) == ([], "a next link is not under fhirServer")

@@ -12,6 +12,7 @@ from service.cds.thresholds import Thresholds
 from service.errors import PrefetchUnavailable
 from service.fhir.hook_fetch import HookFetcher
 from service.usecases.evaluate_hook import HookService, StoredAssessment
+from tests import builders as b
 
 NOW = datetime(2026, 1, 10, tzinfo=UTC)
 CARD = {"uuid": "u1", "summary": "Calciphylaxis risk HIGH", "indicator": "warning", "source": {"label": "calcinosis-cds"}}
@@ -30,10 +31,18 @@ def service(catalog, stored: StoredAssessment | None) -> HookService:
     )
 
 
-def call(svc: HookService, hook: str = "patient-view", service_id: str = "calcinosis-risk", prefetch: dict | None = None):
+def call(
+    svc: HookService,
+    hook: str = "patient-view",
+    service_id: str = "calcinosis-risk",
+    prefetch: dict | None = None,
+    fhir_server: str | None = None,
+):
     body: dict = {"hook": hook, "hookInstance": "i", "context": {"patientId": "p1", "draftOrders": {"resourceType": "Bundle"}}}
     if prefetch is not None:
         body["prefetch"] = prefetch
+    if fhir_server is not None:
+        body["fhirServer"] = fhir_server
     return asyncio.run(svc.answer(service_id, body, NOW))
 
 
@@ -90,20 +99,9 @@ def test_prefetch_bundle_with_urn_uuid_references(catalog) -> None:
     ids=["no-server", "server-not-allowed"],
 )
 def test_a_paged_prefetch_that_cannot_be_completed_is_answered_from_its_first_page_and_noted(catalog, server, reason) -> None:
-    first_page = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "link": [{"relation": "next", "url": "https://ehr.example.org/fhir/Observation?page=2"}],
-    }
-    empty = {"resourceType": "Bundle", "type": "searchset"}
-    body: dict = {
-        "hook": "patient-view",
-        "hookInstance": "i",
-        "context": {"patientId": "p1"},
-        "prefetch": {"observations": first_page, "conditions": empty, "medicationRequests": empty},
-    }
-    if server is not None:
-        body["fhirServer"] = server
-    answer = asyncio.run(service(catalog, None).answer("calcinosis-risk", body, NOW))
+    first_page = {**b.bundle(btype="searchset"), "link": [{"relation": "next", "url": "https://ehr.example.org/fhir/Observation?page=2"}]}
+    empty = b.bundle(btype="searchset")
+    prefetch = {"observations": first_page, "conditions": empty, "medicationRequests": empty}
+    answer = call(service(catalog, None), prefetch=prefetch, fhir_server=server)
     assert answer.data_path == "fallback"
     assert f"prefetch observations is paged; the pages after the first were not fetched ({reason})" in answer.notes
