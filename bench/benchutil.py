@@ -57,11 +57,12 @@ def cpu_s(pid: int) -> float:
         return 0.0
 
 
-def process_tree_cpu_s(pid: int) -> float | None:
-    """CPU seconds of a process and its descendants, or None where /proc is absent."""
+def process_tree_cpu(pid: int) -> dict[int, float] | None:
+    """CPU seconds of a process and of each of its descendants, by pid, or None where /proc is absent. Compare two
+    readings only over the same pids: a process that exits in between takes its CPU seconds with it."""
     if not Path(f"/proc/{pid}/stat").exists():
         return None
-    return sum(cpu_s(p) for p in process_tree(pid))
+    return {p: cpu_s(p) for p in process_tree(pid)}
 
 
 def machine() -> dict[str, str]:

@@ -42,7 +42,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import httpx
 import orjson
-from benchutil import free_port, machine, process_tree_cpu_s
+from benchutil import free_port, machine, process_tree_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "CDS Hooks latency (bench/cds_hooks.py)"
@@ -487,12 +487,12 @@ async def measure(
     expect_cards = scenario != "floor"
     async with _client(client, url, concurrency) as post:
         await _callers(post, url, body, concurrency, warmup, expect_cards)
-        cpu_before, client_before = process_tree_cpu_s(server_pid), time.process_time()
+        cpu_before, client_before = process_tree_cpu(server_pid), time.process_time()
         seconds, latencies = await _callers(post, url, body, concurrency, n, expect_cards)
-        cpu_after, client_after = process_tree_cpu_s(server_pid), time.process_time()
+        cpu_after, client_after = process_tree_cpu(server_pid), time.process_time()
     result = Result(scenario, concurrency, n, seconds, latencies, client_cpu_s=client_after - client_before)
-    if cpu_before is not None and cpu_after is not None:
-        result.server_cpu_s = cpu_after - cpu_before
+    if cpu_before is not None and cpu_after is not None and cpu_before.keys() == cpu_after.keys():  # else n/a
+        result.server_cpu_s = sum(cpu_after.values()) - sum(cpu_before.values())
     result.round_p95_ms.append(result.pct(95))
     return result
 
