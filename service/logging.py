@@ -61,7 +61,7 @@ def exception_frames(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutabl
 
 def _route_standard_logging(level: int, stamped: list[Any], renderer: Any) -> None:
     """Lines of the standard ``logging`` module (this service's few, its libraries' and, in worker and beat
-    processes, Celery's) in the same format, one object per line. HTTP clients log every request URL at INFO:
+    processes, Celery's and its prefork pool's) in the same format, one object per line. HTTP clients log every request URL at INFO:
     only their warnings are kept."""
     handler = logging.StreamHandler(_Stderr())
     handler.setFormatter(
@@ -73,5 +73,9 @@ def _route_standard_logging(level: int, stamped: list[Any], renderer: Any) -> No
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
+    # The prefork pool's supervisor (billiard) logs on a logger of its own that does not propagate ("Process
+    # 'ForkPoolWorker-1' pid:… exited with 'signal 15 (SIGTERM)'"): without a handler of its own, Python's last-resort
+    # handler wrote those lines as plain text between the JSON ones
+    logging.getLogger("multiprocessing").handlers = [handler]
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

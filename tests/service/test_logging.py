@@ -63,3 +63,17 @@ def test_an_exception_on_a_standard_logging_line_is_its_type_and_frames_never_it
     assert record["exception"] == "KeyError"
     assert record["raised_at"][0].startswith("test_logging.py:") and record["raised_at"][0].endswith(" evaluate")
     assert "exc_info" not in record
+
+
+def test_the_prefork_pools_own_lines_are_json_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker pool's supervisor logs a child that exited on a signal on billiard's own logger, which does not
+    propagate to the root: the line is one JSON object like the rest, not Python's last-resort plain text."""
+    from billiard import util
+
+    captured = standard_logging_here(monkeypatch)
+    util.get_logger()  # as the pool does before it logs; sets propagate off
+    util.error("Process %r pid:%r exited with %r", "ForkPoolWorker-1", 4242, "signal 15 (SIGTERM)", exc_info=0)
+    (line,) = captured.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["event"] == "Process 'ForkPoolWorker-1' pid:4242 exited with 'signal 15 (SIGTERM)'"
+    assert record["level"] == "error"
