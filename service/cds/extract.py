@@ -9,9 +9,10 @@ Rules applied here, each exclusion reported with its reason:
 - Conditions: clinicalStatus active/recurrence/relapse (or absent on a problem-list item; status-type
   codes count unless resolved); verificationStatus neither refuted nor entered-in-error; codes that
   require a text (E83.59) count only with it.
-- Medications (Request, Statement, Administration): current by status or by an effective/validity
-  period overlapping now; stop dates kept for the VKA lookback; intravenous route from the route
-  coding or text, or a parenteral product.
+- Medications (Request, Statement, Administration): never-taken statuses (cancelled, draft, not-taken,
+  not-done, entered-in-error) excluded; current by status or by an effective/validity period overlapping
+  now, except when the status says the drug was stopped (or, for a statement, completed); stop dates kept
+  for the VKA lookback; intravenous route from the route coding or text, or a parenteral product.
 - Procedures: completed or in progress, performed not in the future.
 Windows are applied by the rules; here only obviously stale lab values are dropped from validation.
 """
@@ -58,6 +59,19 @@ _COND_CURRENT = frozenset({"active", "recurrence", "relapse"})
 _COND_INVALID_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 _MED_REQUEST_CURRENT = frozenset({"active", "on-hold"})
 _MED_STATEMENT_CURRENT = frozenset({"active", "on-hold", "intended"})
+#: Statuses that say the drug was never taken (or never given): not a medication fact at all.
+_MED_NEVER_TAKEN = {
+    "MedicationRequest": frozenset({"entered-in-error", "cancelled", "draft"}),
+    "MedicationStatement": frozenset({"entered-in-error", "not-taken"}),
+    "MedicationAdministration": frozenset({"entered-in-error", "not-done"}),
+}
+#: Statuses that say the drug is no longer taken, whatever its period: never current (a stopped VKA still counts
+#: within its lookback). A MedicationRequest's period is its dispensing window, which outlives a stop.
+_MED_ENDED = {
+    "MedicationRequest": frozenset({"stopped"}),
+    "MedicationStatement": frozenset({"stopped", "completed"}),
+    "MedicationAdministration": frozenset({"stopped"}),
+}
 _PROC_DONE = frozenset({"completed", "in-progress"})
 #: Features that count only when the product is given intravenously.
 IV_FEATURES = frozenset({"iv_calcium", "iv_phosphate"})
@@ -259,18 +273,19 @@ class _Extractor:
             return
         ref = self.note_input(res)
         status = res.get("status")
-        if status == "entered-in-error":
-            self.exclude(ref, "status entered-in-error")
-            return
-        if rtype == "MedicationAdministration" and status == "not-done":
-            self.exclude(ref, "status not-done")
+        if status in _MED_NEVER_TAKEN[rtype]:
+            self.exclude(ref, f"status {status}" if status == "entered-in-error" else f"status {status}: not taken")
             return
         start, stop = _medication_period(res)
         if start is not None and start > self.now:
             self.exclude(ref, "starts in the future")
             return
         overlaps = start is not None and stop is not None and start <= self.now <= stop
-        if rtype == "MedicationRequest":
+        if status in _MED_ENDED[rtype]:
+            current = False
+            if stop is not None and stop > self.now:
+                stop = None  # the end of a period it was stopped within: when it stopped is not known
+        elif rtype == "MedicationRequest":
             current = status in _MED_REQUEST_CURRENT or overlaps
         elif rtype == "MedicationStatement":
             current = status in _MED_STATEMENT_CURRENT or overlaps

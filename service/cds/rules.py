@@ -474,11 +474,10 @@ def _current(m: MedicationFact) -> bool:
 def _vka_counts(m: MedicationFact, now: datetime, days: int) -> bool:
     if m.current:
         return True
-    if m.status in ("cancelled", "draft", "not-taken"):
-        return False
     if m.stop is not None:
         return within(m.stop, now, days)
-    # Stopped/completed without a stop date: it stopped between its start and now.
+    # Stopped/completed without a known stop date: it stopped between its start and now, so within the lookback for
+    # certain only if it started in it.
     return m.start is not None and within(m.start, now, days)
 
 

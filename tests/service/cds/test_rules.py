@@ -318,8 +318,54 @@ def test_inactive_medications_do_not_count(run) -> None:
 
 
 def test_medication_statement_period_overlapping_now_counts(run) -> None:
-    ev = run(esrd(), *renal_panel(), med_statement("1894", status="completed", start_days=30, end_days=-30))
+    ev = run(esrd(), *renal_panel(), med_statement("1894", status="unknown", start_days=30, end_days=-30))
     assert "vitamin_d_therapy" in ev.assessment.calciphylaxis.minor_factors
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        med_request("214342", status="stopped", authored_days=30, validity_end_days=-60),
+        med_request("214342", status="cancelled", authored_days=30, validity_end_days=-60),
+        med_request("214342", status="draft", authored_days=30, validity_end_days=-60),
+        med_statement("214342", status="not-taken", start_days=30, end_days=-30),
+        med_statement("214342", status="stopped", start_days=30, end_days=-30),
+        med_statement("214342", status="completed", start_days=30, end_days=-30),  # FHIR: "no longer being taken"
+    ],
+)
+def test_a_status_that_says_not_taken_wins_over_a_period_reaching_past_now(run, resource) -> None:
+    """A MedicationRequest's validity period is its dispensing window and outlives a stop or a cancellation; a
+    statement's status says whether the drug is taken: neither period makes the binder current."""
+    ev = run(esrd(), *renal_panel(), resource)
+    assert "calcium_binder" not in ev.assessment.calciphylaxis.minor_factors
+    assert ev.assessment.calciphylaxis.tier == "low"
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        med_request("11289", status="cancelled", validity_end_days=-60),
+        med_request("11289", status="draft"),
+        med_statement("11289", status="not-taken", start_days=30, end_days=-30),
+    ],
+)
+def test_a_warfarin_never_taken_is_excluded_with_its_status(run, resource) -> None:
+    ev = run(esrd(), *renal_panel(), resource)
+    assert "M1" not in ev.assessment.calciphylaxis.major_factors
+    reasons = {e.reference: e.reason for e in ev.assessment.excluded}
+    assert reasons[f"{resource['resourceType']}/{resource['id']}"] == f"status {resource['status']}: not taken"
+
+
+def test_a_warfarin_order_stopped_inside_its_dispensing_window_counts_only_when_that_is_certainly_within_90_days(run) -> None:
+    """Stopped while its validity period still runs: it stopped between the order and now. Ordered 30 days ago, that is
+    within the 90-day lookback for certain (M1, shown as stopped, dated by the order); ordered 200 days ago, it is not
+    known to be."""
+    recent = med_request("11289", status="stopped", authored_days=30, validity_end_days=-300)
+    ev = run(esrd(), *renal_panel(), recent)
+    m1 = next(f for f in ev.assessment.calciphylaxis.factors if f.id == "M1")
+    assert [(e.reference, e.value, e.date) for e in m1.evidence] == [(f"MedicationRequest/{recent['id']}", "stopped", recent["authoredOn"])]
+    old = med_request("11289", status="stopped", authored_days=200, validity_end_days=-100)
+    assert "M1" not in run(esrd(), *renal_panel(), old).assessment.calciphylaxis.major_factors
 
 
 # ----------------------------------------------------------------------------- §2.4 metastatic
