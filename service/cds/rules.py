@@ -166,6 +166,14 @@ def medication_evidence(m: MedicationFact, note: str | None = None) -> Evidence:
     )
 
 
+_IONIZED_ROLE_NOTES = {
+    "paired": "within {hours} h of the total calcium: decides",
+    "newer": "newer than the total calcium: decides",
+    "older": "older than the total calcium, which supersedes it: not used",
+    "alone": "no total calcium in the window: decides",
+}
+
+
 @dataclass
 class CalciumFinding:
     """The calcium values behind the hypercalcemia decision (decision 2 of the reference)."""
@@ -176,8 +184,12 @@ class CalciumFinding:
     corrected_mg_dl: Decimal | None = None
     correction_note: str = ""
     ionized: LabValue | None = None
-    ionized_paired: bool = False
+    #: How ``ionized`` relates to the total calcium: "paired" (within the pairing hours), "newer", "older" or "alone"
+    #: (no total calcium); the newest result decides (:attr:`ionized_decides`).
+    ionized_role: str | None = None
     ionized_mmol_l: Decimal | None = None
+    #: The ionized calcium decides and is normal, while the total calcium is in a hypercalcemia severity band.
+    discordant: bool = False
     basis: str = "none"  # "ionized" | "corrected" | "measured" | "reported-corrected" | "none"
     corrected: bool = False  # the albumin correction was applied (albumin below the reference, paired in time)
     hypercalcemia: bool = False
@@ -185,6 +197,10 @@ class CalciumFinding:
     evidence: list[Evidence] = field(default_factory=list)  # every calcium fact read, in display order
     fired: list[Evidence] = field(default_factory=list)  # the facts behind ``hypercalcemia`` (M2 lists these)
     total_row: Evidence | None = None  # the row of ``corrected_mg_dl`` (the severity cards show their band on it)
+
+    @property
+    def ionized_decides(self) -> bool:
+        return self.ionized is not None and self.ionized_role != "older"
 
     def total_label(self) -> str:
         """What ``corrected_mg_dl`` is, in words: it is the measured value when no correction applied."""
@@ -351,9 +367,6 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
             out.corrected_mg_dl = out.measured_mg_dl
             out.correction_note = f"albumin ≥ {fmt(t.correction_reference_albumin_g_dl)} g/dL: no correction"
         out.basis = "corrected"
-        paired = ctx.closest("calcium_ionized", mineral_days, ca.effective, t.ionized_pair_hours)
-        if paired is not None:
-            out.ionized, out.ionized_paired = paired, True
     else:
         reported = ctx.latest("calcium_corrected_reported", mineral_days)
         if reported is not None:
@@ -361,22 +374,31 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
             out.corrected_mg_dl = rnd(reported.value, 2)
             out.basis = "reported-corrected"
             out.correction_note = "laboratory-reported corrected calcium"
-    if out.ionized is None:
-        out.ionized = ctx.latest("calcium_ionized", mineral_days)
+    # Which ionized calcium, and whether it decides: the newest calcium result decides. One within 24 h of the total
+    # calcium is of the same draw and decides (decision 2); one newer than that supersedes the total calcium; one
+    # older than the total calcium by more is superseded by it, and only shown.
+    latest_ionized = ctx.latest("calcium_ionized", mineral_days)
+    if out.measured is None:
+        out.ionized, out.ionized_role = latest_ionized, "alone"
+    elif latest_ionized is not None:
+        if latest_ionized.effective > out.measured.effective + timedelta(hours=t.ionized_pair_hours):
+            out.ionized, out.ionized_role = latest_ionized, "newer"
+        else:
+            paired = ctx.closest("calcium_ionized", mineral_days, out.measured.effective, t.ionized_pair_hours)
+            out.ionized, out.ionized_role = (paired, "paired") if paired is not None else (latest_ionized, "older")
     if out.ionized is not None:
         out.ionized_mmol_l = rnd(out.ionized.value, 2)
 
     iono_high = out.ionized_mmol_l is not None and out.ionized_mmol_l > t.ionized_ca_above_mmol_l
     corrected_high = False
-    if out.ionized_paired:
-        # Decision 2: an ionized calcium within 24 h of the total calcium decides.
+    if out.ionized_decides:
         out.basis = "ionized"
         out.hypercalcemia = iono_high
+        if out.corrected_mg_dl is not None and not iono_high and out.corrected_mg_dl >= t.moderate_hypercalcemia_at_least:
+            out.discordant = True
     else:
         corrected_high = out.corrected_mg_dl is not None and out.corrected_mg_dl > out.threshold
-        out.hypercalcemia = corrected_high or iono_high
-        if out.corrected_mg_dl is None and out.ionized is not None:
-            out.basis = "ionized"
+        out.hypercalcemia = corrected_high
 
     measured_row = albumin_row = ionized_row = None
     if out.corrected and out.measured is not None:
@@ -384,10 +406,12 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
         out.evidence.append(measured_row)
     if out.corrected_mg_dl is not None and out.measured is not None:
         # The threshold applies to this value only when it decides (an ionized calcium of the same draw decides instead).
-        threshold = None if out.ionized_paired else f"> {fmt(out.threshold)} mg/dL ({'R1/R2' if renal != 'R0' else 'R0'})"
+        threshold = None if out.ionized_decides else f"> {fmt(out.threshold)} mg/dL ({'R1/R2' if renal != 'R0' else 'R0'})"
         notes = [out.correction_note]
-        if out.ionized_paired:
+        if out.ionized_role == "paired":
             notes.append("hypercalcemia is decided by the ionized calcium of the same draw")
+        elif out.ionized_role == "newer":
+            notes.append("hypercalcemia is decided by a newer ionized calcium")
         elif out.corrected:
             notes.append("in CKD the albumin correction may classify worse than the uncorrected value (Lian 2018); ionized calcium is preferred")
         if out.corrected:
@@ -411,8 +435,8 @@ def calcium_finding(ctx: _Ctx, renal: str, mineral_days: int) -> CalciumFinding:
     if out.ionized is not None:
         ionized_row = lab_evidence(
             out.ionized,
-            threshold=f"> {fmt(t.ionized_ca_above_mmol_l)} mmol/L",
-            note="within 24 h of the total calcium: decides" if out.ionized_paired else "not paired with a total calcium",
+            threshold=f"> {fmt(t.ionized_ca_above_mmol_l)} mmol/L" if out.ionized_decides else None,
+            note=_IONIZED_ROLE_NOTES[out.ionized_role or "alone"].format(hours=t.ionized_pair_hours),
         )
         out.evidence.append(ionized_row)
     # The facts behind the decision: a total calcium that crossed, with what it was computed from (decision 2:
@@ -656,7 +680,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
 
     # ---- hypercalcemia severity (§2.4 "Also")
     severity = severity_band = None
-    if calcium.corrected_mg_dl is not None and not (calcium.ionized_paired and not calcium.hypercalcemia):
+    if calcium.corrected_mg_dl is not None and not (calcium.ionized_decides and not calcium.hypercalcemia):
         if calcium.corrected_mg_dl >= t.severe_hypercalcemia_at_least:
             severity, severity_band = "severe", f"≥ {fmt(t.severe_hypercalcemia_at_least)}"
         elif calcium.corrected_mg_dl >= t.moderate_hypercalcemia_at_least:
@@ -665,6 +689,12 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
             for o in ("pth", "pthrp", "vitamin_d_25oh", "vitamin_d_1_25"):
                 if o not in orders:
                     orders.append(o)
+
+    if calcium.discordant and calcium.corrected_mg_dl is not None and calcium.ionized_mmol_l is not None:
+        notes.append(
+            f"{calcium.total_label()} {fmt(calcium.corrected_mg_dl)} mg/dL is in a hypercalcemia severity band while the ionized "
+            f"calcium that decides ({fmt(calcium.ionized_mmol_l)} mmol/L) is normal: discordant results, consider repeating both"
+        )
 
     # ---- §2.5 context
     calcinosis = ctx.conditions("calcinosis_cutis")

@@ -246,6 +246,39 @@ def test_paired_normal_ionized_overrides_high_corrected(run) -> None:
     assert not [c for c in ev.assessment.cards if "hypercalcemia" in c["source"]["topic"]["code"]]
 
 
+def test_an_ionized_calcium_newer_than_the_total_calcium_decides(run) -> None:
+    """The newest calcium result decides: an ionized calcium drawn after the last total calcium (and its own paired
+    ionized value) supersedes them; a high one is M2 and hypercalcemia, with the superseded values shown unthresholded."""
+    newer = obs(ICA, 1.45, "mmol/L", days=1)
+    ev = run(esrd(), obs(CA, 9.0, days=10), obs(ICA, 1.20, "mmol/L", days=10, hours=-1), obs(P, 4.0, days=10), obs(ALB, 4.2, "g/dL", days=10), newer)
+    assert ev.assessment.calcium is not None and ev.assessment.calcium["basis"] == "ionized"
+    assert ev.assessment.calcium["ionized_mmol_l"] == "1.45"
+    assert ev.assessment.metastatic_calcification.hypercalcemia is True
+    m2 = next(f for f in ev.assessment.calciphylaxis.factors if f.id == "M2")
+    assert [(e.reference, e.value, e.threshold, e.note) for e in m2.evidence] == [
+        (f"Observation/{newer['id']}", "1.45", "> 1.3 mmol/L", "newer than the total calcium: decides")
+    ]
+
+
+def test_an_ionized_calcium_older_than_the_total_calcium_is_superseded(run) -> None:
+    """A high ionized calcium two months before a normal total calcium (no ionized value with it) is not hypercalcemia
+    now: the newer total calcium supersedes it."""
+    old = obs(ICA, 1.40, "mmol/L", days=60)
+    ev = run(esrd(), *renal_panel(), old)
+    assert ev.assessment.metastatic_calcification.hypercalcemia is False
+    assert "M2" not in ev.assessment.calciphylaxis.major_factors
+    assert ev.assessment.calcium is not None and ev.assessment.calcium["basis"] == "corrected"
+    assert ev.assessment.calcium["ionized_mmol_l"] == "1.4"  # read and reported, not deciding
+
+
+def test_a_total_calcium_in_the_severe_band_with_a_normal_paired_ionized_calcium_is_noted_as_discordant(run) -> None:
+    ev = run(obs(CA, 14.2, days=1), obs(ICA, 1.25, "mmol/L", days=1, hours=2))
+    assert ev.assessment.metastatic_calcification.hypercalcemia is False
+    assert not [c for c in ev.assessment.cards if "hypercalcemia" in c["source"]["topic"]["code"]]
+    (note,) = [n for n in ev.assessment.notes if "discordant" in n]
+    assert "14.2 mg/dL" in note and "1.25 mmol/L" in note
+
+
 def test_m2_product_above_70(run) -> None:
     ev = run(esrd(), *renal_panel(ca=10.0, p=7.01))  # 70.1 > 70 (P also > 5.5)
     m2 = next(f for f in ev.assessment.calciphylaxis.factors if f.id == "M2")
