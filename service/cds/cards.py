@@ -432,14 +432,16 @@ def risk_assessments(outcome: Outcome, ctx: CardContext, now_iso: str) -> list[d
     """One FHIR R4 RiskAssessment per flag (calciphylaxis and metastatic calcification), with basis references."""
     out: list[dict[str, Any]] = []
     patient_id = ctx.patient.split("/", 1)[-1]
-    flags: list[tuple[str, str, str, str, list[str]]] = []
+    flags: list[tuple[str, str, str, str, list[str], str | None]] = []
     cal_tier = outcome.calciphylaxis_tier
     if cal_tier != "none":
         basis = [e.reference for f in (*outcome.majors, *outcome.minors) for e in f.evidence if e.reference]
         basis += [e.reference for e in outcome.renal_evidence if e.reference]
         basis += [c.source.reference for c in outcome.established]
         label = "Calciphylaxis (calcific uremic arteriolopathy)"
-        flags.append(("calciphylaxis", cal_tier, label, outcome.explanations["calciphylaxis"], basis))
+        # REFERENCE §2.3: a tier without valid results it needs carries "(incomplete data)", here as on the card
+        incomplete = f"incomplete data: no valid {', '.join(outcome.missing)}" if outcome.incomplete else None
+        flags.append(("calciphylaxis", cal_tier, label, outcome.explanations["calciphylaxis"], basis, incomplete))
     met = outcome.metastatic_tier
     if met != "none":
         basis = [e.reference for f in outcome.predisposing for e in f.evidence if e.reference]
@@ -447,15 +449,15 @@ def risk_assessments(outcome: Outcome, ctx: CardContext, now_iso: str) -> list[d
         basis += [e.reference for e in outcome.phosphate_evidence if e.reference]
         if outcome.product is not None:
             basis += [outcome.product.calcium.source.reference, outcome.product.phosphate.source.reference]
-        flags.append(("metastatic-calcification", met, "Metastatic calcification", outcome.explanations["metastatic"], basis))
-    for flag, tier, label, rationale, basis in flags:
+        flags.append(("metastatic-calcification", met, "Metastatic calcification", outcome.explanations["metastatic"], basis, None))
+    for flag, tier, label, rationale, basis, incomplete in flags:
         rule_id = RULE_IDS["calciphylaxis" if flag == "calciphylaxis" else "metastatic"]
         refs = sorted({b for b in basis if not b.startswith(ctx.patient)})
-        prediction: dict[str, Any] = {"outcome": {"text": label}, "rationale": rationale}
+        prediction: dict[str, Any] = {"outcome": {"text": label}, "rationale": f"{rationale} ({incomplete})" if incomplete else rationale}
         if tier in _QUALITATIVE:
             prediction["qualitativeRisk"] = {
                 "coding": [{"system": RISK_PROBABILITY, "code": _QUALITATIVE[tier], "display": tier.capitalize()}],
-                "text": f"{tier} (rule tier; not a validated probability)",
+                "text": f"{tier}{' (incomplete data)' if incomplete else ''} (rule tier; not a validated probability)",
             }
         else:
             prediction["qualitativeRisk"] = {"text": tier}

@@ -97,3 +97,16 @@ def test_risk_assessment_per_flag(run) -> None:
     cal = next(r for r in ev.risk_assessments if r["identifier"][0]["value"] == "p1-calciphylaxis")
     assert cal["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] == "high"
     assert len(cal["basis"]) >= 3
+
+
+def test_a_risk_assessment_from_incomplete_data_says_so(run) -> None:
+    """REFERENCE §2.3: a tier reached without the results it needs is "(incomplete data)"; the written RiskAssessment
+    must not read as a reassuring "low" where the card says incomplete."""
+    ev = run(esrd())  # kidney failure, no laboratory results at all
+    cal = next(r for r in ev.risk_assessments if r["identifier"][0]["value"] == "p1-calciphylaxis")
+    risk = cal["prediction"][0]["qualitativeRisk"]
+    assert risk["coding"][0]["code"] == "low"
+    assert risk["text"].startswith("low (incomplete data)")
+    assert "incomplete data: no valid" in cal["prediction"][0]["rationale"] and "intact PTH" in cal["prediction"][0]["rationale"]
+    complete = next(r for r in run(esrd(), *renal_panel()).risk_assessments if r["identifier"][0]["value"] == "p1-calciphylaxis")
+    assert "incomplete" not in complete["prediction"][0]["qualitativeRisk"]["text"] + complete["prediction"][0]["rationale"]
