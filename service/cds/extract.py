@@ -181,7 +181,7 @@ class _Extractor:
             return None
         value = vq.get("value")
         if not is_number(value):
-            self.exclude(ref, "valueQuantity.value is missing or not a number")
+            self.exclude(ref, "valueQuantity.value is missing, not a number or out of range")
             return None
         unit = _unit_of(vq)
         error = self.catalog.conversion_error(unit, entry.analyte)

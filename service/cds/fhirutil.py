@@ -64,24 +64,30 @@ def parse_date(value: Any) -> date | None:
     return dt.date() if dt is not None else None
 
 
+#: No laboratory value or reference limit comes near this; beyond it a number is not one we can compute with (the
+#: rounding of a Ca×P product of two such values would overflow the decimal context).
+MAX_MAGNITUDE = 10**12
+
+
 def to_decimal(value: Any) -> Decimal | None:
-    """JSON number → Decimal via its shortest repr, so 9.4 stays 9.4 (bools are not numbers)."""
+    """JSON number → Decimal via its shortest repr, so 9.4 stays 9.4 (bools are not numbers; nor is anything whose
+    magnitude reaches :data:`MAX_MAGNITUDE`)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
         return None
     try:
         d = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
     except (InvalidOperation, ValueError):
         return None
-    return d if d.is_finite() else None
+    return d if d.is_finite() and abs(d) < MAX_MAGNITUDE else None
 
 
 def is_number(value: Any) -> bool:
     """Whether :func:`to_decimal` gives a number, without building the Decimal for a plain JSON number."""
     kind = type(value)
     if kind is int:
-        return True
+        return abs(value) < MAX_MAGNITUDE
     if kind is float:
-        return math.isfinite(value)
+        return math.isfinite(value) and abs(value) < MAX_MAGNITUDE
     return to_decimal(value) is not None
 
 

@@ -31,3 +31,4 @@ def test_examples() -> None:
     assert is_number(9) and is_number(9.4) and is_number("9.4") and is_number(Decimal("1.5"))
     assert not is_number(True) and not is_number(float("inf")) and not is_number(float("nan")) and not is_number("nine")
     assert not is_number(None) and not is_number([1])
+    assert is_number(999_999_999_999) and not is_number(10**12) and not is_number(1e200) and not is_number("-1e200")

@@ -279,6 +279,24 @@ def test_a_total_calcium_in_the_severe_band_with_a_normal_paired_ionized_calcium
     assert "14.2 mg/dL" in note and "1.25 mmol/L" in note
 
 
+@pytest.mark.parametrize("value", [1e200, "1e200", -1e16])
+def test_an_absurd_value_is_excluded_not_a_failure(run, value) -> None:
+    """A value no laboratory reports (it would overflow the rounding of a Ca×P product) is excluded with its reason;
+    the rest of the record is assessed."""
+    absurd = obs(CA, 9.0, days=1)
+    absurd["valueQuantity"]["value"] = value
+    ev = run(esrd(), *renal_panel(ca=9.5), absurd)
+    reasons = {e.reference: e.reason for e in ev.assessment.excluded}
+    assert reasons[f"Observation/{absurd['id']}"] == "valueQuantity.value is missing, not a number or out of range"
+    assert ev.assessment.calcium is not None and ev.assessment.calcium["measured_mg_dl"] == "9.5"
+
+
+def test_an_absurd_reference_limit_is_not_used(run) -> None:
+    pth = obs(PTH, 700, "pg/mL", days=5)
+    pth["referenceRange"] = [{"high": {"value": 1e200, "unit": "pg/mL", "system": "http://unitsofmeasure.org", "code": "pg/mL"}}]
+    assert "M4" in run(esrd(), *renal_panel(pth=None), pth).assessment.calciphylaxis.major_factors  # default ULN 65: 585
+
+
 def test_m2_product_above_70(run) -> None:
     ev = run(esrd(), *renal_panel(ca=10.0, p=7.01))  # 70.1 > 70 (P also > 5.5)
     m2 = next(f for f in ev.assessment.calciphylaxis.factors if f.id == "M2")
