@@ -324,9 +324,10 @@ def renal_context(ctx: _Ctx) -> tuple[str, list[Evidence], frozenset[str]]:
                 )
             )
     egfr = ctx.latest("egfr", t.window_renal_function_days)
-    egfr_value = rnd(egfr.value, 1) if egfr else None
+    # Compared as reported: REFERENCE §2.1 rounds calcium, phosphate and Ca×P only (14.96 is "< 15")
+    egfr_value = egfr.value if egfr else None
     if egfr is not None and egfr_value is not None and egfr_value < t.egfr_r2_below:
-        r2.append(lab_evidence(egfr, threshold=f"< {fmt(t.egfr_r2_below)}", places=1))
+        r2.append(lab_evidence(egfr, threshold=f"< {fmt(t.egfr_r2_below)}"))
         bases.add("egfr")
     if r2:
         return "R2", r2, frozenset(bases)
@@ -334,12 +335,12 @@ def renal_context(ctx: _Ctx) -> tuple[str, list[Evidence], frozenset[str]]:
     r1: list[Evidence] = [condition_evidence(c) for c in r1_conditions]
     bases = {c.feature for c in r1_conditions}
     if egfr is not None and egfr_value is not None and egfr_value < t.egfr_r1_below:
-        r1.append(lab_evidence(egfr, threshold=f"{fmt(t.egfr_r2_below)}–{fmt(t.egfr_r1_below - 1)}", places=1))
+        r1.append(lab_evidence(egfr, threshold=f"≥ {fmt(t.egfr_r2_below)} and < {fmt(t.egfr_r1_below)}"))
         bases.add("egfr")
     if r1:
         return "R1", r1, frozenset(bases)
     if egfr is not None:
-        return "R0", [lab_evidence(egfr, threshold=f"≥ {fmt(t.egfr_r1_below)}", places=1)], frozenset()
+        return "R0", [lab_evidence(egfr, threshold=f"≥ {fmt(t.egfr_r1_below)}")], frozenset()
     return "R0", [], frozenset()
 
 

@@ -36,6 +36,15 @@ from tests.builders import (
 # ----------------------------------------------------------------------------- §2.2 renal context
 
 
+@pytest.mark.parametrize(("value", "context"), [(14.96, "R2"), (15, "R1"), (29.96, "R1"), (30, "R0")])
+def test_egfr_is_compared_as_reported_not_rounded(run, value, context) -> None:
+    """REFERENCE §2.1 rounds calcium, phosphate and Ca×P before comparison, not eGFR: 14.96 is below 15."""
+    ev = run(obs(EGFR, value, "mL/min/{1.73_m2}", days=20))
+    assert ev.assessment.renal_context == context
+    (row,) = ev.assessment.renal_evidence
+    assert row.value == str(value)
+
+
 @pytest.mark.parametrize(
     "resource",
     [
