@@ -75,6 +75,8 @@ _MED_ENDED = {
 _PROC_DONE = frozenset({"completed", "in-progress"})
 #: Features that count only when the product is given intravenously.
 IV_FEATURES = frozenset({"iv_calcium", "iv_phosphate"})
+#: Features that do not count when every route on the record is local (REFERENCE §2.3 "systemic corticosteroid").
+SYSTEMIC_FEATURES = frozenset({"systemic_corticosteroid"})
 
 
 def analyte_windows(t: Thresholds) -> dict[str, int | None]:
@@ -276,6 +278,12 @@ class _Extractor:
         if status in _MED_NEVER_TAKEN[rtype]:
             self.exclude(ref, f"status {status}" if status == "entered-in-error" else f"status {status}: not taken")
             return
+        features = match.features
+        if given_locally(self.catalog, match, res):
+            features = features - SYSTEMIC_FEATURES
+            if not features:
+                self.exclude(ref, "local route (topical, inhaled or similar): not a systemic corticosteroid")
+                return
         start, stop = _medication_period(res)
         if start is not None and start > self.now:
             self.exclude(ref, "starts in the future")
@@ -295,7 +303,7 @@ class _Extractor:
         last = max(start, stop) if start is not None and stop is not None else start or stop
         self.medication_facts.append(
             MedicationFact(
-                features=match.features,
+                features=features,
                 source=Source(ref, version_of(res), coding.get("system", ""), coding["code"], coding.get("display") or match.entry.display),
                 resource_type=rtype,
                 status=str(status),
@@ -402,11 +410,21 @@ def _bound(catalog: Catalog, q: Any, analyte: str) -> Decimal | None:
 def given_intravenously(catalog: Catalog, match: MedicationMatch, res: dict[str, Any]) -> bool:
     """Whether an IV calcium/phosphate product is given intravenously: a parenteral product, or an IV route on the
     record. The route is read only for those drugs."""
-    return bool(match.features & IV_FEATURES) and (match.entry.parenteral or _is_intravenous(catalog, res))
+    return bool(match.features & IV_FEATURES) and (match.entry.parenteral or "intravenous" in _routes(catalog, res))
 
 
-def _is_intravenous(catalog: Catalog, res: dict[str, Any]) -> bool:
-    """Route IV from a dosage route coding mapped as intravenous, or from route.text (mapped text patterns)."""
+def given_locally(catalog: Catalog, match: MedicationMatch, res: dict[str, Any]) -> bool:
+    """Whether a drug that counts only when systemic (a corticosteroid) is given by a local route (topical, ophthalmic,
+    otic, nasal, inhaled, vaginal) on every dosage that names a route. The route is read only for those drugs."""
+    if not match.features & SYSTEMIC_FEATURES:
+        return False
+    routes = _routes(catalog, res)
+    return routes == {"local"}
+
+
+def _routes(catalog: Catalog, res: dict[str, Any]) -> set[str]:
+    """Route features of a record's dosages: from a route coding mapped to one, or from route.text (mapped words)."""
+    found: set[str] = set()
     dosages: list[Any] = []
     for key in ("dosageInstruction", "dosage"):
         d = res.get(key)
@@ -418,15 +436,15 @@ def _is_intravenous(catalog: Catalog, res: dict[str, Any]) -> bool:
         route = d.get("route") if isinstance(d, dict) else None
         if not isinstance(route, dict):
             continue
-        for c in codings(route):
-            if catalog.route_feature(c.get("system"), c["code"]) == "intravenous":
-                return True
+        named = {f for c in codings(route) if (f := catalog.route_feature(c.get("system"), c["code"])) is not None}
         text = route.get("text")
-        if isinstance(text, str):
-            words = text.lower().replace(",", " ").split()
-            if any(p in words or p == text.lower() for p in catalog.route_text_patterns):
-                return True
-    return False
+        if not named and isinstance(text, str):
+            lowered = text.lower()
+            words = lowered.replace(",", " ").split()
+            named = {f for f, patterns in catalog.route_text_patterns.items() if any(p in words or p == lowered for p in patterns)}
+        # A route that is coded or written but not mapped is "other": a dosage by an unknown route is not local
+        found |= named or {"other"}
+    return found
 
 
 def _unit_of(q: dict[str, Any]) -> str | None:

@@ -53,7 +53,8 @@ class Catalog:
     procedures: dict[tuple[str, str], ProcedureEntry]
     procedure_prefixes: tuple[ProcedureEntry, ...]
     routes: dict[tuple[str, str], str]
-    route_text_patterns: tuple[str, ...]
+    #: Route feature → words of route.text that mean it.
+    route_text_patterns: dict[str, tuple[str, ...]]
     order_sets: dict[str, OrderSet]
     conditions_dotless: dict[tuple[str, str], ConditionEntry] = field(default_factory=dict, repr=False)
     order_alternatives: dict[str, OrderAlternative] = field(default_factory=dict)

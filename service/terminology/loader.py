@@ -261,7 +261,7 @@ def load_catalog(directory: Path | str | None = None) -> Catalog:
     procedures: dict[tuple[str, str], ProcedureEntry] = {}
     procedure_prefixes: list[ProcedureEntry] = []
     routes: dict[tuple[str, str], str] = {}
-    route_patterns: list[str] = []
+    route_patterns: dict[str, list[str]] = {}
     order_sets: dict[str, OrderSet] = {}
     alternatives: dict[str, OrderAlternative] = {}
     alternative_where: dict[str, tuple[Path, int | None]] = {}
@@ -277,7 +277,8 @@ def load_catalog(directory: Path | str | None = None) -> Catalog:
         if not isinstance(model, ObservationsFile | ConditionsFile | MedicationsFile | ProceduresFile | RoutesFile):
             continue
         if isinstance(model, RoutesFile):
-            route_patterns.extend(p.lower() for p in model.text_patterns)
+            for route_feature, patterns in model.text_patterns.items():
+                route_patterns.setdefault(route_feature, []).extend(p.lower() for p in patterns)
         if model.default_system is not None and model.default_system not in CANONICAL_SYSTEMS:
             raise _fail(
                 path, _line_of(data, ["default_system"], lines), f"default_system: non-canonical system {model.default_system!r}"
@@ -381,7 +382,7 @@ def load_catalog(directory: Path | str | None = None) -> Catalog:
         procedures=procedures,
         procedure_prefixes=tuple(procedure_prefixes),
         routes=routes,
-        route_text_patterns=tuple(route_patterns),
+        route_text_patterns={f: tuple(p) for f, p in route_patterns.items()},
         order_sets=order_sets,
         conditions_dotless=dotless,
         order_alternatives=alternatives,

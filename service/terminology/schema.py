@@ -124,7 +124,7 @@ class ProcedureEntry(_Entry):
 
 
 class RouteEntry(_Entry):
-    feature: Literal["intravenous"]
+    feature: Literal["intravenous", "local"]
 
 
 class ObservationsFile(_Strict):
@@ -154,7 +154,9 @@ class ProceduresFile(_Strict):
 class RoutesFile(_Strict):
     kind: Literal["routes"]
     default_system: str | None = None
-    text_patterns: tuple[str, ...] = Field((), description="Lower-case words in route.text meaning intravenous")
+    text_patterns: dict[Literal["intravenous", "local"], tuple[str, ...]] = Field(
+        default_factory=dict, description="Per route feature, lower-case words (or the whole text) of route.text that mean it"
+    )
     entries: list[RouteEntry]
 
 

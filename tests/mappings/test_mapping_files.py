@@ -567,10 +567,19 @@ def test_no_unexpected_procedure_codes(catalog: Catalog) -> None:
     assert catalog.procedure_prefixes == ()
 
 
+def test_local_routes(catalog: Catalog) -> None:
+    """REFERENCE §2.3 counts a *systemic* corticosteroid: these routes (FHIR R4 route-codes, unverified) are not."""
+    local = {code for (system, code), feature in catalog.routes.items() if system == SCT and feature == "local"}
+    assert local == {"6064005", "54485002", "10547007", "46713006", "447694001", "16857009"}
+    assert catalog.route_feature(SCT, "26643006") is None  # oral: systemic
+    assert {"topical", "inhaled", "ophthalmic"} <= set(catalog.route_text_patterns["local"])
+    assert all(e["status"] == "unverified" for e in _yaml("routes.yaml")["entries"])
+
+
 def test_intravenous_route(catalog: Catalog) -> None:
     assert catalog.route_feature(SCT, "47625008") == "intravenous"
     assert catalog.route_feature(SCT, "26643006") is None  # oral route
-    assert set(catalog.route_text_patterns) == {"intravenous", "i.v.", "iv"}
+    assert set(catalog.route_text_patterns["intravenous"]) == {"intravenous", "i.v.", "iv"}
     entry = _yaml("routes.yaml")["entries"][0]
     assert entry["status"] == "unverified"
     assert "route-codes" in entry["note"]

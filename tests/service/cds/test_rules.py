@@ -372,6 +372,27 @@ def test_thrombophilia_minor_is_optional(run) -> None:
     assert "thrombophilia" in ev.assessment.calciphylaxis.minor_factors
 
 
+@pytest.mark.parametrize(
+    ("route", "route_text", "counts"),
+    [
+        ((SNOMED, "6064005"), None, False),  # topical
+        ((SNOMED, "447694001"), None, False),  # respiratory tract (inhaled)
+        (None, "Topical", False),
+        (None, "apply to skin", False),
+        ((SNOMED, "26643006"), None, True),  # oral
+        (None, "by mouth", True),  # a route that is not local
+        (None, None, True),  # no route: counted, as before
+    ],
+)
+def test_a_corticosteroid_given_only_by_a_local_route_is_not_systemic(run, route, route_text, counts) -> None:
+    """REFERENCE §2.3: "current systemic corticosteroid". Hydrocortisone cream is not one."""
+    order = med_request("5492", route=route, route_text=route_text)
+    ev = run(esrd(), *renal_panel(), order)
+    assert ("systemic_corticosteroid" in ev.assessment.calciphylaxis.minor_factors) is counts
+    reasons = {e.reference: e.reason for e in ev.assessment.excluded}
+    assert (f"MedicationRequest/{order['id']}" in reasons) is not counts
+
+
 def test_inactive_medications_do_not_count(run) -> None:
     ev = run(esrd(), *renal_panel(), med_request("214342", status="stopped"), med_request("1894", status="cancelled"))
     assert ev.assessment.calciphylaxis.minor_factors == []
