@@ -3,7 +3,8 @@
 Rules applied here, each exclusion reported with its reason:
 - Observations: mapped LOINC on *any* coding; status final/amended/corrected (preliminary only if
   configured); numeric valueQuantity with a known unit accepted for the analyte, converted to the
-  canonical unit (mass↔substance by molar mass); no dataAbsentReason, no comparator; an effective time
+  canonical unit (mass↔substance by molar mass); no dataAbsentReason; no comparator, except "> v" and
+  ">= v" for an analyte that keeps values above the assay's range (PTH); an effective time
   not in the future; referenceRange converted to the same unit; duplicates at one effective time keep
   corrected/amended over final, then the latest ``issued``.
 - Conditions: clinicalStatus active/recurrence/relapse (or absent on a problem-list item; status-type
@@ -178,8 +179,9 @@ class _Extractor:
         if not isinstance(vq, dict):
             self.exclude(ref, "no valueQuantity")
             return None
-        if vq.get("comparator"):
-            self.exclude(ref, f"value has comparator {vq.get('comparator')}")
+        comparator = vq.get("comparator")
+        if comparator and not (comparator in (">", ">=") and self.catalog.analytes[entry.analyte].above_range_values):
+            self.exclude(ref, f"value has comparator {comparator}")
             return None
         value = vq.get("value")
         if not is_number(value):
@@ -190,7 +192,7 @@ class _Extractor:
         if error is not None:
             self.exclude(ref, f"unit not convertible: {error}")
             return None
-        return _LabCandidate(res, entry, coding, ref, status, effective, parse_datetime(res.get("issued")), value, unit)
+        return _LabCandidate(res, entry, coding, ref, status, effective, parse_datetime(res.get("issued")), value, unit, comparator or None)
 
     def finish_labs(self) -> None:
         """Resolve duplicates at one effective time; building each value and validating its resource are deferred
@@ -359,6 +361,7 @@ class _LabCandidate:
     issued: datetime | None
     value: Any  # valueQuantity.value as in the JSON (a number)
     unit: str | None
+    comparator: str | None = None  # ">" or ">=" (an analyte that keeps values above the assay's range)
 
 
 def build_lab(catalog: Catalog, c: _LabCandidate) -> LabValue:
@@ -379,6 +382,7 @@ def build_lab(catalog: Catalog, c: _LabCandidate) -> LabValue:
         status=c.status,
         source=Source(c.ref, version_of(c.res), c.coding.get("system", ""), c.coding["code"], c.entry.display),
         ref_high=_reference_high(catalog, c.res, analyte),
+        comparator=c.comparator,
     )
 
 

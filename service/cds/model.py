@@ -53,6 +53,8 @@ class LabValue:
     status: str
     source: Source
     ref_high: Decimal | None = None  # referenceRange.high in the canonical unit
+    #: ">" or ">=": the result lies above ``value`` (a value above the assay's range), for analytes that accept it
+    comparator: str | None = None
 
 
 @dataclass(slots=True, unsafe_hash=True)

@@ -120,6 +120,13 @@ def rnd(value: Decimal, places: int) -> Decimal:
     return value.quantize(quantum, rounding=ROUND_HALF_UP)
 
 
+def exceeds(lab: LabValue, limit: Decimal, places: int) -> bool:
+    """Whether a result is above ``limit``, both rounded to ``places``; a result reported as above the assay's range
+    ("> v") is when v ≥ limit, and one reported as "≥ v" when v > limit, as for a plain value."""
+    value, bound = rnd(lab.value, places), rnd(limit, places)
+    return value >= bound if lab.comparator == ">" else value > bound
+
+
 def fmt(value: Decimal) -> str:
     text = format(value, "f")
     return text.rstrip("0").rstrip(".") if "." in text else text
@@ -127,8 +134,8 @@ def fmt(value: Decimal) -> str:
 
 def lab_evidence(lab: LabValue, *, label: str | None = None, threshold: str | None = None, note: str | None = None, places: int = 2) -> Evidence:
     converted = lab.raw_unit != lab.unit
-    shown = fmt(rnd(lab.value, places))
-    extra = f"reported {fmt(lab.raw_value)} {lab.raw_unit}" if converted else None
+    shown = (lab.comparator or "") + fmt(rnd(lab.value, places))
+    extra = f"reported {lab.comparator or ''}{fmt(lab.raw_value)} {lab.raw_unit}" if converted else None
     return Evidence(
         label=label or lab.label,
         value=shown,
@@ -541,7 +548,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
     if pth is not None:
         uln = pth.ref_high if pth.ref_high is not None else t.pth_default_uln_pg_ml
         limit = uln * t.pth_uln_multiple
-        if rnd(pth.value, 1) > rnd(limit, 1):
+        if exceeds(pth, limit, 1):
             source = "laboratory ULN" if pth.ref_high is not None else "default ULN"
             majors.append(
                 Factor(
@@ -582,7 +589,7 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
         minor("albumin_3_0_to_3_49", [lab_evidence(albumin, threshold=f"{fmt(t.albumin_major_below)}–<{fmt(t.albumin_minor_below)} g/dL")])
     if alp is not None:
         uln = alp.ref_high if alp.ref_high is not None else t.alp_default_uln_u_l
-        if rnd(alp.value, 0) > rnd(uln, 0):
+        if exceeds(alp, uln, 0):
             minor(
                 "alp_gt_uln",
                 [lab_evidence(alp, threshold=f"> {fmt(rnd(uln, 0))} U/L ({'laboratory ULN' if alp.ref_high is not None else 'default ULN'})", places=0)],

@@ -69,6 +69,11 @@ class AnalyteDef(_Strict):
     units: tuple[str, ...] = Field(min_length=1, description="Accepted UCUM units; anything else is excluded")
     molar_mass: Decimal | None = Field(None, gt=0, description="g/mol, for mass <-> substance conversion")
     decimals: int = Field(2, ge=0, le=4, description="Rounding before comparison (§2.1)")
+    above_range_values: bool = Field(
+        False,
+        description="Keep a value reported as above the assay's range ('> 2500'): every rule reading this analyte asks only "
+        "whether it exceeds a limit, which such a value can answer",
+    )
     source: str = ""
 
 

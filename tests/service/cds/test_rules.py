@@ -320,6 +320,28 @@ def test_m3_albumin_below_3_and_minor_band(run) -> None:
     assert "albumin_3_0_to_3_49" not in run(esrd(), *renal_panel(alb=3.5)).assessment.calciphylaxis.minor_factors
 
 
+@pytest.mark.parametrize(("comparator", "value", "fires"), [(">", 2500, True), (">", 585, True), (">=", 585, False), (">=", 600, True), (">", 300, False)])
+def test_a_pth_above_the_assay_range_is_kept_and_decides_m4_when_it_can(run, comparator, value, fires) -> None:
+    """ "> 2500 pg/mL" (above the assay's range) is a valid result: M4 asks only whether PTH exceeds 9 × ULN (585), which
+    "> v" answers when v ≥ 585. It is shown with its comparator, and PTH is not "missing"."""
+    pth = obs(PTH, value, "pg/mL", days=5)
+    pth["valueQuantity"]["comparator"] = comparator
+    ev = run(esrd(), *renal_panel(pth=None), pth)
+    cal = ev.assessment.calciphylaxis
+    assert ("M4" in cal.major_factors) is fires
+    assert not cal.incomplete_data and "pth" not in ev.assessment.suggested_orders
+    if fires:
+        (row,) = next(f for f in cal.factors if f.id == "M4").evidence
+        assert row.value == f"{comparator}{value}"
+
+
+def test_a_calcium_with_a_comparator_is_still_excluded(run) -> None:
+    ca = obs(CA, 15, days=1)
+    ca["valueQuantity"]["comparator"] = ">"
+    reasons = {e.reference: e.reason for e in run(esrd(), ca).assessment.excluded}
+    assert reasons[f"Observation/{ca['id']}"] == "value has comparator >"
+
+
 def test_m4_pth_default_uln(run) -> None:
     assert "M4" not in run(esrd(), *renal_panel(pth=585)).assessment.calciphylaxis.major_factors
     assert "M4" in run(esrd(), *renal_panel(pth=585.1)).assessment.calciphylaxis.major_factors
