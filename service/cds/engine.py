@@ -20,7 +20,7 @@ from service.cds.model import (
     CaXP,
     MetastaticCalcification,
 )
-from service.cds.rules import Outcome, assess, fmt
+from service.cds.rules import Outcome, assess, fmt, lab_evidence
 from service.cds.thresholds import Thresholds
 from service.terminology.catalog import Catalog
 
@@ -109,6 +109,8 @@ def _assessment(evaluation: Evaluation) -> Assessment:
                 value_si=float(outcome.product.value_si),
                 paired_with_lag=outcome.product.lag,
                 hours_apart=float(outcome.product.hours_apart),
+                calcium=lab_evidence(outcome.product.calcium, label="Calcium, total (measured)"),
+                phosphate=lab_evidence(outcome.product.phosphate),
             ),
             predisposing=outcome.predisposing,
             hypercalcemia=calcium.hypercalcemia,

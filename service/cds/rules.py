@@ -709,6 +709,8 @@ def assess(facts: CaseFacts, t: Thresholds, now: datetime, catalog: Catalog) -> 
     dystrophic = ctx.conditions(*DYSTROPHIC_CONDITIONS)
     if not facts.patient.present:
         notes.append("no Patient resource: sex and age unknown (the female-sex factor and paediatric thresholds could not be assessed)")
+    elif age is None:
+        notes.append("no birth date on the Patient: age unknown (adult thresholds used; paediatric thresholds could not be assessed)")
     for analyte, lab in facts.stale.items():
         if analyte not in STALE_NOTE_ANALYTES:
             continue

@@ -21,6 +21,24 @@ def test_ca_and_p_same_draw_no_lag(run) -> None:
     assert cxp is not None and cxp.paired_with_lag is False and cxp.value == 75.0
 
 
+def test_the_product_names_the_two_results_it_was_made_of(run) -> None:
+    ca, p = obs(CA, 10.0, days=6), obs(P, 7.5, days=6, hours=-2)
+    cxp = run(esrd(), ca, p).assessment.metastatic_calcification.ca_x_p
+    assert cxp is not None and cxp.calcium is not None and cxp.phosphate is not None
+    assert (cxp.calcium.reference, cxp.calcium.value, cxp.phosphate.reference, cxp.phosphate.value) == (
+        f"Observation/{ca['id']}",
+        "10",
+        f"Observation/{p['id']}",
+        "7.5",
+    )
+
+
+def test_a_patient_without_a_birth_date_is_noted(run) -> None:
+    notes = run(esrd(), *renal_panel(), birth=None).assessment.notes
+    assert any(n.startswith("no birth date on the Patient") for n in notes)
+    assert not any("birth date" in n for n in run(esrd(), *renal_panel()).assessment.notes)
+
+
 def test_ca_and_p_80_hours_apart_no_product(run) -> None:
     ev = run(esrd(), obs(CA, 10.0, days=6), obs(P, 7.5, days=6, hours=-80))
     assert ev.assessment.metastatic_calcification.ca_x_p is None
