@@ -67,7 +67,9 @@ def _load_settings() -> Any:
         return get_settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        fail(f"invalid setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+        where = ".".join(str(p) for p in first["loc"])  # empty for a refused combination of settings (the message names them)
+        message = first["msg"].removeprefix("Value error, ")
+        fail(f"invalid setting {where}: {message}" if where else f"invalid setting: {message}")
         raise  # unreachable
     except SettingsError as exc:  # a complex setting (JSON) that does not parse: its message names the field only
         fail(f"invalid setting: {str(exc).splitlines()[0]}")

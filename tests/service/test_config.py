@@ -106,3 +106,9 @@ def test_a_json_setting_that_does_not_parse_is_one_line_and_exit_2(run_cli, comm
     code, lines = run_cli([command], CDS_TRUSTED_ISSUERS="notjson")
     assert code == 2
     assert lines == ['calcinosis-cds: error: invalid setting: error parsing value for field "trusted_issuers" from source "EnvSettingsSource"']
+
+
+def test_a_refused_combination_of_settings_is_one_clean_line(run_cli) -> None:
+    code, lines = run_cli(["migrate"], CDS_ENVIRONMENT="production", CDS_TRUST_SANDBOX="true")
+    assert code == 2
+    assert lines == ["calcinosis-cds: error: invalid setting: CDS_TRUST_SANDBOX is refused when CDS_ENVIRONMENT=production (its private key is public)"]
