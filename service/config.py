@@ -12,7 +12,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -46,9 +46,7 @@ class TrustedIssuer(BaseModel):
             try:
                 check_jwks_file(self.jwks_file)
             except JwksError as exc:
-                raise PydanticCustomError(
-                    "jwks_file", "issuer {iss}: jwks_file cannot be used: {reason}", {"iss": self.iss, "reason": str(exc)}
-                ) from None
+                raise PydanticCustomError("jwks_file", "issuer {iss}: jwks_file cannot be used: {reason}", {"iss": self.iss, "reason": str(exc)}) from None
         return self
 
 
@@ -82,6 +80,11 @@ _URL_CHECKS: dict[str, tuple[Callable[[str], None], str]] = {
 }
 
 
+def _is_base_url(parts: SplitResult) -> bool:
+    """An absolute http(s) URL with a host and nothing after its path."""
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query and not parts.fragment
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CDS_",
@@ -98,7 +101,8 @@ class Settings(BaseSettings):
     port: int = 8080
     public_base_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Base URLs the service is reached at (for the JWT aud check behind proxies). Empty: the URL of the request as received.",
+        description="Base URLs EHRs call the service at: the JWT aud must be one of them + the path called. Required in production; "
+        "empty (outside production only): the URL of the request as received, its host taken from the client's Host header.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
@@ -195,9 +199,7 @@ class Settings(BaseSettings):
     )
 
     # --- process tuning ---------------------------------------------------------------------------
-    gc_gen0_threshold: int = Field(
-        50_000, ge=0, description="Garbage collector generation-0 threshold in the API and workers (0: the interpreter's 700)"
-    )
+    gc_gen0_threshold: int = Field(50_000, ge=0, description="Garbage collector generation-0 threshold in the API and workers (0: the interpreter's 700)")
 
     @field_validator("public_base_urls", "fhir_server_allowlist", "cors_origins", mode="before")
     @classmethod
@@ -258,9 +260,7 @@ class Settings(BaseSettings):
             port_ok = parts.port is None or parts.port > 0
         except ValueError:
             port_ok = False
-        if not (
-            port_ok and parts.scheme in ("http", "https") and parts.hostname and parts.path in ("", "/") and not parts.query and not parts.fragment
-        ):
+        if not (port_ok and parts.scheme in ("http", "https") and parts.hostname and parts.path in ("", "/") and not parts.query and not parts.fragment):
             raise PydanticCustomError("proxy_url", "CDS_HOOK_FETCH_PROXY must be http(s)://[user:password@]host[:port]")
         return raw.strip()
 
@@ -271,9 +271,10 @@ class Settings(BaseSettings):
             # http entry could never match, and is refused here rather than by a 412 on every call.
             plain = [i for i, parts in enumerate(map(urlsplit, self.fhir_server_allowlist)) if parts.scheme != "https" or not parts.netloc]
             if plain:
-                raise ValueError(
-                    f"CDS_FHIR_SERVER_ALLOWLIST entries must be https base URLs outside development mode (entry {plain[0] + 1} is not)"
-                )
+                raise ValueError(f"CDS_FHIR_SERVER_ALLOWLIST entries must be https base URLs outside development mode (entry {plain[0] + 1} is not)")
+        bases = [i for i, parts in enumerate(map(urlsplit, self.public_base_urls)) if not _is_base_url(parts)]
+        if bases:
+            raise ValueError(f"CDS_PUBLIC_BASE_URLS entries must be http(s) base URLs, scheme and host (entry {bases[0] + 1} is not)")
         if self.environment == "production":
             if self.dev_mode:
                 raise ValueError("CDS_DEV_MODE is refused when CDS_ENVIRONMENT=production")
@@ -281,6 +282,10 @@ class Settings(BaseSettings):
                 raise ValueError("CDS_TRUST_SANDBOX is refused when CDS_ENVIRONMENT=production (its private key is public)")
             if any(i.iss == SANDBOX_ISSUER for i in self.trusted_issuers):
                 raise ValueError("the CDS Hooks Sandbox issuer is refused when CDS_ENVIRONMENT=production")
+            if not self.public_base_urls:
+                # Without it the expected aud is built from the client's Host header: a token minted for another
+                # service with the same path would be accepted by sending that service's host name.
+                raise ValueError("CDS_PUBLIC_BASE_URLS is required when CDS_ENVIRONMENT=production (the JWT aud is checked against it)")
         return self
 
     # --- derived -------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 
 def _audiences(request: Request, settings_bases: list[str]) -> list[str]:
+    """The URLs a token's ``aud`` may name: each configured public base + the path called. Without one (refused in
+    production) the URL as received, whose host and scheme the client chose: what the CDS Hooks Sandbox signs."""
     path = requested_path(request.scope)  # as called: "…/cds-services//calcinosis-risk" stays what the token names
     if settings_bases:
         return [b.rstrip("/") + path for b in settings_bases]

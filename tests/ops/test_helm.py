@@ -7,6 +7,7 @@ fail in CI (CI=true).
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -14,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from service.config import Settings
 from tests.conftest import ROOT, require_service
+from tests.pki import Pki
+from tests.service.security.support import new_ec_key
 
 HELM_PY = ROOT / ".venv-helm" / "bin" / "python"
 SCRIPT = ROOT / "scripts" / "helm_lint.py"
@@ -258,6 +263,58 @@ def test_configmap_uses_the_documented_names(manifests: list[dict[str, Any]]) ->
             assert env_names(container) <= documented
 
 
+#: What the Secrets the chart refers to would hold (the chart never holds them): URLs the service can use.
+SECRET_VALUES = {
+    "CDS_DATABASE_URL": "postgresql+psycopg://cds@db.invalid:5432/calcinosis",
+    "CDS_BROKER_URL": "redis://redis.invalid:6379/0",
+    "CDS_REDIS_URL": "redis://redis.invalid:6379/1",
+}
+MOUNTS = "/etc/calcinosis/"
+
+
+def _pod_environment(config: dict[str, Any], container: dict[str, Any], files: Path) -> dict[str, str]:
+    """The CDS_* variables a container starts with: the ConfigMap (envFrom), its env, a value for each Secret
+    reference, and the paths of files mounted from Secrets and ConfigMaps moved under ``files``."""
+    env = dict(config["data"]) if container.get("envFrom") else {}
+    for entry in container.get("env", []):
+        env[entry["name"]] = entry["value"] if "value" in entry else SECRET_VALUES.get(entry["name"], "a-secret")
+    return {name: value.replace(MOUNTS, f"{files}{MOUNTS}") for name, value in env.items()}
+
+
+def _mount_files(env: dict[str, str], pki: Pki) -> None:
+    """The files the pods would find mounted: the internal CA and the issuers' JWK Sets (checked at start-up)."""
+    if "CDS_TLS_CA_FILE" in env:
+        Path(env["CDS_TLS_CA_FILE"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(env["CDS_TLS_CA_FILE"]).write_bytes(pki.ca_file.read_bytes())
+    for issuer in json.loads(env.get("CDS_TRUSTED_ISSUERS", "[]")):
+        if "jwks_file" in issuer:
+            Path(issuer["jwks_file"]).parent.mkdir(parents=True, exist_ok=True)
+            Path(issuer["jwks_file"]).write_text(json.dumps(new_ec_key().jwks()))
+
+
+def test_every_pod_starts_with_the_settings_the_chart_gives_it(
+    manifests: list[dict[str, Any]], tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service reads these settings before anything else and refuses to start on a bad one (production: no
+    public base URL, no shared replay cache, an http JWK Set...): every pod of the default and production values."""
+    (config,) = by_kind(manifests, "ConfigMap")
+    specs = list(pod_specs(manifests))
+    assert specs
+    for name, spec in specs:
+        env = _pod_environment(config, spec["containers"][0], tmp_path)
+        _mount_files(env, pki)
+        for variable in [n for n in os.environ if n.startswith("CDS_")]:
+            monkeypatch.delenv(variable)
+        for variable, value in env.items():
+            monkeypatch.setenv(variable, value)
+        try:
+            settings = Settings()
+        except ValidationError as exc:
+            pytest.fail(f"{name}: {exc.errors()[0]['msg']}")
+        assert settings.environment == "production", name
+        assert settings.public_base_urls, name
+
+
 def test_production_api_has_ingress_tls_hpa_and_pdb(production: list[dict[str, Any]]) -> None:
     api = one(production, "Deployment", f"{FULLNAME}-api")
     assert "replicas" not in api["spec"]  # the HPA owns the replica count
@@ -355,6 +412,8 @@ def test_an_enabled_internal_ca_needs_its_configmap() -> None:
         {"workers": {"metricsPort": 80}},  # the pods run as non-root: no privileged port
         {"env": {"CDS_LOG_LEVEL": "CRITICAL"}},  # the service accepts DEBUG, INFO, WARNING and ERROR only
         {"env": {"CDS_ENVIRONMENT": "production", "CDS_DEV_MODE": "true"}},
+        {"env": {"CDS_PUBLIC_BASE_URLS": None}},  # production: the JWT aud would come from the client's Host header
+        {"env": {"CDS_PUBLIC_BASE_URLS": "[]"}},
         {"env": {"log_level": "INFO"}},
         {"workers": {"queues": [{"name": "notifications", "replicas": 1, "concurrency": 1, "resources": {}}]}},
         {"securityContext": {"readOnlyRootFilesystem": False}},

@@ -112,3 +112,21 @@ def test_a_refused_combination_of_settings_is_one_clean_line(run_cli) -> None:
     code, lines = run_cli(["migrate"], CDS_ENVIRONMENT="production", CDS_TRUST_SANDBOX="true")
     assert code == 2
     assert lines == ["calcinosis-cds: error: invalid setting: CDS_TRUST_SANDBOX is refused when CDS_ENVIRONMENT=production (its private key is public)"]
+
+
+def test_production_refuses_to_start_without_public_base_urls(run_cli) -> None:
+    """Without them the expected JWT aud would come from the client's Host header (see service.api.cds_hooks)."""
+    code, lines = run_cli(["beat"], CDS_ENVIRONMENT="production")
+    assert code == 2
+    assert lines == [
+        "calcinosis-cds: error: invalid setting: CDS_PUBLIC_BASE_URLS is required when CDS_ENVIRONMENT=production (the JWT aud is checked against it)"
+    ]
+    for environment in ("local", "test"):  # outside production the URL as received stays the audience (the Sandbox)
+        assert Settings(environment=environment).public_base_urls == []
+
+
+@pytest.mark.parametrize("entry", ["cds.example.org", "https://", "ftp://cds.example.org", "https://cds.example.org/?x=1"])
+def test_a_public_base_url_that_is_not_an_http_base_url_is_refused(monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
+    monkeypatch.setenv("CDS_PUBLIC_BASE_URLS", f"https://cds.example.org/api,{entry}")
+    with pytest.raises(ValidationError, match=r"CDS_PUBLIC_BASE_URLS entries must be http\(s\) base URLs, scheme and host \(entry 2 is not\)"):
+        Settings()

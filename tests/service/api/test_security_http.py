@@ -179,6 +179,21 @@ def test_configured_public_base_url_is_the_audience(make_client: Callable[..., T
     assert_bare_401(post(client, issuer.bearer(AUD)))
 
 
+def test_the_host_header_chooses_no_audience_when_public_base_urls_are_set(make_client: Callable[..., TestClient], issuer: Issuer) -> None:
+    """A token minted for another CDS service with the same path, sent with that service's Host, is refused."""
+    client = make_client(public_base_urls=["https://cds.example.org"])
+    other = f"http://other-service/cds-services/{RISK}"
+    assert_bare_401(post(client, {**issuer.bearer(other), "Host": "other-service"}))
+    assert_cards(post(client, {**issuer.bearer(f"https://cds.example.org/cds-services/{RISK}"), "Host": "other-service"}))
+
+
+def test_without_public_base_urls_outside_production_the_audience_is_the_url_as_received(signed_client: TestClient, issuer: Issuer) -> None:
+    """What the CDS Hooks Sandbox signs (the host the browser used); production refuses to start this way."""
+    assert_cards(post(signed_client, {**issuer.bearer(f"http://other-service/cds-services/{RISK}"), "Host": "other-service"}))
+    with pytest.raises(ValueError, match="CDS_PUBLIC_BASE_URLS is required"):
+        Settings(environment="production", public_base_urls=[])
+
+
 def test_auth_failures_are_counted(signed_client: TestClient) -> None:
     assert_bare_401(post(signed_client))
     metrics = signed_client.get("/metrics").text
