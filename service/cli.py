@@ -179,6 +179,12 @@ def serve(
     import uvicorn
 
     settings, catalog, thresholds = _load_context()  # checked here: one line and exit 2, not a traceback
+    if workers > 1 and not settings.redis_url:  # production refuses to start without it (service.config)
+        typer.echo(
+            f"calcinosis-cds: warning: {workers} processes without CDS_REDIS_URL each keep their own JWT replay cache: "
+            "a token can be replayed once per process (set CDS_REDIS_URL)",
+            err=True,
+        )
     bind_host, bind_port = host or settings.host, port or settings.port
     # Bound here for any number of processes: a taken port is one line and exit 2, and connections get
     # TCP_NODELAY on the standard asyncio loop too (see service.serving).

@@ -111,7 +111,11 @@ class Settings(BaseSettings):
     # --- persistence and queues ----------------------------------------------------------------
     database_url: str = ""  # default: sqlite file in data_dir
     broker_url: str = ""  # default: kombu SQLAlchemy transport over sqlite in data_dir
-    redis_url: str | None = Field(None, description="Redis for the jti replay cache and readiness checks")
+    redis_url: str | None = Field(
+        None,
+        description="Redis for the JWT jti replay cache shared by every process and replica (required in production) and readiness checks; "
+        "unset: each process keeps its own cache",
+    )
     db_pool_size: int = 5
 
     # --- clinical content ----------------------------------------------------------------------
@@ -286,6 +290,10 @@ class Settings(BaseSettings):
                 # Without it the expected aud is built from the client's Host header: a token minted for another
                 # service with the same path would be accepted by sending that service's host name.
                 raise ValueError("CDS_PUBLIC_BASE_URLS is required when CDS_ENVIRONMENT=production (the JWT aud is checked against it)")
+            if not self.redis_url:
+                # The in-memory jti cache is per process: with `serve --workers N` or several replicas a token
+                # would be accepted once by each.
+                raise ValueError("CDS_REDIS_URL is required when CDS_ENVIRONMENT=production (the JWT replay cache every process shares)")
         return self
 
     # --- derived -------------------------------------------------------------------------------

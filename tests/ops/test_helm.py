@@ -312,7 +312,7 @@ def test_every_pod_starts_with_the_settings_the_chart_gives_it(
         except ValidationError as exc:
             pytest.fail(f"{name}: {exc.errors()[0]['msg']}")
         assert settings.environment == "production", name
-        assert settings.public_base_urls, name
+        assert settings.public_base_urls and settings.redis_url, name
 
 
 def test_production_api_has_ingress_tls_hpa_and_pdb(production: list[dict[str, Any]]) -> None:
@@ -414,6 +414,7 @@ def test_an_enabled_internal_ca_needs_its_configmap() -> None:
         {"env": {"CDS_ENVIRONMENT": "production", "CDS_DEV_MODE": "true"}},
         {"env": {"CDS_PUBLIC_BASE_URLS": None}},  # production: the JWT aud would come from the client's Host header
         {"env": {"CDS_PUBLIC_BASE_URLS": "[]"}},
+        {"secrets": {"redisUrl": {"enabled": False}}},  # production: the replay cache is shared by every pod and process
         {"env": {"log_level": "INFO"}},
         {"workers": {"queues": [{"name": "notifications", "replicas": 1, "concurrency": 1, "resources": {}}]}},
         {"securityContext": {"readOnlyRootFilesystem": False}},

@@ -130,3 +130,14 @@ def test_a_public_base_url_that_is_not_an_http_base_url_is_refused(monkeypatch: 
     monkeypatch.setenv("CDS_PUBLIC_BASE_URLS", f"https://cds.example.org/api,{entry}")
     with pytest.raises(ValidationError, match=r"CDS_PUBLIC_BASE_URLS entries must be http\(s\) base URLs, scheme and host \(entry 2 is not\)"):
         Settings()
+
+
+def test_production_refuses_to_start_without_a_shared_replay_cache(run_cli) -> None:
+    """The in-memory jti cache is per process: with several processes or replicas a token is accepted once by each."""
+    code, lines = run_cli(["beat"], CDS_ENVIRONMENT="production", CDS_PUBLIC_BASE_URLS="https://cds.example.org")
+    assert code == 2
+    assert lines == [
+        "calcinosis-cds: error: invalid setting: CDS_REDIS_URL is required when CDS_ENVIRONMENT=production (the JWT replay cache every process shares)"
+    ]
+    settings = Settings(environment="production", public_base_urls=["https://cds.example.org"], redis_url="redis://127.0.0.1:6379/1")
+    assert settings.redis_url == "redis://127.0.0.1:6379/1"
