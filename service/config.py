@@ -85,6 +85,17 @@ def _is_base_url(parts: SplitResult) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query and not parts.fragment
 
 
+def _plain_jwks_url(issuer: TrustedIssuer) -> str | None:
+    """Which of the issuer's JWK Set URLs (``jwks_url``, ``jku_allowlist`` entry N) is not an https URL, if any."""
+    urls = [("jwks_url", issuer.jwks_url)] if issuer.jwks_url is not None else []
+    urls += [(f"jku_allowlist entry {n}", url) for n, url in enumerate(issuer.jku_allowlist, start=1)]
+    for where, url in urls:
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            return where
+    return None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CDS_",
@@ -286,6 +297,11 @@ class Settings(BaseSettings):
                 raise ValueError("CDS_TRUST_SANDBOX is refused when CDS_ENVIRONMENT=production (its private key is public)")
             if any(i.iss == SANDBOX_ISSUER for i in self.trusted_issuers):
                 raise ValueError("the CDS Hooks Sandbox issuer is refused when CDS_ENVIRONMENT=production")
+            for issuer in self.trusted_issuers:
+                # A JWK Set fetched over clear text could be swapped for the attacker's keys on the way.
+                where = _plain_jwks_url(issuer)
+                if where:
+                    raise ValueError(f"CDS_TRUSTED_ISSUERS: issuer {issuer.iss}: {where} must be an https URL when CDS_ENVIRONMENT=production")
             if not self.public_base_urls:
                 # Without it the expected aud is built from the client's Host header: a token minted for another
                 # service with the same path would be accepted by sending that service's host name.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
-from service.config import Settings
+from service.config import Settings, TrustedIssuer
 
 
 @pytest.mark.parametrize(
@@ -141,3 +143,30 @@ def test_production_refuses_to_start_without_a_shared_replay_cache(run_cli) -> N
     ]
     settings = Settings(environment="production", public_base_urls=["https://cds.example.org"], redis_url="redis://127.0.0.1:6379/1")
     assert settings.redis_url == "redis://127.0.0.1:6379/1"
+
+
+PRODUCTION = {"environment": "production", "public_base_urls": ["https://cds.example.org"], "redis_url": "redis://127.0.0.1:6379/1"}
+
+
+@pytest.mark.parametrize(
+    ("issuer", "where"),
+    [
+        ({"jwks_url": "http://ehr.example.org/jwks.json"}, "jwks_url"),
+        (
+            {"jwks_url": "https://ehr.example.org/jwks.json", "jku_allowlist": ["https://ehr.example.org/a.json", "http://ehr.example.org/b.json"]},
+            "jku_allowlist entry 2",
+        ),
+        ({"jku_allowlist": ["ehr.example.org/jwks.json"]}, "jku_allowlist entry 1"),
+    ],
+)
+def test_production_refuses_a_jwk_set_url_that_is_not_https(issuer: dict[str, Any], where: str) -> None:
+    trusted = [TrustedIssuer(iss="https://ehr.example.org", **issuer)]
+    with pytest.raises(ValidationError, match=f"issuer https://ehr.example.org: {where} must be an https URL when CDS_ENVIRONMENT=production"):
+        Settings(**PRODUCTION, trusted_issuers=trusted)
+    # Outside production (local JWK Set servers in tests and development) http is accepted.
+    assert Settings(environment="test", trusted_issuers=trusted).trusted_issuers == trusted
+
+
+def test_production_accepts_https_jwk_set_urls() -> None:
+    trusted = [TrustedIssuer(iss="https://ehr.example.org", jwks_url="https://ehr.example.org/jwks.json", jku_allowlist=("https://ehr.example.org/k.json",))]
+    assert Settings(**PRODUCTION, trusted_issuers=trusted).trusted_issuers == trusted
