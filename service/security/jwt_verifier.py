@@ -2,7 +2,8 @@
 
 ``Authorization: Bearer <JWT>`` must be a compact JWS signed with ES384 or RS384 by a trusted issuer.
 The key comes from the issuer's configured JWK Set, or from a ``jku`` header only when that URL is
-on the issuer's allowlist. Claims: ``iss`` trusted, ``aud`` equal to the service URL called (string or
+on the issuer's allowlist or is the issuer's configured ``jwks_url`` (compared after normalisation).
+Claims: ``iss`` trusted, ``aud`` equal to the service URL called (string or
 list), ``exp``/``iat`` required (``nbf`` optional) with clock skew, lifetime at most
 ``jwt_max_lifetime_s``, ``jti`` required and not replayed, ``tenant`` allowlisted when configured.
 
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import jwt
@@ -77,28 +79,52 @@ class VerifiedCaller:
         return cls(iss=None, sub=None, jti=None, tenant=None, kid=None, authenticated=False)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalized_url(url: str) -> str:
+    """``url`` with its scheme and host in lower case, a default port dropped and an empty path as ``/``; the rest
+    (user information, path, query, fragment) exactly as given. Anything but an http(s) URL with a host: unchanged."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return url
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return url
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = f"{userinfo}{at}{host}" + (f":{port}" if port is not None and port != _DEFAULT_PORTS[scheme] else "")
+    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, parts.fragment))
+
+
 @dataclass(frozen=True)
 class IssuerTrust:
-    """How one trusted issuer's keys are found, and which tenants it may speak for."""
+    """How one trusted issuer's keys are found, and which tenants it may speak for.
+
+    ``jku_locations``: the ``jku`` header values honoured, each mapped to the JWK Set it selects (keys compared
+    after :func:`normalized_url`)."""
 
     iss: str
     location: JwksLocation | None = None
     jku_locations: Mapping[str, JwksLocation] = field(default_factory=dict)
     tenants: frozenset[str] = frozenset()
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "jku_locations", {normalized_url(jku): location for jku, location in self.jku_locations.items()})
+
     @classmethod
     def from_config(cls, issuer: TrustedIssuer) -> IssuerTrust:
         location: JwksLocation | None = None
+        jku_locations = {jku: JwksLocation(url=jku) for jku in issuer.jku_allowlist}
         if issuer.jwks_url:
             location = JwksLocation(url=issuer.jwks_url)
+            # EHRs (Epic, the CDS Hooks Sandbox) name their published key set in the header too.
+            jku_locations[issuer.jwks_url] = location
         elif issuer.jwks_file is not None:
             location = JwksLocation(file=Path(issuer.jwks_file))
-        return cls(
-            iss=issuer.iss,
-            location=location,
-            jku_locations={jku: JwksLocation(url=jku) for jku in issuer.jku_allowlist},
-            tenants=frozenset(issuer.tenants),
-        )
+        return cls(iss=issuer.iss, location=location, jku_locations=jku_locations, tenants=frozenset(issuer.tenants))
 
     @classmethod
     def sandbox(cls, jwks_file: Path) -> IssuerTrust:
@@ -111,7 +137,7 @@ class IssuerTrust:
             if self.location is None:
                 raise AuthenticationError(f"token has no jku and no JWK Set is configured for issuer {self.iss}")
             return self.location
-        location = self.jku_locations.get(jku)
+        location = self.jku_locations.get(normalized_url(jku))
         if location is None:
             raise AuthenticationError(f"jku not on the allowlist of issuer {self.iss}")
         return location

@@ -30,6 +30,7 @@ from service.security import (
     VerifiedCaller,
     build_verifier,
 )
+from service.security.jwt_verifier import normalized_url
 from tests.conftest import ROOT, require_service
 from tests.service.security.support import (
     AUD,
@@ -464,6 +465,52 @@ def test_jku_on_the_allowlist(jwks_server: JwksServer, ec_key: SigningKey, make_
     assert jwks_server.hits["/ehr/jku.json"] == 1
     # Without jku and without a configured jwks_url there is no key set to use.
     assert "no jku" in rejected(verifier, bearer(sign(ec_key)))
+
+
+def test_a_jku_naming_the_issuers_configured_jwks_url_is_honoured(jwks_server: JwksServer, ec_key: SigningKey, make_verifier: MakeVerifier) -> None:
+    """EHRs (Epic, the CDS Hooks Sandbox) name their published key set in the header: no allowlist entry is needed."""
+    url = jwks_server.publish("/ehr/jwks.json", ec_key.jwks())
+    jwks_server.publish("/ehr/other.json", ec_key.jwks())
+    verifier = make_verifier(make_settings(TrustedIssuer(iss=ISS, jwks_url=url)))
+    assert verifier.verify(bearer(sign(ec_key)), AUD).kid == ec_key.kid
+    assert verifier.verify(bearer(sign(ec_key, jku=url)), AUD).kid == ec_key.kid
+    # Compared after normalisation (the scheme's case here); the same key set, fetched once.
+    assert verifier.verify(bearer(sign(ec_key, jku=url.replace("http://", "HTTP://"))), AUD).kid == ec_key.kid
+    assert jwks_server.hits["/ehr/jwks.json"] == 1
+    # Another URL on the same server is still not honoured, and never fetched.
+    assert "jku not on the allowlist" in rejected(verifier, bearer(sign(ec_key, jku=url.replace("/ehr/jwks.json", "/ehr/other.json"))))
+    assert jwks_server.hits["/ehr/other.json"] == 0
+
+
+def test_a_jku_naming_another_issuers_jwks_url_is_refused(jwks_server: JwksServer, ec_key: SigningKey, make_verifier: MakeVerifier) -> None:
+    attacker = new_ec_key()
+    theirs = jwks_server.publish("/other/jwks.json", attacker.jwks())
+    verifier = make_verifier(
+        make_settings(
+            TrustedIssuer(iss=ISS, jwks_url=jwks_server.publish("/ehr/jwks.json", ec_key.jwks())),
+            TrustedIssuer(iss="https://other-ehr.example.org", jwks_url=theirs),
+        )
+    )
+    assert "jku not on the allowlist" in rejected(verifier, bearer(sign(attacker, jku=theirs)))
+
+
+@pytest.mark.parametrize(
+    ("url", "normalized"),
+    [
+        ("HTTPS://EHR.Example.ORG/Keys/JWKS.json", "https://ehr.example.org/Keys/JWKS.json"),
+        ("https://ehr.example.org:443/jwks.json", "https://ehr.example.org/jwks.json"),
+        ("http://ehr.example.org:80/jwks.json", "http://ehr.example.org/jwks.json"),
+        ("https://ehr.example.org:8443/jwks.json", "https://ehr.example.org:8443/jwks.json"),
+        ("https://ehr.example.org", "https://ehr.example.org/"),
+        ("https://ehr.example.org/jwks.json?v=2", "https://ehr.example.org/jwks.json?v=2"),
+        ("https://user@ehr.example.org/jwks.json", "https://user@ehr.example.org/jwks.json"),  # never equal to the URL without it
+        ("https://[::1]:443/jwks.json", "https://[::1]/jwks.json"),
+        ("https://ehr.example.org:99999/jwks.json", "https://ehr.example.org:99999/jwks.json"),  # not a URL: unchanged
+        ("not a url", "not a url"),
+    ],
+)
+def test_jku_comparison_normalises_scheme_host_and_default_port_only(url: str, normalized: str) -> None:
+    assert normalized_url(url) == normalized
 
 
 def test_jku_allowlisted_for_another_issuer_only(
