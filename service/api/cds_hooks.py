@@ -42,6 +42,16 @@ log = get_logger("calcinosis-cds.hooks")
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": OperationOutcome} for code in (400, 401, 404, 412, 413)}
 
 
+#: The log field and metric label of a service id that is not one of ours: the path segment is the caller's text
+#: (it may be anything, a patient's name included) and an unbounded metric label.
+UNKNOWN_SERVICE = "unknown"
+
+
+def service_label(service_id: str) -> str:
+    """``service_id`` when it is one of the services, else :data:`UNKNOWN_SERVICE` (never the caller's text)."""
+    return service_id if service_id in SERVICES_BY_ID else UNKNOWN_SERVICE
+
+
 def _loc_part(part: Any) -> str:
     return str(part) if isinstance(part, int) or part in _FEEDBACK_FIELDS else "(unknown member)"
 
@@ -133,6 +143,7 @@ def _parse_json(body: bytes) -> Any:
 async def call_service(service_id: str, request: Request) -> Response:
     started = time.perf_counter()
     ctx = ctx_of(request)
+    service = service_label(service_id)
     request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
     caller = VerifiedCaller.unauthenticated()
     accepted_unsigned = False  # development mode let an unsigned call through (said on its log line)
@@ -141,8 +152,8 @@ async def call_service(service_id: str, request: Request) -> Response:
     n_cards = 0
     data_gaps: list[str] = []  # value-free reasons: a key not provided, not fetched, or cut after its first page
     try:
-        if service_id not in SERVICES_BY_ID:
-            raise NotFound(f"unknown CDS service {service_id!r}")
+        if service == UNKNOWN_SERVICE:
+            raise NotFound("unknown CDS service")
         caller = authenticate(request, "service")
         accepted_unsigned = not caller.authenticated
         raw = await read_body(request, ctx.settings.max_hook_request_bytes)
@@ -154,7 +165,7 @@ async def call_service(service_id: str, request: Request) -> Response:
             data_gaps = answer.notes
             n_cards = len(answer.cards)
             for card in answer.cards:
-                CARDS.labels(service_id, card["source"]["topic"]["code"]).inc()
+                CARDS.labels(service, card["source"]["topic"]["code"]).inc()
             if answer.cards:
                 ctx.issued_cards.add(service_id, answer.patient_ref, answer.cards)
             response = json_response(answer.response)
@@ -163,16 +174,16 @@ async def call_service(service_id: str, request: Request) -> Response:
     except ServiceError as exc:
         status = exc.status_code
         if status == 412:
-            HOOK_412.labels(service_id).inc()
+            HOOK_412.labels(service).inc()
         raise
     finally:
         elapsed = time.perf_counter() - started
         if status == 200:
-            HOOK_LATENCY.labels(service_id, data_path).observe(elapsed)
+            HOOK_LATENCY.labels(service, data_path).observe(elapsed)
         log.info(
             "cds_hook",
             request_id=request_id,
-            service=service_id,
+            service=service,
             status=status,
             data_path=data_path,
             cards=n_cards,
@@ -193,8 +204,9 @@ async def call_service(service_id: str, request: Request) -> Response:
 )
 async def feedback(service_id: str, request: Request) -> Response:
     ctx = ctx_of(request)
-    if service_id not in SERVICES_BY_ID:
-        raise NotFound(f"unknown CDS service {service_id!r}")
+    service = service_label(service_id)
+    if service == UNKNOWN_SERVICE:
+        raise NotFound("unknown CDS service")
     authenticate(request, "feedback")
     raw = _parse_json(await read_body(request, 1_000_000))
     try:
@@ -224,8 +236,8 @@ async def feedback(service_id: str, request: Request) -> Response:
                 user_comment=item.overrideReason.userComment if item.overrideReason else None,
             )
     for item, _ in items:
-        FEEDBACK.labels(service_id, item.outcome).inc()
-    log.info("cds_feedback", service=service_id, items=len(items), new=created)
+        FEEDBACK.labels(service, item.outcome).inc()
+    log.info("cds_feedback", service=service, items=len(items), new=created)
     return Response(status_code=200)
 
 

@@ -356,6 +356,29 @@ def test_a_paged_prefetch_without_a_fhir_server_is_evaluated_from_its_first_page
     assert "data_gaps" not in complete
 
 
+def test_an_unknown_service_id_is_never_echoed_in_the_answer_the_log_or_the_metrics(monkeypatch: pytest.MonkeyPatch, signed_client: TestClient) -> None:
+    """The path segment is the caller's text (a patient's name, say): the 404 says "unknown CDS service", and the log
+    line and metric labels carry the fixed value "unknown" (an unbounded label would also grow the metrics)."""
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", captured)
+    patient = high_risk_dialysis_patient()
+    segment = "John%20Smith%20MRN%20123"
+    feedback = {"feedback": [{"card": "c1", "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]}
+    responses = [
+        signed_client.post(f"/cds-services/{segment}", json=hook_request(RISK, patient.pid, prefetch=patient.prefetch())),
+        signed_client.post(f"/cds-services/{segment}/feedback", json=feedback),
+    ]
+    for response in responses:
+        assert_operation_outcome(response, 404)
+        assert response.json()["issue"][0]["diagnostics"] == "unknown CDS service"
+    logged = captured.getvalue()
+    [line] = [orjson.loads(text) for text in logged.splitlines() if text.startswith("{") and orjson.loads(text).get("event") == "cds_hook"]
+    assert (line["service"], line["status"]) == ("unknown", 404)
+    metrics = signed_client.get("/metrics").text
+    for text in (logged, metrics, *(r.text for r in responses)):
+        assert "Smith" not in text and "MRN" not in text
+
+
 # --- malformed calls ------------------------------------------------------------------------------
 MARKER = "ECHO-MARKER-7f3a9c"
 
