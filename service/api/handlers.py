@@ -58,5 +58,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.error("unhandled_error", path=request.url.path, error=type(exc).__name__)
+        # The route's template ("/cds-services/{service_id}/feedback"), never the path as sent: its segments are
+        # the caller's text.
+        route = getattr(request.scope.get("route"), "path", None)
+        log.error("unhandled_error", route=route if isinstance(route, str) else "(no route)", error=type(exc).__name__)
         return operation_outcome(500, "internal error")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import sys
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 
@@ -163,3 +167,19 @@ def test_feedback_in_development_mode_needs_no_jwt(make_client: Callable[..., Te
 def test_feedback_is_counted(signed_client: TestClient, issuer: Issuer) -> None:
     assert send(signed_client, issuer, sandbox_feedback(str(uuid.uuid4()))).status_code == 200
     assert 'cds_feedback_total{outcome="overridden",service="calcinosis-risk"}' in signed_client.get("/metrics").text
+
+
+def test_an_unexpected_error_is_logged_with_the_route_not_the_path_as_sent(
+    monkeypatch: pytest.MonkeyPatch, make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    """A database without the schema (never migrated) makes the audit read fail unexpectedly: a 500, and a log line that
+    names the route's template, not the path segments the caller chose."""
+    client = make_client(database_url=f"sqlite:///{tmp_path / 'never-migrated.sqlite'}")
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", captured)
+    response = client.get("/cds-services/John%20Smith%20MRN%20123/feedback", headers=ADMIN)
+    assert response.status_code == 500
+    assert response.json()["issue"][0]["diagnostics"] == "internal error"
+    [line] = [orjson.loads(text) for text in captured.getvalue().splitlines() if text.startswith("{") and '"unhandled_error"' in text]
+    assert (line["route"], line["error"]) == ("/cds-services/{service_id}/feedback", "OperationalError")
+    assert "Smith" not in captured.getvalue()
