@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -195,6 +196,22 @@ async def call_service(service_id: str, request: Request) -> Response:
         )
 
 
+#: An RFC 3339 date-time (the CDS Hooks schema's ``format: date-time``), its offset optional (read as UTC when absent).
+_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})?", re.ASCII)
+
+
+def _outcome_timestamp(value: str) -> datetime:
+    """``outcomeTimestamp`` as an aware datetime; a date alone, or any other ISO 8601 form, is a 400."""
+    text = value.upper()
+    try:
+        if _DATE_TIME.fullmatch(text) is None:
+            raise ValueError
+        ts = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest("invalid feedback: outcomeTimestamp is not a date-time") from None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
 @router.post(
     "/cds-services/{service_id}/feedback",
     tags=["CDS Hooks"],
@@ -217,11 +234,9 @@ async def feedback(service_id: str, request: Request) -> Response:
         raise BadRequest(f"invalid feedback: {', '.join(fields)}") from None
     items = []
     for item in parsed.feedback:
-        try:
-            ts = datetime.fromisoformat(item.outcomeTimestamp)
-        except ValueError:
-            raise BadRequest("invalid feedback: outcomeTimestamp is not a date-time") from None
-        items.append((item, ts if ts.tzinfo else ts.replace(tzinfo=UTC)))
+        if item.outcome == "accepted" and not item.acceptedSuggestions:
+            raise BadRequest("invalid feedback: acceptedSuggestions is required for an accepted outcome")
+        items.append((item, _outcome_timestamp(item.outcomeTimestamp)))
     created = 0
     with session_scope(ctx.sessions) as session:
         repo = CardFeedbackRepository(session)

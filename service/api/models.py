@@ -100,8 +100,8 @@ class FeedbackItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     card: str = Field(min_length=1, max_length=64)
     outcome: Literal["accepted", "overridden"]
-    outcomeTimestamp: str = Field(min_length=1)
-    acceptedSuggestions: list[AcceptedSuggestion] | None = None
+    outcomeTimestamp: str = Field(min_length=1, json_schema_extra={"format": "date-time"})
+    acceptedSuggestions: list[AcceptedSuggestion] | None = Field(None, min_length=1, description="Required when outcome is accepted")
     overrideReason: OverrideReason | None = None
     extension: dict[str, Any] | None = None
 

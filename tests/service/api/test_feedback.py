@@ -27,9 +27,9 @@ def sandbox_feedback(card: str, outcome: str = "overridden") -> dict[str, Any]:
     """Exactly what the CDS Hooks Sandbox posts when a card is dismissed with a reason."""
     item: dict[str, Any] = {"card": card, "outcome": outcome, "outcomeTimestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
     if outcome == "overridden":
-        item["overrideReason"] = {
-            "reason": {"code": "not-clinically-relevant", "system": "https://calcinosis-cds.org/fhir/CodeSystem/override-reason"}
-        }
+        item["overrideReason"] = {"reason": {"code": "not-clinically-relevant", "system": "https://calcinosis-cds.org/fhir/CodeSystem/override-reason"}}
+    else:  # CDS Hooks 2.0: an accepted outcome names the suggestion(s) taken
+        item["acceptedSuggestions"] = [{"id": str(uuid.uuid4())}]
     return {"feedback": [item]}
 
 
@@ -109,6 +109,17 @@ MARKER = "FEEDBACK-MARKER-51b2"
         pytest.param({"feedback": [{"card": MARKER, "outcome": "ignored", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]}, id="bad-outcome"),
         pytest.param({"feedback": [{"card": MARKER, "outcome": "accepted"}]}, id="no-timestamp"),
         pytest.param({"feedback": [{"card": "c", "outcome": "accepted", "outcomeTimestamp": MARKER}]}, id="bad-timestamp"),
+        pytest.param(
+            {"feedback": [{"card": MARKER, "outcome": "overridden", "outcomeTimestamp": "2026-11-22", "overrideReason": {"userComment": MARKER}}]},
+            id="date-only-timestamp",
+        ),
+        pytest.param({"feedback": [{"card": MARKER, "outcome": "overridden", "outcomeTimestamp": "2026-11-22T10:00"}]}, id="timestamp-without-seconds"),
+        pytest.param({"feedback": [{"card": MARKER, "outcome": "overridden", "outcomeTimestamp": "2026-W47-1T10:00:00Z"}]}, id="week-date-timestamp"),
+        pytest.param({"feedback": [{"card": MARKER, "outcome": "accepted", "outcomeTimestamp": "2026-11-22T10:00:00Z"}]}, id="accepted-without-suggestions"),
+        pytest.param(
+            {"feedback": [{"card": MARKER, "outcome": "accepted", "outcomeTimestamp": "2026-11-22T10:00:00Z", "acceptedSuggestions": []}]},
+            id="accepted-with-no-suggestion",
+        ),
         pytest.param({"feedback": [{"outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]}, id="no-card"),
         pytest.param({"feedback": [{"card": "x" * 200, "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]}, id="long-card"),
         pytest.param({"feedback": [{"card": "c", "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z", MARKER: 1}]}, id="extra-field"),
@@ -123,6 +134,24 @@ def test_invalid_feedback_is_400(signed_client: TestClient, issuer: Issuer, docu
     assert response.status_code == 400, response.text
     assert response.json()["resourceType"] == "OperationOutcome"
     assert MARKER not in response.text
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "expected"),
+    [
+        pytest.param("2026-11-22T10:00:00Z", "2026-11-22T10:00:00+00:00", id="utc"),
+        pytest.param("2026-11-22T10:00:00.123+01:00", "2026-11-22T09:00:00.123000+00:00", id="offset-and-fraction"),
+        pytest.param("2026-11-22t10:00:00z", "2026-11-22T10:00:00+00:00", id="lower-case-separators"),
+        pytest.param("2026-11-22T10:00:00", "2026-11-22T10:00:00+00:00", id="no-offset-read-as-utc"),
+    ],
+)
+def test_a_date_time_outcome_timestamp_is_stored(signed_client: TestClient, issuer: Issuer, timestamp: str, expected: str) -> None:
+    card = str(uuid.uuid4())
+    document = {"feedback": [{"card": card, "outcome": "overridden", "outcomeTimestamp": timestamp}]}
+    assert send(signed_client, issuer, document).status_code == 200
+    [row] = stored(signed_client, card)
+    read = datetime.fromisoformat(row["outcomeTimestamp"])
+    assert (read if read.tzinfo else read.replace(tzinfo=UTC)).astimezone(UTC).isoformat() == expected
 
 
 def test_malformed_json_feedback_is_400(signed_client: TestClient, issuer: Issuer) -> None:

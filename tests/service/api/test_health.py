@@ -45,7 +45,9 @@ def test_metrics_after_hook_calls(dev_client: TestClient) -> None:
     assert dev_client.post(f"/cds-services/{RISK}", json=hook_request(RISK, patient.pid, prefetch=patient.prefetch())).status_code == 200
     # required keys absent and no fhirServer: 412
     assert dev_client.post(f"/cds-services/{RISK}", json=hook_request(RISK, patient.pid, prefetch={})).status_code == 412
-    feedback = {"feedback": [{"card": str(uuid.uuid4()), "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]}
+    feedback = {
+        "feedback": [{"card": str(uuid.uuid4()), "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z", "acceptedSuggestions": [{"id": "s1"}]}]
+    }
     assert dev_client.post(f"/cds-services/{RISK}/feedback", json=feedback).status_code == 200
 
     response = dev_client.get("/metrics")
@@ -103,7 +105,19 @@ def test_the_document_says_which_calls_need_credentials(make_client: Callable[..
             needs_credentials = bool(security) and {} not in security
             url = path.format(**_PATH_VALUES)
             if path == "/cds-services/{service_id}/feedback" and method == "post":
-                response = client.post(url, json={"feedback": [{"card": str(uuid.uuid4()), "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]})
+                response = client.post(
+                    url,
+                    json={
+                        "feedback": [
+                            {
+                                "card": str(uuid.uuid4()),
+                                "outcome": "accepted",
+                                "outcomeTimestamp": "2026-01-01T00:00:00Z",
+                                "acceptedSuggestions": [{"id": "s1"}],
+                            }
+                        ]
+                    },
+                )
             elif method in {"post", "put"}:
                 response = client.request(method.upper(), url, json=body if path.startswith("/cds-services") else None)
             else:

@@ -165,7 +165,7 @@ def test_a_replayed_token_is_refused(signed_client: TestClient, issuer: Issuer) 
 
 
 def test_feedback_needs_its_own_audience(signed_client: TestClient, issuer: Issuer) -> None:
-    feedback = {"feedback": [{"card": str(uuid.uuid4()), "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]}
+    feedback = {"feedback": [{"card": str(uuid.uuid4()), "outcome": "overridden", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]}
     wrong = signed_client.post(f"/cds-services/{RISK}/feedback", json=feedback, headers=issuer.bearer(AUD))
     assert_bare_401(wrong)
     right = signed_client.post(f"/cds-services/{RISK}/feedback", json=feedback, headers=issuer.bearer(f"{AUD}/feedback"))
@@ -257,6 +257,6 @@ def test_a_discovery_url_registered_with_a_trailing_slash_works_and_aud_is_the_u
     assert response.json()["cards"]
     assert_bare_401(signed_client.post(f"/cds-services//{RISK}", json=body(), headers=issuer.bearer(AUD)))
     card = response.json()["cards"][0]
-    feedback = {"feedback": [{"card": card["uuid"], "outcome": "accepted", "outcomeTimestamp": "2026-11-22T00:00:00Z"}]}
+    feedback = {"feedback": [{"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-22T00:00:00Z"}]}
     url = f"/cds-services//{RISK}/feedback/"
     assert signed_client.post(url, json=feedback, headers=issuer.bearer(f"{TESTSERVER}{url}")).status_code == 200
