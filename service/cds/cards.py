@@ -139,8 +139,9 @@ def make_card(
 ) -> dict[str, Any]:
     if len(summary) > 139:
         summary = summary[:138] + "…"
+    card_uuid = stable_uuid(ctx, rule_id, topic, indicator, summary, *uuid_parts)
     card: dict[str, Any] = {
-        "uuid": stable_uuid(ctx, rule_id, topic, indicator, summary, *uuid_parts),
+        "uuid": card_uuid,
         "summary": summary,
         "indicator": indicator,
         "detail": f"{body}\n\n{_footer(ctx, rule_id, topic)}",
@@ -151,9 +152,15 @@ def make_card(
         "overrideReasons": OVERRIDE_REASONS,
     }
     if suggestions:
-        card["suggestions"] = suggestions
+        # a suggestion's uuid is its card's: the same suggestion (a renal panel) on two cards is two suggestions
+        card["suggestions"] = [{**s, "uuid": child_uuid(card_uuid, s["uuid"])} if s.get("uuid") else s for s in suggestions]
         card["selectionBehavior"] = "any"
     return _clean(card)
+
+
+def child_uuid(parent: str, key: str) -> str:
+    """A uuid derived from ``parent`` (a card's) and ``key``: deterministic, and distinct under distinct parents."""
+    return str(uuid.uuid5(CARD_NAMESPACE, f"{parent}|{key}"))
 
 
 def order_suggestions(ctx: CardContext, catalog: Catalog, order_ids: list[str]) -> list[dict[str, Any]]:

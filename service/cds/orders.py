@@ -89,11 +89,12 @@ def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardCo
     setting = "established calciphylaxis" if established else f"renal context {outcome.renal}"
     settings = patient_settings(outcome)
     cards = []
-    for order in orders:
+    for position, order in enumerate(orders):
         features, coding = _order_features(order, catalog)
         if not features or coding is None:
             continue
-        ref = resource_ref(order) or "MedicationRequest/(draft)"
+        draft_ref = resource_ref(order)  # None: a draft without an id, which no action can name
+        ref = draft_ref or "MedicationRequest/(draft)"
         drug = coding.get("display") or ORDER_RISK_FEATURES[sorted(features)[0]]
         kinds = ", ".join(ORDER_RISK_FEATURES[f] for f in sorted(features))
         iv_only = features <= IV_FEATURES
@@ -121,6 +122,10 @@ def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardCo
                     "actions": [{"type": "delete", "description": f"Remove the draft order for {drug}", "resourceId": ref}],
                 }
             )
+        unchangeable = ""
+        if draft_ref is None and suggestions:
+            suggestions = []
+            unchangeable = "This draft order has no id, so it cannot be changed or removed from this card. "
         named = f"The order for {drug} adds {kinds}" if coding.get("display") else f"This order adds {kinds}"
         body = (
             f"**{named}** in a patient with {setting}. "
@@ -135,6 +140,7 @@ def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardCo
                 if features & IV_FEATURES
                 else ""
             )
+            + unchangeable
             + "\n\n"
             + evidence_table(
                 [
@@ -154,7 +160,7 @@ def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardCo
             summary=f"Order adds {kinds.split(',')[0]} for a patient with {setting}"[:139],
             body=body,
             suggestions=suggestions,
-            uuid_parts=(ref, ",".join(sorted(features))),
+            uuid_parts=(ref, ",".join(sorted(features)), str(position)),
         )
         if suggestions:
             card["selectionBehavior"] = "at-most-one"

@@ -40,6 +40,7 @@ from tests.service.api.support import (
     non_renal_patient,
     sandbox_draft_orders,
     serve_in_thread,
+    shifted,
     topics,
 )
 
@@ -492,6 +493,48 @@ def test_order_sign_for_a_non_renal_patient_without_risky_orders(dev_client: Tes
     patient = non_renal_patient()
     order = draft_order("draft-sev", SEVELAMER, patient.pid)
     assert ok_cards(call(dev_client, ORDER_SIGN, order_body(ORDER_SIGN, patient, order))) == {"cards": []}
+
+
+def esrd_patient_without_labs(pid: str = "p3") -> PatientData:
+    """ESRD and no recent calcium or phosphate: the calciphylaxis and metastatic cards both suggest a renal panel."""
+    esrd = {**shifted(b.esrd()), "subject": {"reference": f"Patient/{pid}"}}
+    return PatientData(pid=pid, patient=b.patient(pid), observations=[], conditions=[esrd], medication_requests=[])
+
+
+def uuids(document: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The card uuids and the suggestion uuids of a response, each in order."""
+    return [c["uuid"] for c in document["cards"]], [s["uuid"] for c in document["cards"] for s in c.get("suggestions", [])]
+
+
+def test_order_sign_with_two_draft_orders_without_an_id(dev_client: TestClient) -> None:
+    """Drafts an EHR has not given an id yet (two calcium binders): a card each, with its own uuid, and no suggestion
+    to change or remove an order that cannot be named; no suggestion uuid is shared by two cards (renal panel)."""
+    patient = esrd_patient_without_labs()
+    drafts = [{k: v for k, v in draft_order("x", CALCIUM_ACETATE, patient.pid, display="calcium acetate").items() if k != "id"} for _ in range(2)]
+    document = ok_cards(call(dev_client, ORDER_SIGN, order_body(ORDER_SIGN, patient, *drafts)))
+    assert topics(document)[:2] == ["medication-order-risk"] * 2
+    order_cards = document["cards"][:2]
+    assert all("suggestions" not in card and "selectionBehavior" not in card for card in order_cards)
+    assert all("cannot be changed or removed from this card" in card["detail"] for card in order_cards)
+    labels = [s["label"] for c in document["cards"] for s in c.get("suggestions", [])]
+    assert labels.count("Order Renal panel: calcium, phosphate, albumin") == 2, "the renal panel is suggested on two cards"
+    cards, suggestions = uuids(document)
+    assert len(set(cards)) == len(cards) and len(set(suggestions)) == len(suggestions)
+    assert not set(cards) & set(suggestions)
+
+
+def test_order_sign_draft_orders_with_and_without_an_id(dev_client: TestClient) -> None:
+    patient = high_risk_dialysis_patient()
+    named = draft_order("draft-ca", CALCIUM_ACETATE, patient.pid)
+    unnamed = {k: v for k, v in named.items() if k != "id"}
+    document = ok_cards(call(dev_client, ORDER_SIGN, order_body(ORDER_SIGN, patient, unnamed, named)))
+    first, second = document["cards"][:2]
+    assert "suggestions" not in first
+    actions = [a for s in second["suggestions"] for a in s["actions"]]
+    assert {a["type"] for a in actions} == {"update", "delete"}
+    assert all(a.get("resourceId", "MedicationRequest/draft-ca") == "MedicationRequest/draft-ca" for a in actions)
+    assert all(a["resource"]["id"] == "draft-ca" for a in actions if a["type"] == "update")
+    assert first["uuid"] != second["uuid"]
 
 
 def test_order_select_requires_a_draft_orders_bundle(dev_client: TestClient) -> None:

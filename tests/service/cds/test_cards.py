@@ -56,6 +56,14 @@ def test_cards_valid_and_explained(run, name) -> None:
                     assert re.fullmatch(r"(LOINC|SNOMED CT|ICD-10-CM|ICD-10-PCS|RxNorm|CPT|HCPCS) \S+", cells[2]), row
 
 
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_card_and_suggestion_has_its_own_uuid(run, name) -> None:
+    """In "incomplete" the calciphylaxis and the metastatic card both suggest a renal panel: two suggestions."""
+    cards = run(*SCENARIOS[name]()).cards
+    found = [c["uuid"] for c in cards] + [s["uuid"] for c in cards for s in c.get("suggestions", [])]
+    assert len(found) == len(set(found))
+
+
 def test_card_uuid_stable_and_input_sensitive(run) -> None:
     resources = SCENARIOS["high"]()
     a = run(*resources).assessment.cards
