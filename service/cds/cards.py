@@ -4,7 +4,8 @@ Cards follow the contract's topics and the spec's shape (no empty strings or arr
 140 characters; ``selectionBehavior`` with suggestions; ``overrideReasons`` with display). Each card's
 detail lists every fact used (value, unit, date, source reference), the threshold crossed, the rule id
 and version, the evidence strength, and says the tiers are not validated probabilities.
-The ``uuid`` is stable for the same patient, rule, versions and inputs, so feedback and audit can join.
+The ``uuid`` is stable for the same patient, rule, versions and inputs; a CDS Hooks call issues each card under a
+uuid of its own derived from it and the call's ``hookInstance`` (:func:`for_call`), so feedback and audit can join.
 """
 
 from __future__ import annotations
@@ -161,6 +162,20 @@ def make_card(
 def child_uuid(parent: str, key: str) -> str:
     """A uuid derived from ``parent`` (a card's) and ``key``: deterministic, and distinct under distinct parents."""
     return str(uuid.uuid5(CARD_NAMESPACE, f"{parent}|{key}"))
+
+
+def for_call(cards: list[dict[str, Any]], hook_instance: str) -> list[dict[str, Any]]:
+    """The cards as one CDS Hooks call issues them: each card's uuid derived from its own and the call's
+    ``hookInstance``, its suggestions' from that. Feedback is kept per card uuid and outcome, so two calls (two
+    clinicians) never share a card; the same request again (a retry) gets the same uuids."""
+    issued = []
+    for card in cards:
+        card_uuid = child_uuid(card["uuid"], hook_instance)
+        issued_card = {**card, "uuid": card_uuid}
+        if "suggestions" in card:
+            issued_card["suggestions"] = [{**s, "uuid": child_uuid(card_uuid, s["uuid"])} if s.get("uuid") else s for s in card["suggestions"]]
+        issued.append(issued_card)
+    return issued
 
 
 def order_suggestions(ctx: CardContext, catalog: Catalog, order_ids: list[str]) -> list[dict[str, Any]]:

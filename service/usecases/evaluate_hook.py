@@ -17,6 +17,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from service.cds.cards import for_call
 from service.cds.discovery import REQUIRED_KEYS, SERVICES_BY_ID, prefetch_templates, render_template
 from service.cds.engine import Evaluation, evaluate_patient
 from service.cds.grouping import group_by_patient
@@ -150,7 +151,7 @@ class HookService:
                 try:
                     fetched, notes = await self._fetch(body, context, to_fetch, paged)
                 except PrefetchUnavailable:
-                    answer = await self._from_stored(hook, service_id, patient_ref, now)
+                    answer = await self._from_stored(hook, service_id, patient_ref, now, body["hookInstance"])
                     if answer is None:
                         raise
                     return answer
@@ -166,7 +167,7 @@ class HookService:
             topic_system=self.topic_system,
             notes=notes,
         )
-        cards = self.cards_for(hook, context, evaluation)
+        cards = for_call(self.cards_for(hook, context, evaluation), body["hookInstance"])
         return HookAnswer({"cards": cards}, service_id, patient_ref, data_path, evaluation, cards, notes)
 
     async def _fetch(
@@ -219,7 +220,7 @@ class HookService:
                 resources.extend(result.resources)
         return resources, notes
 
-    async def _from_stored(self, hook: str, service_id: str, patient_ref: str, now: datetime) -> HookAnswer | None:
+    async def _from_stored(self, hook: str, service_id: str, patient_ref: str, now: datetime, hook_instance: str) -> HookAnswer | None:
         """The data cannot be had from the EHR, but background monitoring has a fresh assessment of the patient
         made with the same rules and mappings: answer from it (patient-view/encounter-start only: order checks
         need the draft orders evaluated against current facts)."""
@@ -233,7 +234,7 @@ class HookService:
             or stored.mappings_version != self.catalog.version
         ):
             return None
-        cards = list(stored.assessment.get("cards") or [])
+        cards = for_call(list(stored.assessment.get("cards") or []), hook_instance)
         return HookAnswer({"cards": cards}, service_id, patient_ref, "stored", None, cards, ["answered from the stored assessment"])
 
     def cards_for(self, hook: str, context: dict[str, Any], evaluation: Evaluation) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import sys
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -158,11 +159,33 @@ def test_full_prefetch_low_risk_patient_gets_no_card(dev_client: TestClient) -> 
     assert document == {"cards": []}
 
 
-def test_full_prefetch_with_the_same_card_twice_is_stable(dev_client: TestClient) -> None:
-    patient = high_risk_dialysis_patient()
-    first = ok_cards(call(dev_client, RISK, hook_request(RISK, patient.pid, prefetch=patient.prefetch())))
-    second = ok_cards(call(dev_client, RISK, hook_request(RISK, patient.pid, prefetch=patient.prefetch())))
-    assert [c["uuid"] for c in first["cards"]] == [c["uuid"] for c in second["cards"]]
+def esrd_patient_without_labs(pid: str = "p3") -> PatientData:
+    """ESRD and no recent calcium or phosphate: the calciphylaxis and metastatic cards both suggest a renal panel."""
+    esrd = {**shifted(b.esrd()), "subject": {"reference": f"Patient/{pid}"}}
+    return PatientData(pid=pid, patient=b.patient(pid), observations=[], conditions=[esrd], medication_requests=[])
+
+
+def all_uuids(document: dict[str, Any]) -> list[str]:
+    """The uuids of a response's cards, then of their suggestions."""
+    return [c["uuid"] for c in document["cards"]] + [s["uuid"] for c in document["cards"] for s in c.get("suggestions", [])]
+
+
+def without_uuids(document: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{**c, "uuid": None, "suggestions": [{**s, "uuid": None} for s in c.get("suggestions", [])]} for c in document["cards"]]
+
+
+def test_card_uuids_are_those_of_the_call(dev_client: TestClient) -> None:
+    """The same request again (a retry) has the same uuids; another call (its own hookInstance, another user) gets
+    the same cards under uuids of their own, cards and suggestions, so each call's feedback is its own."""
+    patient = esrd_patient_without_labs()  # cards with suggestions
+    body = hook_request(RISK, patient.pid, prefetch=patient.prefetch())
+    first = ok_cards(call(dev_client, RISK, body))
+    assert any("suggestions" in c for c in first["cards"])
+    assert ok_cards(call(dev_client, RISK, body)) == first
+    other = {**body, "hookInstance": str(uuid.uuid4()), "context": {**body["context"], "userId": "Practitioner/pr2"}}
+    second = ok_cards(call(dev_client, RISK, other))
+    assert not set(all_uuids(first)) & set(all_uuids(second))
+    assert without_uuids(first) == without_uuids(second)
 
 
 # --- prefetch fallback over real HTTP -----------------------------------------------------------
@@ -328,7 +351,7 @@ def test_a_paged_prefetch_is_completed_from_the_fhir_server(dev_client: TestClie
     prefetch = {**patient.prefetch(), "observations": _first_page(fhir, "Observation", patient.pid, 1)}
     fhir.clear_requests()
     paged = ok_cards(call(dev_client, RISK, hook_request(RISK, patient.pid, prefetch=prefetch, fhir_server=fhir.base_url, token=FHIR_TOKEN)))
-    assert paged == whole
+    assert without_uuids(paged) == without_uuids(whole)  # two calls: the same cards, each call's uuids
     pages = fhir.requests_matching(path="/fhir/Observation")
     assert len(pages) == count - 1  # one request per later page, none for the first
     assert all(r.headers.get("authorization") == f"Bearer {FHIR_TOKEN}" for r in fhir.requests)
@@ -495,17 +518,6 @@ def test_order_sign_for_a_non_renal_patient_without_risky_orders(dev_client: Tes
     assert ok_cards(call(dev_client, ORDER_SIGN, order_body(ORDER_SIGN, patient, order))) == {"cards": []}
 
 
-def esrd_patient_without_labs(pid: str = "p3") -> PatientData:
-    """ESRD and no recent calcium or phosphate: the calciphylaxis and metastatic cards both suggest a renal panel."""
-    esrd = {**shifted(b.esrd()), "subject": {"reference": f"Patient/{pid}"}}
-    return PatientData(pid=pid, patient=b.patient(pid), observations=[], conditions=[esrd], medication_requests=[])
-
-
-def uuids(document: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """The card uuids and the suggestion uuids of a response, each in order."""
-    return [c["uuid"] for c in document["cards"]], [s["uuid"] for c in document["cards"] for s in c.get("suggestions", [])]
-
-
 def test_order_sign_with_two_draft_orders_without_an_id(dev_client: TestClient) -> None:
     """Drafts an EHR has not given an id yet (two calcium binders): a card each, with its own uuid, and no suggestion
     to change or remove an order that cannot be named; no suggestion uuid is shared by two cards (renal panel)."""
@@ -518,9 +530,7 @@ def test_order_sign_with_two_draft_orders_without_an_id(dev_client: TestClient) 
     assert all("cannot be changed or removed from this card" in card["detail"] for card in order_cards)
     labels = [s["label"] for c in document["cards"] for s in c.get("suggestions", [])]
     assert labels.count("Order Renal panel: calcium, phosphate, albumin") == 2, "the renal panel is suggested on two cards"
-    cards, suggestions = uuids(document)
-    assert len(set(cards)) == len(cards) and len(set(suggestions)) == len(suggestions)
-    assert not set(cards) & set(suggestions)
+    assert len(set(all_uuids(document))) == len(all_uuids(document))
 
 
 def test_order_sign_draft_orders_with_and_without_an_id(dev_client: TestClient) -> None:

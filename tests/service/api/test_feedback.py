@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from tests.schema import assert_valid
 from tests.service.api.conftest import ADMIN_TOKEN, TESTSERVER
-from tests.service.api.support import RISK, Issuer, high_risk_dialysis_patient, hook_request
+from tests.service.api.support import RISK, Issuer, PatientData, high_risk_dialysis_patient, hook_request
 
 FEEDBACK_URL = f"{TESTSERVER}/cds-services/{RISK}/feedback"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -44,12 +44,19 @@ def stored(client: TestClient, card: str) -> list[dict[str, Any]]:
     return response.json()["feedback"]
 
 
-def issued_card(client: TestClient, issuer: Issuer) -> dict[str, Any]:
-    patient = high_risk_dialysis_patient()
+def issued_card(client: TestClient, issuer: Issuer, user: str = "Practitioner/pr1", patient: PatientData | None = None) -> dict[str, Any]:
+    patient = patient or high_risk_dialysis_patient()
     aud = f"{TESTSERVER}/cds-services/{RISK}"
-    response = client.post(f"/cds-services/{RISK}", json=hook_request(RISK, patient.pid, prefetch=patient.prefetch()), headers=issuer.bearer(aud))
+    body = hook_request(RISK, patient.pid, prefetch=patient.prefetch(), userId=user)
+    response = client.post(f"/cds-services/{RISK}", json=body, headers=issuer.bearer(aud))
     assert response.status_code == 200, response.text
     return response.json()["cards"][0]
+
+
+def card_reason(card: dict[str, Any], index: int) -> dict[str, str]:
+    """The card's ``index``-th override reason, as the Sandbox sends it back."""
+    reason = card["overrideReasons"][index]
+    return {"code": reason["code"], "system": reason["system"]}
 
 
 def test_sandbox_feedback_on_an_issued_card_is_recorded_once(signed_client: TestClient, issuer: Issuer) -> None:
@@ -69,6 +76,26 @@ def test_sandbox_feedback_on_an_issued_card_is_recorded_once(signed_client: Test
     row = rows[0]
     assert row["service"] == RISK and row["card"] == card["uuid"] and row["outcome"] == "overridden"
     assert row["overrideReason"]["reason"]["code"] == reason["code"]
+
+
+def test_two_clinicians_overriding_the_same_card_are_two_feedbacks(signed_client: TestClient, issuer: Issuer) -> None:
+    """Two calls about the same patient (each its own hookInstance and user): each clinician's override is kept, with
+    its own reason and time; the first one's retried POST is still stored once."""
+    patient = high_risk_dialysis_patient()  # the same record for both
+    first, second = issued_card(signed_client, issuer, patient=patient), issued_card(signed_client, issuer, "Practitioner/pr2", patient)
+    assert first["detail"] == second["detail"]
+    dismissals = []
+    for card, reason, at in ((first, card_reason(first, 1), "2026-03-01T10:00:00Z"), (second, card_reason(second, 3), "2026-03-01T11:30:00Z")):
+        document = sandbox_feedback(card["uuid"])
+        document["feedback"][0].update(outcomeTimestamp=at, overrideReason={"reason": reason})
+        dismissals.append(document)
+    for document in (dismissals[0], dismissals[1], dismissals[0]):
+        assert send(signed_client, issuer, document).status_code == 200
+    rows = [row for card in (first, second) for row in stored(signed_client, card["uuid"])]
+    assert [(r["overrideReason"]["reason"]["code"], datetime.fromisoformat(r["outcomeTimestamp"]).strftime("%H:%M")) for r in rows] == [
+        (card_reason(first, 1)["code"], "10:00"),
+        (card_reason(second, 3)["code"], "11:30"),
+    ]
 
 
 def test_accepted_feedback_with_suggestions(signed_client: TestClient, issuer: Issuer) -> None:

@@ -37,8 +37,9 @@ def call(
     service_id: str = "calcinosis-risk",
     prefetch: dict | None = None,
     fhir_server: str | None = None,
+    hook_instance: str = "i",
 ):
-    body: dict = {"hook": hook, "hookInstance": "i", "context": {"patientId": "p1", "draftOrders": {"resourceType": "Bundle"}}}
+    body: dict = {"hook": hook, "hookInstance": hook_instance, "context": {"patientId": "p1", "draftOrders": {"resourceType": "Bundle"}}}
     if prefetch is not None:
         body["prefetch"] = prefetch
     if fhir_server is not None:
@@ -53,7 +54,17 @@ def stored(catalog, age: timedelta, rules: str | None = None) -> StoredAssessmen
 def test_fresh_stored_assessment_answers(catalog) -> None:
     answer = call(service(catalog, stored(catalog, timedelta(minutes=5))))
     assert answer.data_path == "stored"
-    assert answer.response == {"cards": [CARD]}
+    [card] = answer.response["cards"]
+    assert card == {**CARD, "uuid": card["uuid"]}
+    assert answer.cards == [card]
+
+
+def test_each_call_answered_from_the_stored_assessment_has_card_uuids_of_its_own(catalog) -> None:
+    """Feedback is kept per card uuid and outcome: two clinicians' calls must not share a card's uuid."""
+    svc = service(catalog, stored(catalog, timedelta(minutes=5)))
+    [first], [again], [other] = ([c["uuid"] for c in call(svc, hook_instance=i).cards] for i in ("call-1", "call-1", "call-2"))
+    assert first == again, "the same request (a retry) has the same uuids"
+    assert len({first, other, CARD["uuid"]}) == 3
 
 
 @pytest.mark.parametrize("age_rules", [(timedelta(hours=2), None), (timedelta(minutes=5), "0.0.1-other")])
