@@ -48,10 +48,27 @@ def draft_medication_requests(draft_orders: Any, selections: list[str] | None) -
     return out
 
 
-def _order_features(order: dict[str, Any], catalog: Catalog) -> tuple[set[str], dict[str, Any] | None]:
+def draft_medications(draft_orders: Any) -> dict[str, dict[str, Any]]:
+    """The Medications of ``context.draftOrders``, by ``Medication/id`` and by entry ``fullUrl``: a draft
+    MedicationRequest may name the Medication ordered with it either way."""
+    if not isinstance(draft_orders, dict) or draft_orders.get("resourceType") != "Bundle" or not isinstance(draft_orders.get("entry"), list):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for entry in draft_orders["entry"]:
+        res = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(res, dict) or res.get("resourceType") != "Medication":
+            continue
+        if (ref := resource_ref(res)) is not None:
+            out[ref] = res
+        if isinstance(full_url := entry.get("fullUrl"), str) and full_url:
+            out[full_url] = res
+    return out
+
+
+def _order_features(order: dict[str, Any], catalog: Catalog, medications: dict[str, dict[str, Any]]) -> tuple[set[str], dict[str, Any] | None]:
     concept = order.get("medicationCodeableConcept")
     if concept is None:
-        med = resolve_medication(order.get("medicationReference"), {}, order.get("contained"))
+        med = resolve_medication(order.get("medicationReference"), medications, order.get("contained"))
         concept = med.get("code") if med else None
     match, coding = first_match(concept, catalog.medication_with_features)
     if match is None or coding is None:
@@ -79,7 +96,10 @@ def patient_settings(outcome: Outcome) -> frozenset[str]:
     return frozenset(settings)
 
 
-def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardContext, catalog: Catalog) -> list[dict[str, Any]]:
+def order_risk_cards(
+    orders: list[dict[str, Any]], outcome: Outcome, ctx: CardContext, catalog: Catalog, medications: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """``medications``: the Medications a ``medicationReference`` may name (the draftOrders Bundle's, the prefetch's)."""
     renal = outcome.renal in ("R1", "R2")
     established = bool(outcome.established)
     if not (renal or established):
@@ -90,7 +110,7 @@ def order_risk_cards(orders: list[dict[str, Any]], outcome: Outcome, ctx: CardCo
     settings = patient_settings(outcome)
     cards = []
     for position, order in enumerate(orders):
-        features, coding = _order_features(order, catalog)
+        features, coding = _order_features(order, catalog, medications or {})
         if not features or coding is None:
             continue
         draft_ref = resource_ref(order)  # None: a draft without an id, which no action can name

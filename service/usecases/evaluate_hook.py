@@ -21,7 +21,7 @@ from service.cds.cards import for_call
 from service.cds.discovery import REQUIRED_KEYS, SERVICES_BY_ID, prefetch_templates, render_template
 from service.cds.engine import Evaluation, evaluate_patient
 from service.cds.grouping import group_by_patient
-from service.cds.orders import draft_medication_requests, order_risk_cards
+from service.cds.orders import draft_medication_requests, draft_medications, order_risk_cards
 from service.cds.thresholds import Thresholds
 from service.errors import BadRequest, NotFound, PrefetchUnavailable
 from service.fhir.client import next_link
@@ -157,17 +157,23 @@ class HookService:
                     return answer
             resources.extend(fetched)
         groups = group_by_patient(resources)  # flattens the Bundles once, resolving their urn:uuid fullUrls
+        record = groups.patients.get(patient_ref, [])
+        orders: list[dict[str, Any]] = []
+        medications = groups.medications
+        if hook in ORDER_HOOKS:
+            orders = draft_medication_requests(context.get("draftOrders"), context.get("selections") if hook == "order-select" else None)
+            medications = {**medications, **draft_medications(context.get("draftOrders"))}
         evaluation = evaluate_patient(
-            groups.patients.get(patient_ref, []),
+            record,
             patient_ref=patient_ref,
             catalog=self.catalog,
             thresholds=self.thresholds,
             now=now,
-            medications=groups.medications,
+            medications=medications,
             topic_system=self.topic_system,
             notes=notes,
         )
-        cards = for_call(self.cards_for(hook, context, evaluation), body["hookInstance"])
+        cards = for_call(self.cards_for(hook, orders, evaluation, medications), body["hookInstance"])
         return HookAnswer({"cards": cards}, service_id, patient_ref, data_path, evaluation, cards, notes)
 
     async def _fetch(
@@ -237,13 +243,12 @@ class HookService:
         cards = for_call(list(stored.assessment.get("cards") or []), hook_instance)
         return HookAnswer({"cards": cards}, service_id, patient_ref, "stored", None, cards, ["answered from the stored assessment"])
 
-    def cards_for(self, hook: str, context: dict[str, Any], evaluation: Evaluation) -> list[dict[str, Any]]:
+    def cards_for(self, hook: str, orders: list[dict[str, Any]], evaluation: Evaluation, medications: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """``orders``: the draft MedicationRequests under review (order hooks); ``medications``: what their
+        ``medicationReference`` may name."""
         if hook not in ORDER_HOOKS:
             return evaluation.cards
-        ctx = evaluation.context
-        selections = context.get("selections") if hook == "order-select" else None
-        orders = draft_medication_requests(context.get("draftOrders"), selections)
-        order_cards = order_risk_cards(orders, evaluation.outcome, ctx, self.catalog)
+        order_cards = order_risk_cards(orders, evaluation.outcome, evaluation.context, self.catalog, medications)
         if hook == "order-select":
             return order_cards
         return [*order_cards, *evaluation.cards]

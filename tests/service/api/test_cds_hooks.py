@@ -403,6 +403,39 @@ def test_an_unknown_service_id_is_never_echoed_in_the_answer_the_log_or_the_metr
         assert "Smith" not in text and "MRN" not in text
 
 
+# --- medicationReference -------------------------------------------------------------------------
+WARFARIN_MEDICATION = {"resourceType": "Medication", "id": "med-9", "code": {"coding": [{"system": b.RXNORM, "code": WARFARIN}]}}
+
+
+def by_reference(request: dict[str, Any], target: str) -> dict[str, Any]:
+    """``request`` naming its drug by ``medicationReference`` instead of a code."""
+    return {**{k: v for k, v in request.items() if k != "medicationCodeableConcept"}, "medicationReference": {"reference": target}}
+
+
+@pytest.mark.parametrize("where", ["draft-orders-full-url", "draft-orders-id", "prefetch"])
+def test_a_draft_order_naming_its_medication_by_reference(dev_client: TestClient, fhir: FakeFhirServer, where: str) -> None:
+    """order-select: the Medication of a draft order, from the draftOrders Bundle (by fullUrl or Medication/id) or the
+    prefetch."""
+    patient = high_risk_dialysis_patient()
+    draft = by_reference(draft_order("draft-warfarin", WARFARIN, patient.pid), "Medication/med-9")
+    entries: list[dict[str, Any]] = [{"resource": draft}]
+    prefetch = patient.prefetch()
+    if where == "draft-orders-full-url":
+        full_url = "urn:uuid:5f0c1d7e-2a4b-4c6d-8e9f-0a1b2c3d4e5f"
+        entries = [{"resource": by_reference(draft, full_url)}, {"fullUrl": full_url, "resource": {k: v for k, v in WARFARIN_MEDICATION.items() if k != "id"}}]
+    elif where == "draft-orders-id":
+        entries.append({"resource": WARFARIN_MEDICATION})
+    else:
+        prefetch["medicationRequests"]["entry"].append({"resource": WARFARIN_MEDICATION, "search": {"mode": "include"}})
+    draft_orders = {"resourceType": "Bundle", "type": "collection", "entry": entries}
+    context = {"draftOrders": draft_orders, "selections": ["MedicationRequest/draft-warfarin"]}
+    body = hook_request(ORDER_SELECT, patient.pid, prefetch=prefetch, fhir_server=fhir.base_url, token=FHIR_TOKEN, **context)
+    document = ok_cards(call(dev_client, ORDER_SELECT, body))
+    assert topics(document) == ["medication-order-risk"]
+    assert document["cards"][0]["summary"].startswith("Order adds warfarin")
+    assert fhir.requests == []
+
+
 # --- malformed calls ------------------------------------------------------------------------------
 MARKER = "ECHO-MARKER-7f3a9c"
 
