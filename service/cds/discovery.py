@@ -60,9 +60,9 @@ REQUIRED_KEYS = frozenset({"observations", "conditions", "medicationRequests"})
 
 USAGE_REQUIREMENTS = (
     "Needs read access to the patient's Patient, Observation (calcium, phosphate, albumin, PTH, ALP, eGFR, BMI), "
-    "Condition, MedicationRequest, MedicationStatement, MedicationAdministration and Procedure resources, through the "
-    "prefetch or fhirServer with fhirAuthorization. Calls are authenticated with a signed JWT (ES384 or RS384) from an "
-    "issuer registered with the service."
+    "Condition, MedicationRequest, MedicationStatement, MedicationAdministration, Medication (the drug a medication "
+    "resource references) and Procedure resources, through the prefetch or fhirServer with fhirAuthorization. Calls "
+    "are authenticated with a signed JWT (ES384 or RS384) from an issuer registered with the service."
 )
 
 

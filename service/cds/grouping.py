@@ -7,6 +7,7 @@ reported, never guessed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,3 +133,29 @@ def resolve_medication(ref: Any, groups_medications: dict[str, dict[str, Any]], 
         return groups_medications[target]
     norm = normalize_reference(target)
     return groups_medications.get(norm) if norm else None
+
+
+#: The resources whose drug may be a ``medicationReference``.
+MEDICATION_USERS = frozenset({"MedicationRequest", "MedicationStatement", "MedicationAdministration"})
+#: A relative reference to a Medication, which the EHR's FHIR server can be asked for (a FHIR id: 1-64 of A-Z a-z 0-9 - .).
+_RELATIVE_MEDICATION = re.compile(r"Medication/[A-Za-z0-9.\-]{1,64}", re.ASCII)
+
+
+def unresolved_medications(resources: Iterable[dict[str, Any]], medications: dict[str, dict[str, Any]]) -> tuple[list[str], int]:
+    """The Medications that ``resources`` name by ``medicationReference`` (without a ``medicationCodeableConcept``) and
+    that neither ``medications`` nor their contained resources hold: the relative references (``Medication/id``, which
+    can be read from a FHIR server), sorted and each once, and how many other references cannot be resolved."""
+    fetchable: set[str] = set()
+    other = 0
+    for res in resources:
+        if res.get("resourceType") not in MEDICATION_USERS or res.get("medicationCodeableConcept") is not None or "medicationReference" not in res:
+            continue
+        ref = res.get("medicationReference")
+        if resolve_medication(ref, medications, res.get("contained")) is not None:
+            continue
+        target = ref.get("reference") if isinstance(ref, dict) else None
+        if isinstance(target, str) and _RELATIVE_MEDICATION.fullmatch(target):
+            fetchable.add(target)
+        else:
+            other += 1
+    return sorted(fetchable), other

@@ -3,7 +3,8 @@ evaluate with the pure core, and shape the cards for the hook.
 
 CDS Hooks 2.0 semantics: an absent prefetch key or one holding an OperationOutcome is fetched from
 ``fhirServer``; ``null`` means "no data"; data the rules need that cannot be had → 412; no advice → 200
-with an empty card list.
+with an empty card list. A Medication that a medication resource or a draft order names (``Medication/id``) and the
+request does not hold is read from ``fhirServer`` too; one that cannot be had is a data gap, not a 412.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import chain
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -20,7 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from service.cds.cards import for_call
 from service.cds.discovery import REQUIRED_KEYS, SERVICES_BY_ID, prefetch_templates, render_template
 from service.cds.engine import Evaluation, evaluate_patient
-from service.cds.grouping import group_by_patient
+from service.cds.fhirutil import resource_ref
+from service.cds.grouping import group_by_patient, unresolved_medications
 from service.cds.orders import draft_medication_requests, draft_medications, order_risk_cards
 from service.cds.thresholds import Thresholds
 from service.errors import BadRequest, NotFound, PrefetchUnavailable
@@ -77,8 +80,10 @@ class HookService:
         dev_mode: bool,
         stored: StoredLookup | None = None,
         stored_fresh_s: int = 3600,
+        max_medication_reads: int = 50,
     ) -> None:
         self.stored = stored
+        self.max_medication_reads = max_medication_reads
         self.stored_fresh_s = stored_fresh_s
         self.catalog = catalog
         self.thresholds = thresholds
@@ -163,6 +168,15 @@ class HookService:
         if hook in ORDER_HOOKS:
             orders = draft_medication_requests(context.get("draftOrders"), context.get("selections") if hook == "order-select" else None)
             medications = {**medications, **draft_medications(context.get("draftOrders"))}
+        wanted, unresolvable = unresolved_medications(chain(record, orders), medications)
+        if unresolvable:
+            notes.append(f"{unresolvable} medicationReference(s) could not be resolved (neither in the request nor a relative Medication reference)")
+        if wanted:
+            data_path = "fallback"
+            async with _paused(turn):
+                fetched_medications, medication_notes = await self._fetch_medications(body, wanted)
+            medications = {**medications, **fetched_medications}
+            notes.extend(medication_notes)
         evaluation = evaluate_patient(
             record,
             patient_ref=patient_ref,
@@ -176,17 +190,20 @@ class HookService:
         cards = for_call(self.cards_for(hook, orders, evaluation, medications), body["hookInstance"])
         return HookAnswer({"cards": cards}, service_id, patient_ref, data_path, evaluation, cards, notes)
 
-    async def _fetch(
-        self, body: dict[str, Any], context: dict[str, Any], to_fetch: dict[str, str], paged: dict[str, str]
-    ) -> tuple[list[Any], list[str]]:
+    def _allowed_server(self, body: dict[str, Any]) -> str:
+        """``fhirServer``, when the EHR's token may be sent there (:func:`check_fhir_server`); else :class:`FetchRefused`."""
+        server = body.get("fhirServer")
+        if not isinstance(server, str):
+            raise FetchRefused("no fhirServer was given")
+        check_fhir_server(server, self.allowlist, self.dev_mode)
+        return server
+
+    async def _fetch(self, body: dict[str, Any], context: dict[str, Any], to_fetch: dict[str, str], paged: dict[str, str]) -> tuple[list[Any], list[str]]:
         """The keys the EHR did not send, and the pages after the first of the searchsets it sent paged, from its
         ``fhirServer`` at once: the resources, and value-free notes on what could not be had. A required key that
         cannot be had is :class:`PrefetchUnavailable` (412); a paged key keeps the pages the EHR gave."""
-        server = body.get("fhirServer")
         try:
-            if not isinstance(server, str):
-                raise FetchRefused("no fhirServer was given")
-            check_fhir_server(server, self.allowlist, self.dev_mode)
+            server = self._allowed_server(body)
         except FetchRefused as exc:
             required_missing = sorted(REQUIRED_KEYS & to_fetch.keys())
             if required_missing:
@@ -225,6 +242,31 @@ class HookService:
                     notes.append(cut_note.format(key, result.cut))
                 resources.extend(result.resources)
         return resources, notes
+
+    async def _fetch_medications(self, body: dict[str, Any], refs: list[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """The Medications the call's medication resources reference (``Medication/id``) but did not include, read from
+        ``fhirServer`` as a missing prefetch key is (allowlist, https, the EHR's token, timeout), at most
+        ``max_medication_reads``; and value-free notes on those that could not be had (never a 412)."""
+        try:
+            server = self._allowed_server(body)
+        except FetchRefused as exc:
+            return {}, [f"{len(refs)} referenced Medication(s) not in the prefetch were not fetched ({exc})"]
+        asked, notes = refs[: self.max_medication_reads], []
+        if len(refs) > len(asked):
+            notes.append(f"{len(refs) - len(asked)} referenced Medication(s) were not fetched (more than {self.max_medication_reads} in one call)")
+        token = (body.get("fhirAuthorization") or {}).get("access_token")
+        results = await self.fetcher.fetch_all(server, token, {ref: ref for ref in asked})
+        found: dict[str, dict[str, Any]] = {}
+        failed: dict[str, int] = {}
+        for ref, result in results.items():
+            medication = next((r for r in result.resources if r.get("resourceType") == "Medication" and resource_ref(r) == ref), None)
+            if medication is not None:
+                found[ref] = medication
+            else:
+                reason = result.error or "the server answered another resource"
+                failed[reason] = failed.get(reason, 0) + 1
+        notes += [f"{n} referenced Medication(s) could not be fetched ({reason}); evaluated without them" for reason, n in sorted(failed.items())]
+        return found, notes
 
     async def _from_stored(self, hook: str, service_id: str, patient_ref: str, now: datetime, hook_instance: str) -> HookAnswer | None:
         """The data cannot be had from the EHR, but background monitoring has a fresh assessment of the patient

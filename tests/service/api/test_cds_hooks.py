@@ -412,10 +412,60 @@ def by_reference(request: dict[str, Any], target: str) -> dict[str, Any]:
     return {**{k: v for k, v in request.items() if k != "medicationCodeableConcept"}, "medicationReference": {"reference": target}}
 
 
-@pytest.mark.parametrize("where", ["draft-orders-full-url", "draft-orders-id", "prefetch"])
+def on_warfarin_by_reference() -> PatientData:
+    """The high-risk dialysis patient, whose warfarin order names ``Medication/med-9`` (not in the prefetch)."""
+    patient = high_risk_dialysis_patient()
+    patient.medication_requests = [by_reference(r, "Medication/med-9") for r in patient.medication_requests]
+    return patient
+
+
+def calciphylaxis_detail(response: httpx.Response) -> str:
+    return str(next(c["detail"] for c in ok_cards(response)["cards"] if c["source"]["topic"]["code"] == "calciphylaxis-risk"))
+
+
+def test_a_medication_referenced_but_not_prefetched_is_read_from_the_fhir_server(
+    monkeypatch: pytest.MonkeyPatch, dev_client: TestClient, fhir: FakeFhirServer
+) -> None:
+    """Every prefetch key filled, but the warfarin order names its drug by reference: the Medication is read from
+    fhirServer with the EHR's token, and the warfarin factor (M1) counts."""
+    patient = on_warfarin_by_reference()
+    fhir.put(WARFARIN_MEDICATION)
+    body = hook_request(RISK, patient.pid, prefetch=patient.prefetch(), fhir_server=fhir.base_url, token=FHIR_TOKEN)
+    [response], [line] = logged_calls(monkeypatch, dev_client, {"body": body})
+    assert "M1 " in calciphylaxis_detail(response)
+    assert [(r.method, r.path) for r in fhir.requests] == [("GET", "/fhir/Medication/med-9")]
+    assert fhir.requests[0].headers.get("authorization") == f"Bearer {FHIR_TOKEN}"
+    assert line["data_path"] == "fallback" and "data_gaps" not in line
+
+
+@pytest.mark.parametrize(
+    ("server", "gap"),
+    [
+        pytest.param(None, "1 referenced Medication(s) not in the prefetch were not fetched (no fhirServer was given)", id="no-fhir-server"),
+        pytest.param("fake", "1 referenced Medication(s) could not be fetched (HTTP 404); evaluated without them", id="not-on-the-server"),
+        pytest.param("failing", "1 referenced Medication(s) could not be fetched (HTTP 500); evaluated without them", id="server-error"),
+    ],
+)
+def test_a_referenced_medication_that_cannot_be_had_is_a_data_gap(
+    monkeypatch: pytest.MonkeyPatch, dev_client: TestClient, fhir: FakeFhirServer, server: str | None, gap: str
+) -> None:
+    """Answered (not 412) without the drug, and the call's log line says a Medication was missing (no id)."""
+    patient = on_warfarin_by_reference()
+    if server == "failing":
+        fhir.put(WARFARIN_MEDICATION)
+        fhir.add_rule(FailureRule(status=500, times=None, path=r"^/fhir/Medication/"))
+    where = {"fhir_server": fhir.base_url, "token": FHIR_TOKEN} if server else {}
+    body = hook_request(RISK, patient.pid, prefetch=patient.prefetch(), **where)
+    [response], [line] = logged_calls(monkeypatch, dev_client, {"body": body})
+    assert "M1 " not in calciphylaxis_detail(response)
+    assert line["data_gaps"] == [gap]
+    assert fhir.count(r"^/fhir/Medication/med-9$") == (1 if server else 0)
+
+
+@pytest.mark.parametrize("where", ["draft-orders-full-url", "draft-orders-id", "prefetch", "fhir-server"])
 def test_a_draft_order_naming_its_medication_by_reference(dev_client: TestClient, fhir: FakeFhirServer, where: str) -> None:
-    """order-select: the Medication of a draft order, from the draftOrders Bundle (by fullUrl or Medication/id) or the
-    prefetch."""
+    """order-select: the Medication of a draft order, from the draftOrders Bundle (by fullUrl or Medication/id), the
+    prefetch, or else fhirServer."""
     patient = high_risk_dialysis_patient()
     draft = by_reference(draft_order("draft-warfarin", WARFARIN, patient.pid), "Medication/med-9")
     entries: list[dict[str, Any]] = [{"resource": draft}]
@@ -425,15 +475,17 @@ def test_a_draft_order_naming_its_medication_by_reference(dev_client: TestClient
         entries = [{"resource": by_reference(draft, full_url)}, {"fullUrl": full_url, "resource": {k: v for k, v in WARFARIN_MEDICATION.items() if k != "id"}}]
     elif where == "draft-orders-id":
         entries.append({"resource": WARFARIN_MEDICATION})
-    else:
+    elif where == "prefetch":
         prefetch["medicationRequests"]["entry"].append({"resource": WARFARIN_MEDICATION, "search": {"mode": "include"}})
+    else:
+        fhir.put(WARFARIN_MEDICATION)
     draft_orders = {"resourceType": "Bundle", "type": "collection", "entry": entries}
     context = {"draftOrders": draft_orders, "selections": ["MedicationRequest/draft-warfarin"]}
     body = hook_request(ORDER_SELECT, patient.pid, prefetch=prefetch, fhir_server=fhir.base_url, token=FHIR_TOKEN, **context)
     document = ok_cards(call(dev_client, ORDER_SELECT, body))
     assert topics(document) == ["medication-order-risk"]
     assert document["cards"][0]["summary"].startswith("Order adds warfarin")
-    assert fhir.requests == []
+    assert [r.path for r in fhir.requests] == (["/fhir/Medication/med-9"] if where == "fhir-server" else [])
 
 
 # --- malformed calls ------------------------------------------------------------------------------
