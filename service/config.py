@@ -156,6 +156,7 @@ class Settings(BaseSettings):
     # --- FHIR fetch (prefetch fallback and monitoring) -------------------------------------------
     fhir_timeout_s: float = 5.0
     fhir_max_pages: int = 5
+    fhir_search_count: int = Field(200, ge=1, description="Page size (_count) of the monitor's _lastUpdated catch-up searches")
     tls_ca_file: Path | None = Field(
         None,
         description="PEM file of CA certificates trusted for outbound HTTPS (FHIR servers, token endpoints, JWK Sets), "

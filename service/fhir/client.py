@@ -373,7 +373,8 @@ class FhirClient:
                     f"refusing to follow a next link off the FHIR base, to another origin or path ({redact_url(next_url)})", url=next_url
                 )
             if page >= limit:
-                log.warning("search truncated at max_pages", extra={"url": redact_url(url), "max_pages": limit})
+                # In the message: the JSON log format keeps no ``extra`` fields. The type and a count, never the query.
+                log.warning("search truncated at max_pages: %s after %d page(s)", resource_type, limit)
                 return
             url = next_url
             resp = self._send("GET", url, idempotent=True)
@@ -404,14 +405,33 @@ class FhirClient:
         *,
         method: Literal["GET", "POST"] = "GET",
         max_pages: int | None = None,
+        count: int | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Resources of a type changed strictly after ``since`` (``_lastUpdated=gt…``, oldest first).
 
         Uses search rather than the ``_history`` interaction: history returns every version and
         deleted entries, while polling only needs each resource's current state.
         """
+        for bundle in self.history_since_pages(resource_type, since, params, method=method, max_pages=max_pages, count=count):
+            yield from entry_resources(bundle, include_included=False)
+
+    def history_since_pages(
+        self,
+        resource_type: str,
+        since: datetime | str,
+        params: Params | None = None,
+        *,
+        method: Literal["GET", "POST"] = "GET",
+        max_pages: int | None = None,
+        count: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """The searchset pages of :meth:`history_since`, sorted by ``_lastUpdated`` ascending; ``count`` is sent as
+        ``_count`` (page size: a server's default may be as small as 20). The last page yielded has a ``next``
+        link when ``max_pages`` cut the search."""
         query = [*_normalise_params(params), ("_lastUpdated", f"gt{_format_value(since)}"), ("_sort", "_lastUpdated")]
-        return self.search(resource_type, query, method=method, max_pages=max_pages)
+        if count is not None:
+            query.append(("_count", str(max(1, count))))
+        return self.search_bundle_pages(resource_type, query, method=method, max_pages=max_pages)
 
     # --- writes -------------------------------------------------------------------------------
     def create(self, resource_type: str, resource: Mapping[str, Any], *, if_none_exist: Params | None = None) -> dict[str, Any]:

@@ -130,6 +130,21 @@ def test_history_since_uses_last_updated_gt(fhir_server: FakeFhirServer, make_cl
     assert fhir_server.requests[-1].query["_lastUpdated"] == ["gt2024-03-01T00:00:00Z"]
 
 
+def test_history_since_pages_sends_count_and_ends_on_a_page_with_a_next_link_when_cut(fhir_server: FakeFhirServer, make_client: MakeClient) -> None:
+    t0 = datetime(2024, 3, 1, tzinfo=UTC)
+    for i in range(7):
+        fhir_server.put(observation(f"o{i}"), last_updated=t0 + timedelta(minutes=i + 1))
+    client = make_client(fhir_server)
+
+    pages = list(client.history_since_pages("Observation", t0, count=3, max_pages=2))
+
+    assert [[e["resource"]["id"] for e in p["entry"]] for p in pages] == [["o0", "o1", "o2"], ["o3", "o4", "o5"]]
+    assert any(link["relation"] == "next" for link in pages[-1]["link"])  # cut: the caller can tell
+    assert fhir_server.requests[0].query["_count"] == ["3"]
+    assert fhir_server.requests[0].query["_sort"] == ["_lastUpdated"]
+    assert [r["id"] for r in client.history_since("Observation", t0, count=5, max_pages=5)] == [f"o{i}" for i in range(7)]
+
+
 # --- writes -------------------------------------------------------------------------------------
 def _assessment(value: str = "high") -> dict[str, object]:
     return {
