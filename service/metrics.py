@@ -27,6 +27,8 @@ EVALUATIONS = Counter("evaluations_total", "Patient evaluations performed", ["tr
 WRITEBACKS = Counter("writebacks_total", "RiskAssessment write-backs", ["result"])
 TASKS = Counter("worker_tasks_total", "Worker task outcomes", ["task", "result"])
 TASK_LATENCY = Histogram("worker_task_seconds", "Worker task latency", ["task"])
+#: A _lastUpdated catch-up search cut at CDS_FHIR_MAX_PAGES (the rest follows in another round; see the log line).
+CATCH_UP_TRUNCATED = Counter("fhir_catch_up_truncated_total", "Catch-up searches cut at CDS_FHIR_MAX_PAGES, by resource type", ["resource_type"])
 #: Read from the ledger when /metrics is scraped, so it holds for every worker: alert on status="failed" growing.
 INBOUND_EVENTS = Gauge(
     "inbound_events",

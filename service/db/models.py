@@ -40,6 +40,7 @@ class EventKind(StrEnum):
     BACKFILL = "backfill"
     HANDSHAKE = "handshake"
     HEARTBEAT = "heartbeat"
+    CATCH_UP = "catch-up"  # the next round of a _lastUpdated search cut at CDS_FHIR_MAX_PAGES
 
 
 class FeedbackOutcome(StrEnum):

@@ -27,10 +27,10 @@ from service.cds.engine import evaluate_patient
 from service.cds.fhirutil import last_updated_of, resource_ref, subject_reference, version_of
 from service.cds.thresholds import Thresholds
 from service.config import Settings
-from service.db.models import EventStatus
+from service.db.models import DEDUP_KEY_LEN, EventKind, EventStatus
 from service.db.repositories import LedgerEntry, Repositories, ResourceVersion
 from service.db.session import make_engine, make_session_factory, session_scope
-from service.fhir.client import FhirClient, client_from_settings
+from service.fhir.client import FhirClient, client_from_settings, entry_resources, next_link
 from service.fhir.errors import FhirNotFound, FhirPermanentError
 from service.fhir.notifications import (
     BackportNotification,
@@ -42,7 +42,7 @@ from service.fhir.notifications import (
     parse_subscription_status,
 )
 from service.logging import get_logger
-from service.metrics import EVALUATIONS, NOTIFICATIONS, WRITEBACKS
+from service.metrics import CATCH_UP_TRUNCATED, EVALUATIONS, NOTIFICATIONS, WRITEBACKS
 from service.queue import TASK_EVALUATE, TASK_PROCESS_EVENT, TASK_WRITEBACK, CeleryQueue, Jobs, NotSent, TaskQueue, unit_of_work
 from service.terminology.catalog import Catalog
 from service.terminology.checks import load_rule_catalog
@@ -422,7 +422,7 @@ def process_event(ctx: MonitorContext, event_id: int) -> str:
         elif event.kind == "backport-event":  # an ``empty`` payload only says "event n happened": find out what
             number = event.event_number
             _recover_gap(ctx, repos, jobs, event.subscription or POLL_SUBSCRIPTION, [number, number] if number is not None else [])
-        elif event.kind in ("empty-ping", "poll"):
+        elif event.kind in ("empty-ping", "poll", EventKind.CATCH_UP):
             fetch_changes_since_watermark(ctx, repos, jobs, event.subscription or POLL_SUBSCRIPTION)
         elif event.kind == "recovery":
             _recover_gap(ctx, repos, jobs, event.subscription or POLL_SUBSCRIPTION, (event.payload or {}).get("missing") or [])
@@ -465,23 +465,95 @@ def _search_params(ctx: MonitorContext, rtype: str) -> list[tuple[str, str]]:
     return [("code", ",".join(observation_code_tokens(ctx.catalog)))]
 
 
+#: A search cut at ``CDS_FHIR_MAX_PAGES`` where stopping would not move the watermark (a page boundary inside one
+#: ``lastUpdated`` instant, or a server that does not sort) goes on for up to this many times as many pages.
+CATCH_UP_STUCK_FACTOR = 10
+
+
+@dataclass
+class _TypeCatchUp:
+    """One type's ``_lastUpdated`` search of a catch-up round."""
+
+    resources: int = 0
+    pages: int = 0
+    newest: datetime | None = None  # the newest lastUpdated fetched
+    cut_at: datetime | None = None  # cut short: every change up to this instant was fetched (None: complete)
+
+
+def _catch_up_type(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str, rtype: str, since: datetime) -> _TypeCatchUp:
+    """Fetch a type's changes since ``since``, oldest first, page by page, for ``CDS_FHIR_MAX_PAGES`` pages.
+
+    Cut there, the fetched prefix holds every change older than the last ``lastUpdated`` fetched (ties with it may
+    lie on the next page), so the type is complete up to the newest ``lastUpdated`` before that one. If there is
+    none after ``since`` (every resource fetched shares one instant) or the pages are not in order, stopping would
+    not move the watermark: the search goes on, within ``CATCH_UP_STUCK_FACTOR`` times the pages, until it would.
+    Beyond that the round fails (:class:`PermanentEventError`): visible, replayable, nothing skipped."""
+    soft = max(1, ctx.settings.fhir_max_pages)
+    result = _TypeCatchUp()
+    last: datetime | None = None  # lastUpdated of the last resource fetched
+    complete_to: datetime | None = None  # the newest lastUpdated fetched that is older than ``last``
+    ordered = True
+    client, count = ctx.shared_client(), ctx.settings.fhir_search_count
+    for bundle in client.history_since_pages(rtype, since, _search_params(ctx, rtype), count=count, max_pages=soft * CATCH_UP_STUCK_FACTOR):
+        result.pages += 1
+        resources = list(entry_resources(bundle, include_included=False))
+        apply_resources(repos, jobs, resources, ctx.settings)
+        for resource in resources:
+            result.resources += 1
+            updated = last_updated_of(resource)
+            if updated is None or (last is not None and updated < last):
+                ordered = False
+            if updated is None:
+                continue
+            if last is not None and updated > last:
+                complete_to = last
+            last = updated
+            if result.newest is None or updated > result.newest:
+                result.newest = updated
+        if next_link(bundle) is None:
+            return result
+        if result.pages >= soft and ordered and complete_to is not None and complete_to > since:
+            result.cut_at = complete_to
+            return result
+    # The client stopped at the outer bound with pages left, and no point to stop at.
+    CATCH_UP_TRUNCATED.labels(rtype).inc()
+    log.warning("catch_up_stuck", subscription=subscription, resource_type=rtype, resources=result.resources, pages=result.pages)
+    raise PermanentEventError(
+        f"catch-up search of {rtype} cannot advance: {result.resources} resources in {result.pages} pages "
+        "share one lastUpdated or are not sorted by it (raise CDS_FHIR_SEARCH_COUNT or CDS_FHIR_MAX_PAGES, then replay)"
+    )
+
+
 def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str) -> int:
-    """``_lastUpdated`` search per monitored type since the subscription's watermark (R4 empty pings, polling, recovery)."""
+    """``_lastUpdated`` search per monitored type since the subscription's watermark (R4 empty pings, polling, recovery).
+
+    The watermark moves to the newest ``lastUpdated`` fetched when every type's search was complete; when a search
+    was cut at ``CDS_FHIR_MAX_PAGES``, only as far as every type was completely fetched, and another round (a
+    ``catch-up`` event in the ledger, queued after the commit) fetches the rest. Each round moves the watermark,
+    so the rounds end; running one twice changes nothing."""
     repos.subscriptions.ensure(subscription)
     watermark = repos.subscriptions.get_watermark(subscription) or (_now() - timedelta(hours=ctx.settings.poll_initial_lookback_h))
     newest = watermark
     count = 0
-    client = ctx.shared_client()
+    cuts: dict[str, datetime] = {}
     for rtype in MONITORED_TYPES:
-        for resource in client.history_since(rtype, watermark, _search_params(ctx, rtype)):
-            apply_resource(repos, jobs, resource, ctx.settings)
-            count += 1
-            updated = last_updated_of(resource)
-            if updated is not None and updated > newest:
-                newest = updated
-    if newest > watermark:
-        repos.subscriptions.set_watermark(subscription, newest)
-    log.info("fetched_changes", subscription=subscription, resources=count)
+        fetched = _catch_up_type(ctx, repos, jobs, subscription, rtype, watermark)
+        count += fetched.resources
+        if fetched.newest is not None and fetched.newest > newest:
+            newest = fetched.newest
+        if fetched.cut_at is not None:
+            cuts[rtype] = fetched.cut_at
+            CATCH_UP_TRUNCATED.labels(rtype).inc()
+            log.warning("catch_up_truncated", subscription=subscription, resource_type=rtype, resources=fetched.resources, pages=fetched.pages)
+    target = min(cuts.values()) if cuts else newest
+    if target > watermark:
+        repos.subscriptions.set_watermark(subscription, target)
+    if cuts:
+        key = f"catch-up:{subscription}:{target.isoformat()}"[:DEDUP_KEY_LEN]
+        event, created = repos.ledger.create_if_absent(dedup_key=key, kind=EventKind.CATCH_UP, subscription=subscription, status=EventStatus.QUEUED)
+        if created:
+            jobs.add(TASK_PROCESS_EVENT, event.id)
+    log.info("fetched_changes", subscription=subscription, resources=count, truncated=len(cuts))
     return count
 
 
