@@ -43,6 +43,13 @@ class EventKind(StrEnum):
     CATCH_UP = "catch-up"  # the next round of a _lastUpdated search cut at CDS_FHIR_MAX_PAGES
 
 
+class WritebackStatus(StrEnum):
+    PENDING = "pending"  # to be written (queued, running, or waiting for a task retry or the sweeper)
+    WRITTEN = "written"
+    FAILED = "failed"  # given up: listed by `events --failed`, replayable; a transient one is retried by the sweeper
+    SUPERSEDED = "superseded"  # a newer evaluation of the patient is written instead
+
+
 class FeedbackOutcome(StrEnum):
     ACCEPTED = "accepted"
     OVERRIDDEN = "overridden"
@@ -158,6 +165,31 @@ class Writeback(Base):
     written_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class WritebackRequest(Base):
+    """The write-back of one evaluation's RiskAssessments to the EHR, until it is written: its attempts, its last
+    error (error types and HTTP statuses only, no values) and when the sweeper may send it again."""
+
+    __tablename__ = "writeback_requests"
+    __table_args__ = (
+        Index("ix_writeback_requests_status_next_sweep_at", "status", "next_sweep_at"),
+        Index("ix_writeback_requests_patient_ref_status", "patient_ref", "status"),
+        CheckConstraint(f"status IN ({_in(WritebackStatus)})", name="status"),
+    )
+
+    evaluation_id: Mapped[int] = mapped_column(id_type(), primary_key=True, autoincrement=False)
+    patient_ref: Mapped[str] = mapped_column(String(REF_LEN))
+    status: Mapped[str] = mapped_column(String(16), default=WritebackStatus.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # task runs (Celery retries included)
+    sweeps: Mapped[int] = mapped_column(Integer, default=0)  # times the sweeper sent it again
+    transient: Mapped[bool] = mapped_column(Boolean, default=False)  # failed on a transient error: the sweeper retries it
+    last_error: Mapped[str | None] = mapped_column(Text)
+    results: Mapped[dict[str, Any] | None] = mapped_column(json_type())  # flag → written | unchanged
+    next_sweep_at: Mapped[datetime] = mapped_column(UTCDateTime)  # not sent again by the sweeper before this
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class CardFeedback(Base):
     """CDS Hooks feedback on a card; the same outcome for the same card is stored once."""
 
@@ -220,4 +252,6 @@ __all__ = [
     "PatientResource",
     "SubscriptionState",
     "Writeback",
+    "WritebackRequest",
+    "WritebackStatus",
 ]

@@ -70,6 +70,8 @@ from service.db.models import (
     PatientResource,
     SubscriptionState,
     Writeback,
+    WritebackRequest,
+    WritebackStatus,
 )
 
 log = logging.getLogger(__name__)
@@ -1139,6 +1141,169 @@ class WritebackRepository(_Repository):
         return written
 
 
+_OPEN_WRITEBACK = (WritebackStatus.PENDING.value, WritebackStatus.FAILED.value)
+
+
+class WritebackRequestRepository(_Repository):
+    """``writeback_requests``: each evaluation's write-back until it is written (pending, failed, superseded)."""
+
+    def add(self, evaluation_id: int, patient_ref: str, *, next_sweep_at: datetime, now: datetime | None = None) -> None:
+        """A pending write-back (none when the evaluation has one); the patient's older ones still open are
+        superseded (the newer evaluation is what the EHR must show)."""
+        ts = _now(now)
+        self.session.execute(
+            _insert(self.session, WritebackRequest)
+            .values(
+                evaluation_id=evaluation_id,
+                patient_ref=patient_ref,
+                status=WritebackStatus.PENDING.value,
+                attempts=0,
+                sweeps=0,
+                transient=False,
+                next_sweep_at=next_sweep_at,
+                created_at=ts,
+                updated_at=ts,
+            )
+            .on_conflict_do_nothing(index_elements=[WritebackRequest.evaluation_id])
+        )
+        r = WritebackRequest
+        self.session.execute(
+            update(r)
+            .where(r.patient_ref == patient_ref, r.evaluation_id < evaluation_id, r.status.in_(_OPEN_WRITEBACK))
+            .values(status=WritebackStatus.SUPERSEDED.value, finished_at=ts, updated_at=ts)
+            .execution_options(synchronize_session="fetch")
+        )
+
+    def get(self, evaluation_id: int) -> WritebackRequest | None:
+        stmt = select(WritebackRequest).where(WritebackRequest.evaluation_id == evaluation_id).execution_options(populate_existing=True)
+        return self.session.scalars(stmt).one_or_none()
+
+    def begin(self, evaluation_id: int, patient_ref: str, *, lease_until: datetime, now: datetime | None = None) -> bool:
+        """A task run starts: count the attempt and keep the sweeper away until ``lease_until``. False when there is
+        nothing to write (written or superseded). An evaluation stored before write-backs were recorded gets its row."""
+        ts = _now(now)
+        self.session.execute(
+            _insert(self.session, WritebackRequest)
+            .values(
+                evaluation_id=evaluation_id,
+                patient_ref=patient_ref,
+                status=WritebackStatus.PENDING.value,
+                attempts=0,
+                sweeps=0,
+                transient=False,
+                next_sweep_at=lease_until,
+                created_at=ts,
+                updated_at=ts,
+            )
+            .on_conflict_do_nothing(index_elements=[WritebackRequest.evaluation_id])
+        )
+        r = WritebackRequest
+        stmt = (
+            update(r)
+            .where(r.evaluation_id == evaluation_id, r.status.in_(_OPEN_WRITEBACK))
+            .values(attempts=r.attempts + 1, next_sweep_at=lease_until, updated_at=ts)
+            .returning(r.evaluation_id)
+            .execution_options(synchronize_session="fetch")
+        )
+        return self.session.execute(stmt).first() is not None
+
+    def finish(
+        self,
+        evaluation_id: int,
+        status: str,
+        *,
+        results: dict[str, Any] | None = None,
+        error: str | None = None,
+        transient: bool = False,
+        next_sweep_at: datetime | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Record an outcome: ``written`` or ``superseded`` (done), ``failed`` (``error``: types and statuses only;
+        ``transient`` with ``next_sweep_at``: the sweeper sends it again then), or ``pending`` (a task retry is
+        scheduled; the sweeper stays away until ``next_sweep_at``). Returns whether the row exists."""
+        status = WritebackStatus(status).value
+        ts = _now(now)
+        values: dict[str, Any] = {"status": status, "transient": transient, "updated_at": ts}
+        if status in (WritebackStatus.WRITTEN, WritebackStatus.SUPERSEDED, WritebackStatus.FAILED):
+            values["finished_at"] = ts
+        if results is not None:
+            values["results"] = results
+        if error is not None:
+            values["last_error"] = _error_text(error)
+        if next_sweep_at is not None:
+            values["next_sweep_at"] = next_sweep_at
+        r = WritebackRequest
+        stmt = update(r).where(r.evaluation_id == evaluation_id).values(**values).returning(r.evaluation_id).execution_options(synchronize_session="fetch")
+        return self.session.execute(stmt).first() is not None
+
+    def due(self, now: datetime | None = None, limit: int = 100) -> list[WritebackRequest]:
+        """What the sweeper may send again now: pending ones not done in time (a lost message, a killed worker) and
+        failed ones that failed on a transient error; the longest waiting first."""
+        r = WritebackRequest
+        stmt = (
+            select(r)
+            .where(
+                r.next_sweep_at <= _now(now),
+                or_(r.status == WritebackStatus.PENDING.value, and_(r.status == WritebackStatus.FAILED.value, r.transient == true())),
+            )
+            .order_by(r.next_sweep_at, r.evaluation_id)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
+    def swept(self, evaluation_id: int, *, next_sweep_at: datetime, now: datetime | None = None) -> None:
+        """The sweeper sent it again: count that, and not again before ``next_sweep_at``."""
+        r = WritebackRequest
+        self.session.execute(
+            update(r)
+            .where(r.evaluation_id == evaluation_id)
+            .values(sweeps=r.sweeps + 1, next_sweep_at=next_sweep_at, updated_at=_now(now))
+            .execution_options(synchronize_session="fetch")
+        )
+
+    def list_failed(self, limit: int = 100) -> list[WritebackRequest]:
+        """Failed write-backs, most recently failed first."""
+        r = WritebackRequest
+        stmt = select(r).where(r.status == WritebackStatus.FAILED.value).order_by(r.updated_at.desc(), r.evaluation_id.desc()).limit(limit)
+        return list(self.session.scalars(stmt))
+
+    def replay_failed(
+        self, evaluation_ids: Iterable[int] | None = None, *, all_failed: bool = False, next_sweep_at: datetime, now: datetime | None = None
+    ) -> list[int]:
+        """Put failed write-backs back to ``pending`` (sweeper count reset, last_error kept); returns their ids."""
+        if evaluation_ids is None and not all_failed:
+            raise ValueError("pass evaluation_ids or all_failed=True")
+        r = WritebackRequest
+        conditions: list[ColumnElement[bool]] = [r.status == WritebackStatus.FAILED.value]
+        if evaluation_ids is not None:
+            ids = list(evaluation_ids)
+            if not ids:
+                return []
+            conditions.append(r.evaluation_id.in_(ids))
+        stmt = (
+            update(r)
+            .where(*conditions)
+            .values(status=WritebackStatus.PENDING.value, sweeps=0, transient=False, finished_at=None, next_sweep_at=next_sweep_at, updated_at=_now(now))
+            .returning(r.evaluation_id)
+            .execution_options(synchronize_session="fetch")
+        )
+        return sorted(self.session.scalars(stmt).all())
+
+    def statuses(self, evaluation_ids: Iterable[int]) -> dict[int, str]:
+        ids = list(evaluation_ids)
+        if not ids:
+            return {}
+        rows = self.session.execute(select(WritebackRequest.evaluation_id, WritebackRequest.status).where(WritebackRequest.evaluation_id.in_(ids)))
+        return {int(i): str(status) for i, status in rows}
+
+    def counts_by_status(self) -> dict[str, int]:
+        """Number of write-backs per status (every status present, zero included)."""
+        counts = {s.value: 0 for s in WritebackStatus}
+        for status, n in self.session.execute(select(WritebackRequest.status, func.count()).group_by(WritebackRequest.status)):
+            counts[status] = int(n)
+        return counts
+
+
 # --------------------------------------------------------------------------- cards and feedback
 
 
@@ -1392,6 +1557,7 @@ class Repositories:
         self.queue = EvaluationQueueRepository(session)
         self.evaluations = EvaluationRepository(session)
         self.writebacks = WritebackRepository(session)
+        self.writeback_requests = WritebackRequestRepository(session)
         self.issued_cards = IssuedCardRepository(session)
         self.feedback = CardFeedbackRepository(session)
         self.subscriptions = SubscriptionStateRepository(session)
@@ -1411,5 +1577,6 @@ __all__ = [
     "ResourceVersion",
     "SubscriptionStateRepository",
     "WritebackRepository",
+    "WritebackRequestRepository",
     "version_number",
 ]

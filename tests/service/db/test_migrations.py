@@ -57,3 +57,38 @@ def test_one_linear_history() -> None:
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
     assert len(script.get_heads()) == 1
     assert len(script.get_bases()) == 1
+
+
+def test_upgrade_from_0001_adds_writeback_requests_and_keeps_the_data(empty_db_url: str) -> None:
+    """A database at the first release's schema, with an evaluation in it, upgrades in place (and back)."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from service.db.migrate import alembic_config
+
+    command.upgrade(alembic_config(empty_db_url), "0001")
+    engine = make_engine(empty_db_url, pool_size=1)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO evaluations (id, patient_ref, evaluated_at, inputs_hash, inputs, rules_version, mappings_version,"
+                    " calciphylaxis_tier, metastatic_tier, assessment, created_at)"
+                    " VALUES (7, 'Patient/p1', '2026-01-01 00:00:00', 'h', '[]', 'r', 'm', 'high', 'none', '{}', '2026-01-01 00:00:00')"
+                )
+            )
+        assert "writeback_requests" not in _tables(empty_db_url)
+
+        assert upgrade_to_head(empty_db_url) == head_revision()
+
+        assert "writeback_requests" in _tables(empty_db_url)
+        assert _diff(empty_db_url) == []
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT patient_ref FROM evaluations WHERE id = 7")).scalar_one() == "Patient/p1"
+            assert connection.execute(text("SELECT count(*) FROM writeback_requests")).scalar_one() == 0
+        assert downgrade_to(empty_db_url, "0001") == "0001"
+        assert "writeback_requests" not in _tables(empty_db_url)
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM evaluations")).scalar_one() == 1
+    finally:
+        engine.dispose()
