@@ -196,6 +196,9 @@ class Settings(BaseSettings):
     task_retry_backoff_max_s: int = 300
     sweeper_interval_s: int = 60
     sweeper_stale_after_s: int = 120
+    writeback_sweeper_retries: int = Field(
+        10, ge=0, description="Times the sweeper sends a write-back again after a transient failure (backoff doubling up to 6 h)"
+    )
     reconcile_interval_s: int = 300
     poll_initial_lookback_h: int = Field(24, description="First _lastUpdated search looks back this far (backfill loads history)")
     heartbeat_timeout_s: int = 900

@@ -1,5 +1,6 @@
 """Thin tasks: take ids, call one use case. Transient errors retry with exponential backoff and jitter;
-anything else (or the last retry) marks the ledger event ``failed``: visible and replayable."""
+anything else (or the last retry) marks the ledger event, or the evaluation's write-back, ``failed``: visible
+and replayable."""
 
 from __future__ import annotations
 
@@ -60,9 +61,9 @@ def _gave_up(task: Task, name: str, exc: BaseException, **ids: Any) -> bool:
     return True
 
 
-def _retry(task: Task, name: str, exc: BaseException) -> Exception:
+def _retry(task: Task, name: str, exc: BaseException, countdown: float | None = None) -> Exception:
     TASKS.labels(name, "retry").inc()
-    return task.retry(exc=exc, countdown=_backoff(task.request.retries, exc))
+    return task.retry(exc=exc, countdown=_backoff(task.request.retries, exc) if countdown is None else countdown)
 
 
 @app.task(bind=True, name=TASK_PROCESS_EVENT, max_retries=None)
@@ -95,12 +96,20 @@ def evaluate_patient(self: Task, patient_ref: str) -> int | None:
 
 @app.task(bind=True, name=TASK_WRITEBACK, max_retries=None)
 def write_back(self: Task, evaluation_id: int) -> dict[str, str]:
+    ctx = context.get()
     try:
-        return _run(TASK_WRITEBACK, monitor.write_back, context.get(), evaluation_id)
+        return _run(TASK_WRITEBACK, monitor.write_back, ctx, evaluation_id)
     except TRANSIENT as exc:
         if _gave_up(self, TASK_WRITEBACK, exc, evaluation_id=evaluation_id):
+            monitor.writeback_failed(ctx, evaluation_id, exc, transient=True)  # the sweeper sends it again later
             return {"failed": type(exc).__name__}
-        raise _retry(self, TASK_WRITEBACK, exc) from None
+        countdown = _backoff(self.request.retries, exc)
+        monitor.writeback_retrying(ctx, evaluation_id, exc, countdown)
+        raise _retry(self, TASK_WRITEBACK, exc, countdown) from None
+    except Exception as exc:  # a permanent error (4xx): failed, listed and replayable, never retried by itself
+        monitor.writeback_failed(ctx, evaluation_id, exc, transient=False)
+        _failed(TASK_WRITEBACK, exc, evaluation_id=evaluation_id)
+        return {"failed": type(exc).__name__}
 
 
 @app.task(name=TASK_SWEEP)

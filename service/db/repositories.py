@@ -1220,7 +1220,8 @@ class WritebackRequestRepository(_Repository):
     ) -> bool:
         """Record an outcome: ``written`` or ``superseded`` (done), ``failed`` (``error``: types and statuses only;
         ``transient`` with ``next_sweep_at``: the sweeper sends it again then), or ``pending`` (a task retry is
-        scheduled; the sweeper stays away until ``next_sweep_at``). Returns whether the row exists."""
+        scheduled; the sweeper stays away until ``next_sweep_at``). ``pending`` and ``failed`` change only a row
+        still open. Returns whether a row changed."""
         status = WritebackStatus(status).value
         ts = _now(now)
         values: dict[str, Any] = {"status": status, "transient": transient, "updated_at": ts}
@@ -1233,7 +1234,10 @@ class WritebackRequestRepository(_Repository):
         if next_sweep_at is not None:
             values["next_sweep_at"] = next_sweep_at
         r = WritebackRequest
-        stmt = update(r).where(r.evaluation_id == evaluation_id).values(**values).returning(r.evaluation_id).execution_options(synchronize_session="fetch")
+        conditions: list[ColumnElement[bool]] = [r.evaluation_id == evaluation_id]
+        if status in _OPEN_WRITEBACK:  # a late failure never reopens one written or superseded meanwhile
+            conditions.append(r.status.in_(_OPEN_WRITEBACK))
+        stmt = update(r).where(*conditions).values(**values).returning(r.evaluation_id).execution_options(synchronize_session="fetch")
         return self.session.execute(stmt).first() is not None
 
     def due(self, now: datetime | None = None, limit: int = 100) -> list[WritebackRequest]:

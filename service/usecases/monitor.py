@@ -27,7 +27,7 @@ from service.cds.engine import evaluate_patient
 from service.cds.fhirutil import last_updated_of, resource_ref, subject_reference, version_of
 from service.cds.thresholds import Thresholds
 from service.config import Settings
-from service.db.models import DEDUP_KEY_LEN, EventKind, EventStatus
+from service.db.models import DEDUP_KEY_LEN, EventKind, EventStatus, WritebackStatus
 from service.db.repositories import LedgerEntry, Repositories, ResourceVersion
 from service.db.session import make_engine, make_session_factory, session_scope
 from service.fhir.client import FhirClient, client_from_settings, entry_resources, next_link
@@ -625,7 +625,8 @@ def evaluate_patient_state(ctx: MonitorContext, patient_ref: str, now: datetime 
                 renal_context=a.renal_context, assessment=document,
             )
             EVALUATIONS.labels("monitor").inc()
-            if ctx.settings.writeback_enabled:
+            if ctx.settings.writeback_enabled:  # recorded with the evaluation: not lost if the job is
+                repos.writeback_requests.add(evaluation_id, patient_ref, next_sweep_at=_now() + _writeback_lease(ctx))
                 jobs.add(TASK_WRITEBACK, evaluation_id)
         if repos.queue.finish(patient_ref, generation):
             jobs.add(TASK_EVALUATE, patient_ref, countdown=ctx.settings.coalesce_window_s)
@@ -638,16 +639,36 @@ def evaluate_patient_state(ctx: MonitorContext, patient_ref: str, now: datetime 
 FLAGS = ("calciphylaxis", "metastatic-calcification")
 
 
+#: The sweeper's delay before sending a write-back again doubles from CDS_SWEEPER_STALE_AFTER_S up to this.
+WRITEBACK_SWEEP_BACKOFF_MAX = timedelta(hours=6)
+
+
+def _writeback_lease(ctx: MonitorContext) -> timedelta:
+    """How long a write-back may stay pending (queued or running) before the sweeper sends it again."""
+    return timedelta(seconds=ctx.settings.sweeper_stale_after_s)
+
+
+def writeback_sweep_delay(settings: Settings, sweeps: int) -> timedelta:
+    """The wait before the sweeper's next sending of a write-back it has sent ``sweeps`` times (exponential, capped)."""
+    return min(timedelta(seconds=settings.sweeper_stale_after_s) * (2 ** min(sweeps, 16)), WRITEBACK_SWEEP_BACKOFF_MAX)
+
+
 def write_back(ctx: MonitorContext, evaluation_id: int) -> dict[str, str]:
     """Write one RiskAssessment per flag, idempotent by identifier (conditional update), only when the tier or
-    its basis changed; a flag that is no longer raised updates the earlier resource (status amended)."""
+    its basis changed; a flag that is no longer raised updates the earlier resource (status amended).
+
+    The evaluation's write-back request records the attempt and, once done, the outcome; a failure is recorded by
+    the task (:func:`writeback_failed`, :func:`writeback_retrying`). Running it twice writes nothing twice."""
     with unit_of_work(ctx.sessions, ctx.queue) as (session, _):
         repos = Repositories(session)
         row = repos.evaluations.get(evaluation_id)
         if row is None:
             return {}
+        if not repos.writeback_requests.begin(evaluation_id, row.patient_ref, lease_until=_now() + _writeback_lease(ctx)):
+            return {"skipped": "already written or superseded"}
         latest = repos.evaluations.latest_summary_for(row.patient_ref)
         if latest is not None and latest.id != row.id:
+            repos.writeback_requests.finish(evaluation_id, WritebackStatus.SUPERSEDED)
             return {"skipped": "superseded by a newer evaluation"}
         patient_ref = row.patient_ref
         planned = {_flag_of(r): r for r in row.assessment.get("risk_assessments", [])}
@@ -676,7 +697,38 @@ def write_back(ctx: MonitorContext, evaluation_id: int) -> dict[str, str]:
             )
         results[flag] = "written"
         WRITEBACKS.labels("written").inc()
+    with unit_of_work(ctx.sessions, ctx.queue) as (session, _):
+        Repositories(session).writeback_requests.finish(evaluation_id, WritebackStatus.WRITTEN, results=results)
     return results
+
+
+def writeback_error(error: BaseException) -> str:
+    """What is recorded of a write-back's error: its type and HTTP status, never its text."""
+    status = getattr(error, "status", None)
+    return f"{type(error).__name__}: HTTP {status}" if isinstance(status, int) else type(error).__name__
+
+
+def writeback_retrying(ctx: MonitorContext, evaluation_id: int, error: BaseException, countdown_s: float) -> None:
+    """A transient failure the task retries in ``countdown_s``: still pending; the sweeper waits for the retry."""
+    with unit_of_work(ctx.sessions, ctx.queue) as (session, _):
+        Repositories(session).writeback_requests.finish(
+            evaluation_id,
+            WritebackStatus.PENDING,
+            error=f"retrying: {writeback_error(error)}",
+            next_sweep_at=_now() + timedelta(seconds=countdown_s) + _writeback_lease(ctx),
+        )
+
+
+def writeback_failed(ctx: MonitorContext, evaluation_id: int, error: BaseException, *, transient: bool) -> None:
+    """The task gave up: failed, listed by ``events --failed`` and replayable; a transient failure is sent again by
+    the sweeper after a backoff (up to ``CDS_WRITEBACK_SWEEPER_RETRIES`` times)."""
+    with unit_of_work(ctx.sessions, ctx.queue) as (session, _):
+        requests = Repositories(session).writeback_requests
+        row = requests.get(evaluation_id)
+        next_sweep_at = _now() + writeback_sweep_delay(ctx.settings, row.sweeps) if (transient and row is not None) else None
+        requests.finish(evaluation_id, WritebackStatus.FAILED, error=writeback_error(error), transient=transient, next_sweep_at=next_sweep_at)
+    WRITEBACKS.labels("failed").inc()
+    log.warning("writeback_failed", evaluation_id=evaluation_id, error=type(error).__name__, transient=transient)
 
 
 def _flag_of(resource: dict[str, Any]) -> str:
@@ -710,7 +762,7 @@ def _retracted(prior: Any, patient_ref: str, when: datetime) -> dict[str, Any]:
 def sweep(ctx: MonitorContext) -> dict[str, int]:
     """Re-enqueue what was accepted but not finished; detect silent subscriptions."""
     stale = timedelta(seconds=ctx.settings.sweeper_stale_after_s)
-    counts = {"events": 0, "patients": 0, "silent_subscriptions": 0}
+    counts = {"events": 0, "patients": 0, "silent_subscriptions": 0, "writebacks": 0, "writebacks_given_up": 0}
     with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
         repos = Repositories(session)
         for event in repos.ledger.stale_unhandled(stale, limit=500):
@@ -729,7 +781,27 @@ def sweep(ctx: MonitorContext) -> dict[str, int]:
                 jobs.add(TASK_PROCESS_EVENT, event.id)
                 counts["silent_subscriptions"] += 1
                 log.warning("subscription_silent", subscription=state.subscription)
+        if ctx.settings.writeback_enabled:
+            _sweep_writebacks(ctx, repos, jobs, counts)
     return counts
+
+
+def _sweep_writebacks(ctx: MonitorContext, repos: Repositories, jobs: Jobs, counts: dict[str, int]) -> None:
+    """Send again the write-backs left pending past their time (a lost message, a killed worker, retries that
+    outlived the broker) and those failed on a transient error whose backoff is over; after
+    ``CDS_WRITEBACK_SWEEPER_RETRIES`` sendings one stays failed, for an operator (``events replay``)."""
+    now = _now()
+    requests = repos.writeback_requests
+    for request in requests.due(now, limit=500):
+        if request.sweeps >= ctx.settings.writeback_sweeper_retries:
+            last = request.last_error or "not written"
+            requests.finish(request.evaluation_id, WritebackStatus.FAILED, error=f"{last} (sweeper gave up after {request.sweeps} retries)")
+            counts["writebacks_given_up"] += 1
+            log.warning("writeback_given_up", evaluation_id=request.evaluation_id, sweeps=request.sweeps)
+            continue
+        requests.swept(request.evaluation_id, next_sweep_at=now + writeback_sweep_delay(ctx.settings, request.sweeps + 1))
+        jobs.add(TASK_WRITEBACK, request.evaluation_id)
+        counts["writebacks"] += 1
 
 
 def reconcile(ctx: MonitorContext) -> int | None:
@@ -770,6 +842,27 @@ def replay_failed(ctx: MonitorContext, event_ids: list[int] | None) -> ReplayRes
     except NotSent as exc:
         result.enqueue_error = type(exc.__cause__).__name__
         log.warning("replay_enqueue_failed", events=len(result.replayed), error=result.enqueue_error)
+    return result
+
+
+def replay_failed_writebacks(ctx: MonitorContext, evaluation_ids: list[int] | None) -> ReplayResult:
+    """Put failed write-backs (by evaluation id; None: all) back to pending, then (after commit) on the queue. As
+    for events, an unreachable broker does not undo it: they wait, pending, for the sweeper."""
+    result = ReplayResult([])
+    try:
+        with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
+            requests = Repositories(session).writeback_requests
+            next_sweep_at = _now() + _writeback_lease(ctx)
+            result.replayed = requests.replay_failed(evaluation_ids, all_failed=evaluation_ids is None, next_sweep_at=next_sweep_at)
+            for evaluation_id in result.replayed:
+                jobs.add(TASK_WRITEBACK, evaluation_id)
+            if evaluation_ids is not None:
+                others = set(evaluation_ids) - set(result.replayed)
+                statuses = requests.statuses(others)
+                result.not_failed = {i: statuses.get(i, "") for i in sorted(others)}
+    except NotSent as exc:
+        result.enqueue_error = type(exc.__cause__).__name__
+        log.warning("replay_enqueue_failed", writebacks=len(result.replayed), error=result.enqueue_error)
     return result
 
 

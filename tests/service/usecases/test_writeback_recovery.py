@@ -1,0 +1,254 @@
+"""A RiskAssessment write-back that fails is never lost: recorded with the evaluation, failed when the task gives up
+(counted in ``worker_tasks_total{result="failed"}``, listed by ``events --failed``), sent again by the sweeper after a
+transient failure (bounded, with backoff) and replayable by an operator. The task is called directly (no eager
+mode), against the FHIR server double over real HTTP."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings
+from service.db.models import WritebackStatus
+from service.db.repositories import Repositories, WritebackRequest
+from service.db.session import session_scope
+from service.fhir.errors import FhirTransientError
+from service.queue import TASK_WRITEBACK, MemoryQueue
+from service.terminology.catalog import Catalog
+from service.usecases import monitor
+from service.usecases.monitor import MonitorContext
+from tests import builders as b
+from tests.fakes.fhir_server import FailureRule, FakeFhirServer
+from workers import context, tasks
+
+RISK_PUT = r"/fhir/RiskAssessment$"
+STALE_S = 60
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+
+
+@pytest.fixture
+def fhir() -> Iterator[FakeFhirServer]:
+    with FakeFhirServer() as srv:
+        yield srv
+        assert not srv.errors, srv.errors
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(monitor, "_now", c)
+    return c
+
+
+@pytest.fixture
+def ctx(fhir: FakeFhirServer, db_session_factory: sessionmaker[Session], catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MonitorContext:
+    settings = Settings(
+        data_dir=tmp_path,
+        fhir_base_url=fhir.base_url,
+        fhir_max_retries=0,
+        writeback_enabled=True,
+        sweeper_stale_after_s=STALE_S,
+        task_max_retries=2,
+        writeback_sweeper_retries=2,
+    )
+    c = MonitorContext.from_settings(settings, catalog=catalog, sessions=db_session_factory, queue=MemoryQueue())
+    monkeypatch.setattr(context, "get", lambda: c)  # the worker process's context
+    return c
+
+
+def evaluated(ctx: MonitorContext) -> tuple[str, int]:
+    """A high-risk patient (metastatic calcification: Ca x P 75) evaluated: returns its id and the evaluation id."""
+    pid = f"wb-{uuid.uuid4().hex[:8]}"
+    when = (datetime.now(UTC) - timedelta(days=1)).isoformat().replace("+00:00", "Z")
+    resources = [
+        b.patient(pid),
+        b.condition("46177005", subject=f"Patient/{pid}", rid=f"c-{pid}"),
+        b.obs(b.CA, 10.0, subject=f"Patient/{pid}", when=when, rid=f"ca-{pid}"),
+        b.obs(b.P, 7.5, subject=f"Patient/{pid}", when=when, rid=f"p-{pid}"),
+        b.obs(b.ALB, 4.1, "g/dL", subject=f"Patient/{pid}", when=when, rid=f"alb-{pid}"),
+    ]
+    monitor.backfill(ctx, resources)
+    evaluation_id = monitor.evaluate_patient_state(ctx, f"Patient/{pid}")
+    assert evaluation_id is not None
+    assert (TASK_WRITEBACK, [evaluation_id], None) in sent(ctx)
+    return pid, evaluation_id
+
+
+def sent(ctx: MonitorContext) -> list[tuple[str, list[Any], float | None]]:
+    assert isinstance(ctx.queue, MemoryQueue)
+    return ctx.queue.sent
+
+
+def run_task(evaluation_id: int, retries: int = 0) -> Any:
+    """The Celery task as a worker runs it, at its ``retries``-th retry (called directly: a retry re-raises)."""
+    tasks.write_back.push_request(retries=retries)
+    try:
+        return tasks.write_back.run(evaluation_id)
+    finally:
+        tasks.write_back.pop_request()
+
+
+def request_of(ctx: MonitorContext, evaluation_id: int) -> WritebackRequest:
+    with session_scope(ctx.sessions) as session:
+        row = Repositories(session).writeback_requests.get(evaluation_id)
+        assert row is not None
+        session.expunge(row)
+        return row
+
+
+def failed_ids(ctx: MonitorContext) -> list[int]:
+    with session_scope(ctx.sessions) as session:
+        return [r.evaluation_id for r in Repositories(session).writeback_requests.list_failed()]
+
+
+def task_failures() -> float:
+    return REGISTRY.get_sample_value("worker_tasks_total", {"task": TASK_WRITEBACK, "result": "failed"}) or 0.0
+
+
+def risk_assessments(fhir: FakeFhirServer, pid: str) -> list[dict[str, Any]]:
+    return [r for r in fhir.resources("RiskAssessment") if (r.get("subject") or {}).get("reference") == f"Patient/{pid}"]
+
+
+def all_written(results: dict[str, str] | None) -> bool:
+    """Every flag raised was written (the metastatic calcification one among them)."""
+    return results is not None and results.get("metastatic-calcification") == "written" and set(results.values()) == {"written"}
+
+
+def resent_by_sweep(ctx: MonitorContext) -> list[int]:
+    before = len(sent(ctx))
+    counts = monitor.sweep(ctx)
+    ids = [args[0] for name, args, _ in sent(ctx)[before:] if name == TASK_WRITEBACK]
+    assert counts["writebacks"] == len(ids)
+    return ids
+
+
+def test_a_permanent_error_fails_the_write_back_counted_listed_and_replayable(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
+    pid, evaluation_id = evaluated(ctx)
+    assert request_of(ctx, evaluation_id).status == WritebackStatus.PENDING
+    rule = fhir.add_rule(FailureRule(status=422, times=None, path=RISK_PUT, method="PUT"))
+    failures = task_failures()
+
+    assert run_task(evaluation_id) == {"failed": "FhirPermanentError"}
+
+    row = request_of(ctx, evaluation_id)
+    assert (row.status, row.transient, row.attempts) == ("failed", False, 1)
+    assert row.last_error == "FhirPermanentError: HTTP 422"  # value-free: no patient, no tier
+    assert task_failures() == failures + 1
+    assert failed_ids(ctx) == [evaluation_id]
+    clock.advance(timedelta(days=1))
+    assert resent_by_sweep(ctx) == [], "a permanent error waits for an operator"
+
+    rule.times = 0  # the EHR accepts RiskAssessments again
+    result = monitor.replay_failed_writebacks(ctx, [evaluation_id, 999_999])
+    assert result.replayed == [evaluation_id]
+    assert result.not_failed == {999_999: ""}
+    assert sent(ctx)[-1] == (TASK_WRITEBACK, [evaluation_id], None)
+    assert all_written(run_task(evaluation_id))
+    assert request_of(ctx, evaluation_id).status == WritebackStatus.WRITTEN
+    assert {r["status"] for r in risk_assessments(fhir, pid)} == {"final"}
+    assert failed_ids(ctx) == []
+
+
+def test_a_write_back_whose_retries_ran_out_is_sent_again_by_the_sweeper_with_backoff(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
+    """About a minute of EHR outage used to leave the stale tier in the EHR for good."""
+    pid, evaluation_id = evaluated(ctx)
+    rule = fhir.add_rule(FailureRule(status=503, times=None, path=RISK_PUT, method="PUT"))
+    failures = task_failures()
+
+    with pytest.raises(FhirTransientError):  # the task's own retry is scheduled (called directly, it re-raises)
+        run_task(evaluation_id, retries=0)
+    row = request_of(ctx, evaluation_id)
+    assert (row.status, row.last_error) == ("pending", "retrying: FhirTransientError: HTTP 503")
+    clock.advance(timedelta(seconds=STALE_S - 1))
+    assert resent_by_sweep(ctx) == [], "the sweeper leaves a write-back alone while its task retry is due"
+
+    assert run_task(evaluation_id, retries=ctx.settings.task_max_retries) == {"failed": "FhirTransientError"}
+    row = request_of(ctx, evaluation_id)
+    assert (row.status, row.transient, row.last_error) == ("failed", True, "FhirTransientError: HTTP 503")
+    assert task_failures() == failures + 1
+    assert failed_ids(ctx) == [evaluation_id], "visible while it waits"
+    assert risk_assessments(fhir, pid) == []
+
+    assert resent_by_sweep(ctx) == []
+    clock.advance(timedelta(seconds=STALE_S + 1))
+    assert resent_by_sweep(ctx) == [evaluation_id]
+    assert resent_by_sweep(ctx) == [], "sent once, not at every sweep"
+    assert run_task(evaluation_id, retries=ctx.settings.task_max_retries) == {"failed": "FhirTransientError"}  # still down
+    clock.advance(timedelta(seconds=STALE_S + 1))
+    assert resent_by_sweep(ctx) == [], "the wait doubles"
+    clock.advance(timedelta(seconds=STALE_S))
+    assert resent_by_sweep(ctx) == [evaluation_id]
+
+    rule.times = 0  # the EHR is back
+    assert all_written(run_task(evaluation_id))
+    row = request_of(ctx, evaluation_id)
+    assert (row.status, row.sweeps) == ("written", 2) and all_written(row.results)
+    metastatic = [r for r in risk_assessments(fhir, pid) if r["identifier"][0]["value"].endswith("-metastatic-calcification")]
+    assert [r["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] for r in metastatic] == ["high"]
+    clock.advance(timedelta(days=1))
+    assert resent_by_sweep(ctx) == []
+
+
+def test_the_sweeper_gives_up_after_its_retries_and_leaves_it_failed_for_an_operator(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
+    _, evaluation_id = evaluated(ctx)
+    fhir.add_rule(FailureRule(status=503, times=None, path=RISK_PUT, method="PUT"))
+    for _ in range(ctx.settings.writeback_sweeper_retries):
+        assert run_task(evaluation_id, retries=ctx.settings.task_max_retries) == {"failed": "FhirTransientError"}
+        clock.advance(monitor.WRITEBACK_SWEEP_BACKOFF_MAX)
+        assert resent_by_sweep(ctx) == [evaluation_id]
+    assert run_task(evaluation_id, retries=ctx.settings.task_max_retries) == {"failed": "FhirTransientError"}
+    clock.advance(monitor.WRITEBACK_SWEEP_BACKOFF_MAX)
+
+    counts = monitor.sweep(ctx)
+
+    assert (counts["writebacks"], counts["writebacks_given_up"]) == (0, 1)
+    row = request_of(ctx, evaluation_id)
+    assert (row.status, row.transient) == ("failed", False)
+    assert row.last_error == "FhirTransientError: HTTP 503 (sweeper gave up after 2 retries)"
+    assert failed_ids(ctx) == [evaluation_id]
+    clock.advance(timedelta(days=7))
+    assert resent_by_sweep(ctx) == []
+    assert monitor.replay_failed_writebacks(ctx, None).replayed == [evaluation_id]
+
+
+def test_a_write_back_whose_job_was_lost_is_sent_by_the_sweeper(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
+    """The broker lost the job (or a worker died with it): the write-back is pending in the database."""
+    pid, evaluation_id = evaluated(ctx)
+    assert resent_by_sweep(ctx) == []
+    clock.advance(timedelta(seconds=STALE_S + 1))
+    assert resent_by_sweep(ctx) == [evaluation_id]
+    assert all_written(run_task(evaluation_id))
+    assert run_task(evaluation_id) == {"skipped": "already written or superseded"}  # the original job, late
+    assert fhir.count(RISK_PUT, "PUT") == len(risk_assessments(fhir, pid)), "one write per flag, not two"
+
+
+def test_a_newer_evaluation_supersedes_a_failed_write_back(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
+    pid, first = evaluated(ctx)
+    fhir.add_rule(FailureRule(status=422, times=1, path=RISK_PUT, method="PUT"))
+    assert run_task(first) == {"failed": "FhirPermanentError"}
+    monitor.backfill(ctx, [b.obs(b.P, 8.0, subject=f"Patient/{pid}", when=b.ago(hours=1, now=datetime.now(UTC)), rid=f"p2-{pid}")])
+
+    second = monitor.evaluate_patient_state(ctx, f"Patient/{pid}")
+
+    assert second is not None and second != first
+    assert request_of(ctx, first).status == WritebackStatus.SUPERSEDED
+    assert failed_ids(ctx) == []
+    assert monitor.replay_failed_writebacks(ctx, [first]).not_failed == {first: "superseded"}
+    assert all_written(run_task(second))
