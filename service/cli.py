@@ -261,7 +261,7 @@ def _monitor_context(offline: bool = False) -> Any:
     return MonitorContext.from_settings(settings, catalog=catalog, thresholds=thresholds, queue=MemoryQueue() if offline else None)
 
 
-events_app = typer.Typer(help="The inbound event ledger: counts, failed events, replay.", invoke_without_command=True)
+events_app = typer.Typer(help="The inbound event ledger and the RiskAssessment write-backs: counts, failed ones, replay.", invoke_without_command=True)
 app.add_typer(events_app, name="events")
 
 
@@ -271,7 +271,7 @@ def events(
     failed: Annotated[bool, typer.Option("--failed", help="List failed events")] = False,
     limit: Annotated[int, typer.Option(help="Rows to show")] = 50,
 ) -> None:
-    """Show ledger counts by status, or the failed events (ids and reasons only)."""
+    """Show ledger counts by status, or the failed events and failed write-backs (ids and reasons only)."""
     if ctx.invoked_subcommand is not None:
         return
     from rich.console import Console
@@ -292,6 +292,9 @@ def events(
                 console.print(f"{status:<12} {n}")
             if not counts:
                 console.print("no events")
+            writebacks = repos.writeback_requests.counts_by_status()
+            if any(writebacks.values()):
+                console.print("write-backs  " + " ".join(f"{status}={n}" for status, n in sorted(writebacks.items())))
             return
         rows = repos.ledger.list_failed(limit)
         table = Table("id", "kind", "resource", "attempts", "error", "received")
@@ -299,6 +302,14 @@ def events(
             resource = f"{e.resource_type}/{e.resource_id}" if e.resource_type and e.resource_id else (e.subscription or "")
             table.add_row(str(e.id), e.kind, resource, str(e.attempts), e.last_error or "", e.received_at.isoformat())
         console.print(table if rows else "no failed events")
+        failed_writebacks = repos.writeback_requests.list_failed(limit)
+        title = "failed write-backs (replay: events replay --writeback EVALUATION)"
+        writeback_table = Table("evaluation", "patient", "attempts", "sweeper retries", "next retry", "error", "failed", title=title)
+        for w in failed_writebacks:
+            next_retry = w.next_sweep_at.isoformat() if w.transient else "-"
+            error, failed_at = w.last_error or "", w.updated_at.isoformat()
+            writeback_table.add_row(str(w.evaluation_id), w.patient_ref, str(w.attempts), str(w.sweeps), next_retry, error, failed_at)
+        console.print(writeback_table if failed_writebacks else "no failed write-backs")
 
 
 @contextmanager
@@ -315,26 +326,34 @@ def _database_errors() -> Iterator[None]:
 @events_app.command("replay")
 def events_replay(
     ids: Annotated[list[int] | None, typer.Argument(help="Event ids to replay")] = None,
-    all_failed: Annotated[bool, typer.Option("--all", help="Replay every failed event")] = False,
+    writeback: Annotated[
+        list[int] | None, typer.Option("--writeback", help="Replay the failed write-back of this evaluation (repeatable; ids from events --failed)")
+    ] = None,
+    all_failed: Annotated[bool, typer.Option("--all", help="Replay every failed event and every failed write-back")] = False,
 ) -> None:
-    """Put failed events back on the queue (they are processed again from the ledger)."""
-    from service.usecases.monitor import replay_failed
+    """Put failed events back on the queue (they are processed again from the ledger), and failed RiskAssessment
+    write-backs (written again from their evaluation)."""
+    from service.usecases.monitor import replay_failed, replay_failed_writebacks
 
-    if not ids and not all_failed:
-        fail("give event ids or --all")
+    if not ids and not writeback and not all_failed:
+        fail("give event ids, --writeback evaluation ids or --all")
     mctx = _monitor_context()
+    results = []
     with _database_errors():
-        result = replay_failed(mctx, None if all_failed else list(ids or []))
-    for event_id, status in result.not_failed.items():
-        reason = f"is {status}, not failed" if status else "does not exist"
-        typer.echo(f"calcinosis-cds: event {event_id} {reason}: not replayed", err=True)
-    typer.echo(f"replayed {len(result.replayed)} event(s): {' '.join(map(str, result.replayed))}".rstrip(": "))
-    if result.enqueue_error is not None:
-        fail(
-            f"the task queue is unreachable ({result.enqueue_error}): the replayed events are queued in the ledger "
-            "and the sweeper will send them when the broker is back"
-        )
-    if result.not_failed and not result.replayed:
+        if ids or all_failed:
+            results.append(("event", "events are queued in the ledger", replay_failed(mctx, None if all_failed else list(ids or []))))
+        if writeback or all_failed:
+            results.append(("write-back", "write-backs are pending", replay_failed_writebacks(mctx, None if all_failed else list(writeback or []))))
+    for what, _, result in results:
+        for item_id, status in result.not_failed.items():
+            reason = f"is {status}, not failed" if status else "does not exist"
+            subject = f"event {item_id}" if what == "event" else f"write-back of evaluation {item_id}"
+            typer.echo(f"calcinosis-cds: {subject} {reason}: not replayed", err=True)
+        typer.echo(f"replayed {len(result.replayed)} {what}(s): {' '.join(map(str, result.replayed))}".rstrip(": "))
+    for _, where, result in results:
+        if result.enqueue_error is not None:
+            fail(f"the task queue is unreachable ({result.enqueue_error}): the replayed {where} and the sweeper will send them when the broker is back")
+    if any(r.not_failed for _, _, r in results) and not any(r.replayed for _, _, r in results):
         raise typer.Exit(2)
 
 
