@@ -1,5 +1,6 @@
 """Failures the pipeline must survive: a worker SIGKILLed mid-task, Redis restarted mid-stream, a FHIR server
-answering 503, and a poison message (failed, visible with ``calcinosis-cds events --failed``, replayable)."""
+answering 503, a poison message (failed, visible with ``calcinosis-cds events --failed``, replayable), and an EHR
+refusing write-backs for longer than the task retries."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from tests.integration.support import (
     high_risk,
     new_pid,
     redis_stopped,
+    risk_of,
     run_cli,
+    tier_of,
     wait_until,
 )
 
@@ -144,3 +147,32 @@ def test_poison_message_is_failed_visible_and_replayable(worker_alive: Stack, fa
     stack.wait_assessment(pid, lambda a: a["metastatic_calcification"]["tier"] == "high")
     after = run_cli(["events", "--failed"], stack.env)
     assert f"Observation/{phosphate_id}" not in after.stdout
+
+
+def test_a_write_back_failing_longer_than_its_retries_is_visible_then_written_by_the_sweeper(worker_alive: Stack, fake_fhir: FakeFhirServer) -> None:
+    """The EHR answers 503 to RiskAssessment writes past the task's retries: the write-back is failed (listed by
+    ``events --failed``), and once the EHR is back the sweeper (beat) sends it again: no operator needed."""
+    stack, pid = worker_alive, new_pid("wb-outage")
+    rule = fake_fhir.add_rule(FailureRule(status=503, times=None, path=r"/fhir/RiskAssessment$", method="PUT"))
+    try:
+        assert stack.notify(collection(*high_risk(pid))).status_code == 200
+
+        def failed() -> dict[str, Any] | None:
+            rows = stack.rows("SELECT * FROM writeback_requests WHERE patient_ref = :p AND status = 'failed'", p=f"Patient/{pid}")
+            return rows[0] if rows else None
+
+        request = wait_until(failed, timeout=60, what="the write-back to fail after its retries")
+        assert request["transient"] and request["last_error"] == "FhirTransientError: HTTP 503"
+        listed = run_cli(["events", "--failed"], stack.env)
+        assert listed.returncode == 0, listed.stderr
+        assert f"Patient/{pid}" in listed.stdout
+        assert risk_of(fake_fhir, pid, "metastatic-calcification") == []
+    finally:
+        rule.times = 0  # the EHR is back
+
+    written = wait_until(lambda: risk_of(fake_fhir, pid, "metastatic-calcification"), timeout=60, what="the write-back sent again by the sweeper")
+    assert tier_of(written[0]) == "high"
+    row = wait_until(
+        lambda: (r := stack.rows("SELECT * FROM writeback_requests WHERE evaluation_id = :e", e=request["evaluation_id"])[0])["status"] == "written" and r
+    )
+    assert row["sweeps"] >= 1
