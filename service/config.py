@@ -129,6 +129,12 @@ class Settings(BaseSettings):
     )
     db_pool_size: int = 5
 
+    # --- task publishing (bounded: a broker that accepts connections but never answers) ----------
+    broker_socket_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Redis broker: longest wait to connect, or for an answer, when publishing a task (API, workers, CLI)"
+    )
+    broker_publish_max_retries: int = Field(1, ge=0, le=10, description="Retries of a task publish after a broker connection error or timeout")
+
     # --- clinical content ----------------------------------------------------------------------
     mappings_dir: Path = _ROOT / "mappings"
     thresholds: Thresholds = Field(default_factory=Thresholds)

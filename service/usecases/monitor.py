@@ -89,7 +89,7 @@ class MonitorContext:
             catalog=catalog if catalog is not None else load_rule_catalog(settings.mappings_dir),
             thresholds=thresholds if thresholds is not None else settings.effective_thresholds(),
             sessions=sessions,
-            queue=queue if queue is not None else CeleryQueue(settings.effective_broker_url),
+            queue=queue if queue is not None else CeleryQueue.from_settings(settings),
             fhir_client=(lambda: client_from_settings(settings)) if settings.fhir_base_url else None,
         )
 
