@@ -22,7 +22,15 @@ HOOK_412 = Counter("cds_hook_precondition_failed_total", "CDS Hooks calls answer
 CARDS = Counter("cds_cards_total", "Cards returned, by topic", ["service", "topic"])
 FEEDBACK = Counter("cds_feedback_total", "Card feedback received", ["service", "outcome"])
 AUTH_FAILURES = Counter("cds_auth_failures_total", "Rejected CDS Hooks calls (401)", ["route"])
+#: result: accepted and duplicate count events; unauthorized, too-large, invalid, ledger-unavailable and
+#: broker-unavailable count requests answered 401, 413, 400 and 503 (form "unknown" until the body is parsed).
 NOTIFICATIONS = Counter("fhir_notifications_total", "Inbound FHIR notifications", ["form", "result"])
+NOTIFICATION_LATENCY = Histogram(
+    "fhir_notification_request_seconds",
+    "Notification receiver latency, by result (accepted, unauthorized, too-large, invalid, ledger-unavailable, broker-unavailable, error)",
+    ["result"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
 EVALUATIONS = Counter("evaluations_total", "Patient evaluations performed", ["trigger"])
 WRITEBACKS = Counter("writebacks_total", "RiskAssessment write-backs", ["result"])
 TASKS = Counter("worker_tasks_total", "Worker task outcomes", ["task", "result"])

@@ -9,6 +9,7 @@ secret or the HMAC; anything else 401. Every accepted event is in the ledger bef
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ from service.fhir.notifications import (
     verify_shared_secret,
 )
 from service.logging import get_logger
-from service.metrics import NOTIFICATIONS
+from service.metrics import NOTIFICATION_LATENCY, NOTIFICATIONS
 from service.usecases import monitor
 
 router = APIRouter(tags=["FHIR subscriptions"])
@@ -43,38 +44,60 @@ def _authenticate(request: Request, body: bytes) -> str:
     if "x-signature" in headers and settings.medplum_hmac_secret is not None:
         if verify_medplum_signature(body, headers, settings.medplum_hmac_secret):
             return "medplum"
-        raise Unauthorized()
+        raise _rejected("signature-mismatch")
     if settings.subscription_secret is not None:
         if verify_shared_secret(headers, settings):
             return "shared-secret"
-        raise Unauthorized()
+        raise _rejected("secret-mismatch" if settings.subscription_header in headers else "secret-missing")
     if settings.medplum_hmac_secret is None and settings.dev_mode:
         return "development-mode"
-    raise Unauthorized()
+    raise _rejected("signature-missing" if settings.medplum_hmac_secret is not None else "no-secret-configured")
+
+
+def _rejected(reason: str) -> Unauthorized:
+    """The 401, and a line that says why in a word (a rotated secret, a header the FHIR server no longer sends):
+    never the header's value nor the body."""
+    log.warning("notification_rejected", reason=reason)
+    return Unauthorized()
 
 
 async def _receive(request: Request, path: str | None) -> Response:
     ctx = ctx_of(request)
+    started = time.perf_counter()
+
+    def answered(result: str, form: str = "unknown", *, count: bool = True) -> None:
+        """Count a request that was not accepted (``form`` "unknown" until the body is parsed), and time every answer."""
+        if count:
+            NOTIFICATIONS.labels(form, result).inc()
+        NOTIFICATION_LATENCY.labels(result).observe(time.perf_counter() - started)
+
     try:
         body = await read_body(request, ctx.settings.max_notification_bytes, "notification")
     except PayloadTooLarge:
-        NOTIFICATIONS.labels("unknown", "too-large").inc()
+        answered("too-large")
         raise
-    auth = _authenticate(request, body)
+    try:
+        auth = _authenticate(request, body)
+    except Unauthorized:
+        answered("unauthorized")
+        raise
     try:
         notifications = parse_notification(body, request.headers, method=request.method, path=path)
     except InvalidNotification as exc:
-        NOTIFICATIONS.labels("unknown", "invalid").inc()
+        answered("invalid")
         raise BadRequest(f"invalid notification: {exc.reason}") from None
     form = _form(notifications, request)
     try:
         summary = await run_in_threadpool(monitor.receive, ctx.monitor, notifications, form)
     except SQLAlchemyError as exc:
+        answered("ledger-unavailable", form)
         log.error("ledger_unavailable", error=type(exc).__name__)
         raise Unavailable("the event ledger is unavailable; retry") from None
     except Exception as exc:
+        answered("broker-unavailable", form)
         log.error("broker_unavailable", error=type(exc).__name__)
         raise Unavailable("the task queue is unavailable; retry") from None
+    answered("accepted", form, count=False)  # monitor.receive counts the events: accepted and duplicate
     log.info("notification", form=form, auth=auth, accepted=summary.accepted, duplicates=summary.duplicates)
     return json_response({"accepted": summary.accepted, "duplicates": summary.duplicates})
 

@@ -21,7 +21,7 @@ from tests.fakes.broker import SilentBroker
 from tests.fakes.databases import create_postgres_database, drop_postgres_database, require_postgres
 from tests.fakes.notifications import EventSpec, make_notification_bundle
 from tests.integration.conftest import stack_env
-from tests.integration.support import Stack, run_cli
+from tests.integration.support import Stack, metric_samples, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -88,3 +88,8 @@ def test_a_broker_that_never_answers_gets_503_within_seconds_and_the_events_wait
 
     readiness = stack.http.get(f"{stack.api_url}/readyz", timeout=10.0)
     assert readiness.status_code == 503 and readiness.json()["checks"]["broker"] is False
+
+    # Counted and timed, not only logged: an alert can fire on them.
+    samples = metric_samples(stack.http.get(f"{stack.api_url}/metrics", timeout=10.0).text)
+    assert samples[("fhir_notifications_total", (("form", "backport"), ("result", "broker-unavailable")))] == 4
+    assert samples[("fhir_notification_request_seconds_count", (("result", "broker-unavailable"),))] == 4
