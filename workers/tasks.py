@@ -112,11 +112,21 @@ def write_back(self: Task, evaluation_id: int) -> dict[str, str]:
         return {"failed": type(exc).__name__}
 
 
+def _periodic(name: str, fn: Any) -> Any:
+    """A beat task: counted and timed like the others; a failure (the database unreachable, ...) is counted and logged
+    as ``failed`` and not retried, since the next beat runs it again."""
+    try:
+        return _run(name, lambda: fn(context.get()))
+    except Exception as exc:
+        _failed(name, exc)
+        return None
+
+
 @app.task(name=TASK_SWEEP)
-def sweep() -> dict[str, int]:
-    return monitor.sweep(context.get())
+def sweep() -> dict[str, int] | None:
+    return _periodic(TASK_SWEEP, monitor.sweep)
 
 
 @app.task(name=TASK_RECONCILE)
 def reconcile() -> int | None:
-    return monitor.reconcile(context.get())
+    return _periodic(TASK_RECONCILE, monitor.reconcile)
