@@ -44,6 +44,14 @@ INBOUND_EVENTS = Gauge(
     ["status"],
     multiprocess_mode="mostrecent",  # several API processes: the latest reading, not their sum
 )
+#: Read from the database when /metrics is scraped, as the FHIR server last reported each subscription's status (a
+#: Backport notification or heartbeat): alert on status="error" above zero.
+SUBSCRIPTIONS = Gauge(
+    "fhir_subscriptions",
+    "Subscriptions by the status their FHIR server last reported (read at scrape time)",
+    ["status"],
+    multiprocess_mode="mostrecent",
+)
 
 
 def _registry(shared_dir: Path | None) -> CollectorRegistry:

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from service.metrics import INBOUND_EVENTS, exposition
+from service.metrics import INBOUND_EVENTS, SUBSCRIPTIONS, exposition
 
 router = APIRouter(tags=["Operations"])
 
@@ -31,4 +31,8 @@ async def metrics(request: Request) -> Response:
     if counts is not None:  # the database is down: the gauges keep their last values (readiness says why)
         for status, n in counts.items():
             INBOUND_EVENTS.labels(status).set(n)
+    subscriptions = await run_in_threadpool(ctx.subscription_counts)
+    if subscriptions is not None:
+        for status, n in subscriptions.items():
+            SUBSCRIPTIONS.labels(status).set(n)
     return Response(await run_in_threadpool(exposition, ctx.settings.metrics_dir), media_type=CONTENT_TYPE_LATEST)

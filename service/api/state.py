@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.cds.discovery import discovery_document
 from service.cds.thresholds import Thresholds
 from service.config import Settings
-from service.db.repositories import EvaluationRepository, InboundEventRepository
+from service.db.repositories import EvaluationRepository, InboundEventRepository, SubscriptionStateRepository
 from service.db.session import check_database, make_engine, make_session_factory, session_scope
 from service.fhir.hook_fetch import HookFetcher
 from service.logging import get_logger
@@ -65,10 +65,16 @@ class AppContext:
     turns: CpuTurns = field(default_factory=CpuTurns)  # CDS Hooks calls parse and evaluate one at a time, in arrival order
     _readiness: _Recent[dict[str, Any]] = field(default_factory=lambda: _Recent(1.0), repr=False)
     _event_counts: _Recent[dict[str, int]] = field(default_factory=lambda: _Recent(5.0), repr=False)
+    _subscription_counts: _Recent[dict[str, int]] = field(default_factory=lambda: _Recent(5.0), repr=False)
 
     def event_counts(self) -> dict[str, int] | None:
         """Ledger events by status for ``/metrics`` (None when the database cannot say); kept for five seconds."""
         return self._event_counts.get(self._count_events)
+
+    def subscription_counts(self) -> dict[str, int] | None:
+        """Subscriptions by the status their FHIR server last reported, for ``/metrics`` (None when the database
+        cannot say); kept for five seconds."""
+        return self._subscription_counts.get(self._count_subscriptions)
 
     def readiness(self) -> dict[str, Any]:
         """Database, broker, mappings and replay-cache checks; kept for one second."""
@@ -82,6 +88,14 @@ class AppContext:
                 return InboundEventRepository(session).counts_by_status()
         except (SQLAlchemyError, OSError) as exc:
             log.warning("event_counts_unavailable", error=type(exc).__name__)
+            return None
+
+    def _count_subscriptions(self) -> dict[str, int] | None:
+        try:
+            with session_scope(self.sessions) as session:
+                return SubscriptionStateRepository(session).counts_by_status()
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("subscription_counts_unavailable", error=type(exc).__name__)
             return None
 
     def _check_readiness(self) -> dict[str, Any]:

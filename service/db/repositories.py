@@ -78,6 +78,8 @@ log = logging.getLogger(__name__)
 
 MAX_ERROR_LEN = 2000
 MAX_REPORTED_GAP = 10_000
+#: Subscription.status codes (FHIR R4/R5, Backport): the bounded label values of ``fhir_subscriptions``, plus "other".
+SUBSCRIPTION_STATUSES = ("requested", "active", "error", "off", "entered-in-error", "other")
 _INT64_MAX = 2**63 - 1
 
 _UNHANDLED = (EventStatus.RECEIVED.value, EventStatus.QUEUED.value, EventStatus.PROCESSING.value)
@@ -1529,6 +1531,18 @@ class SubscriptionStateRepository(_Repository):
             where=or_(SubscriptionState.watermark.is_(None), SubscriptionState.watermark < ex.watermark),
         ).returning(SubscriptionState.subscription)
         return self.session.execute(forward).first() is not None
+
+    def counts_by_status(self) -> dict[str, int]:
+        """Subscriptions per status the FHIR server last reported (every status of ``SUBSCRIPTION_STATUSES``, zero
+        included; any other code as ``other``); the polling pseudo-subscription, which has none, is not counted."""
+        counts = dict.fromkeys(SUBSCRIPTION_STATUSES, 0)
+        rows = self.session.execute(
+            select(SubscriptionState.status, func.count()).where(SubscriptionState.status.is_not(None)).group_by(SubscriptionState.status)
+        )
+        for status, n in rows:
+            key = status if status in counts else "other"
+            counts[key] += int(n)
+        return counts
 
     def stale_heartbeats(self, older_than: datetime | timedelta, *, now: datetime | None = None) -> list[SubscriptionState]:
         """Subscriptions (not ``off``) with neither a heartbeat nor a notification since the cutoff, and

@@ -378,7 +378,10 @@ def _receive_backport(repos: Repositories, jobs: Jobs, n: BackportNotification, 
                       pending: _Pending) -> None:
     sub = n.subscription
     repos.subscriptions.ensure(sub, topic=n.topic, status=n.status)
-    repos.subscriptions.touch_heartbeat(sub)
+    if n.status == "error":  # the server says it is failing to deliver: no sign of life, the silent check stays armed
+        log.warning("subscription_status_error", subscription=sub, notification=n.type)
+    else:
+        repos.subscriptions.touch_heartbeat(sub)
     missing: list[int] = []
     if n.type in ("heartbeat", "query-status") and n.events_since_start is not None:
         missing = repos.subscriptions.observe_events_since_start(sub, n.events_since_start)

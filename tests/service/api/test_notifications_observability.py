@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.fakes.notifications import EventSpec, make_notification_bundle
+from tests.fakes.notifications import EventSpec, make_heartbeat, make_notification_bundle
 from tests.integration.support import Samples, metric_samples
 
 SECRET = "channel-secret-" + uuid.uuid4().hex
@@ -95,3 +95,22 @@ def test_an_unreachable_ledger_is_a_counted_503(make_client: Callable[..., TestC
     after = samples(down)
     assert counted(after, "ledger-unavailable", "backport") == counted(before, "ledger-unavailable", "backport") + 1
     assert timed(after, "ledger-unavailable") == timed(before, "ledger-unavailable") + 1
+
+
+def subscriptions_in(s: Samples, status: str) -> float:
+    return s[("fhir_subscriptions", (("status", status),))]
+
+
+def test_subscriptions_the_fhir_server_reports_in_error_are_a_gauge(make_client: Callable[..., TestClient]) -> None:
+    """Read from the database at scrape time (each client here is a fresh API context on this module's database)."""
+    sub = f"hb-{uuid.uuid4().hex[:8]}"
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    failing = make_client(subscription_secret=SECRET)
+    assert failing.post("/fhir/notifications", json=make_heartbeat(sub, status="error"), headers=auth).status_code == 200
+    assert subscriptions_in(samples(failing), "error") == 1
+
+    recovered = make_client(subscription_secret=SECRET)
+    assert recovered.post("/fhir/notifications", json=make_heartbeat(sub, status="active"), headers=auth).status_code == 200
+    after = samples(recovered)
+    assert subscriptions_in(after, "error") == 0
+    assert subscriptions_in(after, "active") >= 1
