@@ -185,7 +185,7 @@ class Settings(BaseSettings):
     smart_alg: Literal["RS384", "ES384"] = "RS384"
     smart_scope: str = (
         "system/Observation.rs system/Condition.rs system/MedicationRequest.rs system/MedicationStatement.rs "
-        "system/Procedure.rs system/Patient.rs system/RiskAssessment.cud"
+        "system/MedicationAdministration.rs system/Procedure.rs system/Patient.rs system/RiskAssessment.cud"
     )
     smart_token_url: str | None = None
 

@@ -20,6 +20,7 @@ def r4_criteria(catalog: Catalog) -> list[str]:
         "Condition?",
         "MedicationRequest?",
         "MedicationStatement?",
+        "MedicationAdministration?",  # current IV calcium or phosphate
         "Procedure?",
         "Patient?",
     ]

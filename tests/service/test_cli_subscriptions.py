@@ -1,0 +1,47 @@
+"""``calcinosis-cds subscriptions create`` subscribes to every resource type the engine reads (the monitor's
+MONITORED_TYPES, MedicationAdministration included: current IV calcium or phosphate), on a FHIR server over real
+HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.config import Settings
+from service.usecases.monitor import MONITORED_TYPES
+from tests.fakes.fhir_server import FakeFhirServer
+from tests.service.conftest import RunCli
+
+SECRET = "cli-subscription-secret"
+
+
+@pytest.fixture
+def fhir() -> Iterator[FakeFhirServer]:
+    with FakeFhirServer() as srv:
+        yield srv
+        assert not srv.errors, srv.errors
+
+
+def test_r4_subscriptions_cover_every_resource_type_the_engine_reads(tmp_path: Path, run_cli: RunCli, fhir: FakeFhirServer) -> None:
+    assert run_cli(["migrate"], CDS_DATA_DIR=str(tmp_path))[0] == 0
+    code, lines = run_cli(
+        ["subscriptions", "create", "--endpoint", "https://cds.example.org/fhir/notifications"],
+        CDS_FHIR_BASE_URL=fhir.base_url,
+        CDS_DATA_DIR=str(tmp_path),
+        CDS_SUBSCRIPTION_SECRET=SECRET,
+    )
+    assert code == 0, lines
+    created = fhir.resources("Subscription")
+    subscribed = {s["criteria"].split("?", 1)[0] for s in created}
+    assert subscribed == set(MONITORED_TYPES)
+    assert "MedicationAdministration" in subscribed
+    assert len(lines) == len(created) == len(MONITORED_TYPES)  # one line per Subscription, as created
+    assert all(s["channel"]["header"] == [f"Authorization: Bearer {SECRET}"] for s in created)
+
+
+def test_the_default_smart_scope_reads_every_resource_type_the_engine_reads() -> None:
+    """A type outside the token's scope would fail every catch-up search under SMART Backend Services."""
+    scopes = set(Settings.model_fields["smart_scope"].default.split())
+    assert {f"system/{t}.rs" for t in MONITORED_TYPES} <= scopes
