@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import traceback
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,57 @@ def exception_frames(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutabl
     return event
 
 
+_RETRY = re.compile(r"(Retry (?:in|at) .+?): (.*)\Z", re.DOTALL)  # celery.exceptions.Retry: "Retry in 3s: Kind('text')"
+_REPR = re.compile(r"([A-Za-z_][\w.]*)\(")  # an exception's repr: "Kind('text', ...)"
+_WITHHELD = "[exception text withheld]"
+
+
+class _Kind(str):
+    """An exception's type name, the same under ``%s`` and ``%r``."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _kind_of(value: Any, exc_info: Any) -> Any:
+    """An exception, or the text Celery made of one, as the exception's type name."""
+    if isinstance(value, BaseException):
+        return type(value).__name__
+    if not isinstance(value, str):
+        return value
+    retry = _RETRY.match(value)
+    if retry:
+        return f"{retry[1]}: {_kind_of(retry[2], None)}"
+    kind = _REPR.match(value)
+    if kind:
+        return kind[1].rsplit(".", 1)[-1]
+    if exc_info and isinstance(exc_info, tuple) and exc_info[0] is not None:
+        return exc_info[0].__name__
+    return _WITHHELD
+
+
+class CeleryExceptionText(logging.Filter):
+    """Celery formats an exception's text into its own lines ("Task … raised unexpected: OperationalError('…host…
+    port…')", "Task … retry: Retry in 3s: FhirTransientError('GET …/Observation/123 …')", "Task handler raised error:
+    %r"): on its loggers, the exception in the line's arguments becomes its type name, as ``exception_frames`` does
+    for the attached exception. The text may hold a FHIR reference (patient data) or a database host."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("celery") and record.args:
+            if isinstance(record.args, Mapping):  # the trace's lines: one dict of fields, the exception under "exc"
+                if "exc" in record.args:
+                    record.args = {**record.args, "exc": _kind_of(record.args["exc"], record.exc_info)}
+            else:
+                record.args = tuple(_Kind(type(a).__name__) if isinstance(a, BaseException) else a for a in record.args)
+        return True
+
+
 def _route_standard_logging(level: int, stamped: list[Any], renderer: Any) -> None:
     """Lines of the standard ``logging`` module (this service's few, its libraries' and, in worker and beat
     processes, Celery's and its prefork pool's) in the same format, one object per line. HTTP clients log every request URL at INFO:
     only their warnings are kept."""
     handler = logging.StreamHandler(_Stderr())
+    handler.addFilter(CeleryExceptionText())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

@@ -6,6 +6,8 @@ import io
 import json
 import logging
 import sys
+import uuid
+from typing import Any
 
 import pytest
 import structlog
@@ -77,3 +79,67 @@ def test_the_prefork_pools_own_lines_are_json_too(monkeypatch: pytest.MonkeyPatc
     record = json.loads(line)
     assert record["event"] == "Process 'ForkPoolWorker-1' pid:4242 exited with 'signal 15 (SIGTERM)'"
     assert record["level"] == "error"
+
+
+# --- Celery's own lines about a task that raised or retries: the exception's type, never its text -----------------
+SECRET_REF = "Observation/secret-mrn-12345"
+DB_ERROR = 'connection to server at "db.internal.example", port 5432 failed'
+
+
+def run_in_a_worker_tracer(task: Any) -> None:
+    """Run ``task`` as a worker's pool process does (``celery.app.trace.trace_task``, not eager mode): its success,
+    failure and retry lines come from Celery's own code, on its ``celery.app.trace`` logger."""
+    from celery.app.trace import trace_task
+
+    task_id = str(uuid.uuid4())
+    trace_task(task, task_id, [], {}, request={"id": task_id, "delivery_info": {}, "hostname": "worker@test"}, app=task.app, eager=False)
+
+
+@pytest.fixture
+def celery_app() -> Any:
+    from celery import Celery
+
+    app = Celery("log-test", broker="memory://", set_as_current=False)
+    app.conf.update(task_ignore_result=True, task_store_errors_even_if_ignored=False)
+    yield app
+    app.close()
+
+
+def test_celerys_raised_unexpected_line_names_the_exception_type_never_its_text(monkeypatch: pytest.MonkeyPatch, celery_app: Any) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    @celery_app.task(name="cds.test.fails")
+    def fails() -> None:
+        raise OperationalError("SELECT 1", {}, Exception(DB_ERROR))
+
+    captured = standard_logging_here(monkeypatch)
+    run_in_a_worker_tracer(fails)
+    text = captured.getvalue()
+    assert "db.internal.example" not in text and "5432" not in text, text
+    (line,) = [json.loads(x) for x in text.splitlines() if "raised unexpected" in x]
+    assert line["event"].endswith("raised unexpected: OperationalError"), line["event"]
+    assert line["exception"] == "OperationalError" and line["level"] == "error"
+
+
+def test_celerys_retry_line_names_the_exception_type_never_its_text(monkeypatch: pytest.MonkeyPatch, celery_app: Any) -> None:
+    from service.fhir.errors import FhirTransientError
+
+    @celery_app.task(bind=True, name="cds.test.retries", max_retries=3)
+    def retries(self: Any) -> None:
+        raise self.retry(exc=FhirTransientError(f"GET https://fhir.example.org/fhir/{SECRET_REF}: HTTP 503", status=503), countdown=2)
+
+    captured = standard_logging_here(monkeypatch)
+    run_in_a_worker_tracer(retries)
+    text = captured.getvalue()
+    assert "secret-mrn" not in text and "fhir.example.org" not in text, text
+    (line,) = [json.loads(x) for x in text.splitlines() if " retry: " in x]
+    assert line["event"].endswith("retry: Retry in 2s: FhirTransientError"), line["event"]
+
+
+def test_an_exception_given_as_an_argument_to_a_celery_line_is_its_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    captured = standard_logging_here(monkeypatch)
+    logging.getLogger("celery.worker.request").error("Task handler raised error: %r", KeyError(SECRET_REF))
+    logging.getLogger("celery.app.trace").info("Task %(name)s[%(id)s] retry: %(exc)s", {"name": "t", "id": "1", "exc": "no repr: " + SECRET_REF})
+    logging.getLogger("service.elsewhere").warning("kept as written: %s", "Observation/not-celery")  # only Celery's lines
+    lines = [json.loads(x)["event"] for x in captured.getvalue().splitlines()]
+    assert lines == ["Task handler raised error: KeyError", "Task t[1] retry: [exception text withheld]", "kept as written: Observation/not-celery"]
