@@ -1153,6 +1153,17 @@ class WritebackRequestRepository(_Repository):
         """A pending write-back (none when the evaluation has one); the patient's older ones still open are
         superseded (the newer evaluation is what the EHR must show)."""
         ts = _now(now)
+        self._insert_pending(evaluation_id, patient_ref, next_sweep_at, ts)
+        r = WritebackRequest
+        self.session.execute(
+            update(r)
+            .where(r.patient_ref == patient_ref, r.evaluation_id < evaluation_id, r.status.in_(_OPEN_WRITEBACK))
+            .values(status=WritebackStatus.SUPERSEDED.value, finished_at=ts, updated_at=ts)
+            .execution_options(synchronize_session="fetch")
+        )
+
+    def _insert_pending(self, evaluation_id: int, patient_ref: str, next_sweep_at: datetime, ts: datetime) -> None:
+        """The evaluation's pending row, unless it has one (whatever its status)."""
         self.session.execute(
             _insert(self.session, WritebackRequest)
             .values(
@@ -1168,13 +1179,6 @@ class WritebackRequestRepository(_Repository):
             )
             .on_conflict_do_nothing(index_elements=[WritebackRequest.evaluation_id])
         )
-        r = WritebackRequest
-        self.session.execute(
-            update(r)
-            .where(r.patient_ref == patient_ref, r.evaluation_id < evaluation_id, r.status.in_(_OPEN_WRITEBACK))
-            .values(status=WritebackStatus.SUPERSEDED.value, finished_at=ts, updated_at=ts)
-            .execution_options(synchronize_session="fetch")
-        )
 
     def get(self, evaluation_id: int) -> WritebackRequest | None:
         stmt = select(WritebackRequest).where(WritebackRequest.evaluation_id == evaluation_id).execution_options(populate_existing=True)
@@ -1184,21 +1188,7 @@ class WritebackRequestRepository(_Repository):
         """A task run starts: count the attempt and keep the sweeper away until ``lease_until``. False when there is
         nothing to write (written or superseded). An evaluation stored before write-backs were recorded gets its row."""
         ts = _now(now)
-        self.session.execute(
-            _insert(self.session, WritebackRequest)
-            .values(
-                evaluation_id=evaluation_id,
-                patient_ref=patient_ref,
-                status=WritebackStatus.PENDING.value,
-                attempts=0,
-                sweeps=0,
-                transient=False,
-                next_sweep_at=lease_until,
-                created_at=ts,
-                updated_at=ts,
-            )
-            .on_conflict_do_nothing(index_elements=[WritebackRequest.evaluation_id])
-        )
+        self._insert_pending(evaluation_id, patient_ref, lease_until, ts)
         r = WritebackRequest
         stmt = (
             update(r)
