@@ -123,6 +123,8 @@ def _route_standard_logging(level: int, stamped: list[Any], renderer: Any) -> No
     # The prefork pool's supervisor (billiard) logs on a logger of its own that does not propagate ("Process
     # 'ForkPoolWorker-1' pid:… exited with 'signal 15 (SIGTERM)'"): without a handler of its own, Python's last-resort
     # handler wrote those lines as plain text between the JSON ones
-    logging.getLogger("multiprocessing").handlers = [handler]
+    pool = logging.getLogger("multiprocessing")
+    pool.handlers = [handler]
+    pool.setLevel(max(level, logging.WARNING))  # its INFO lines ("child process … calling self.run()") are noise
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

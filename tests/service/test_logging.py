@@ -74,6 +74,7 @@ def test_the_prefork_pools_own_lines_are_json_too(monkeypatch: pytest.MonkeyPatc
 
     captured = standard_logging_here(monkeypatch)
     util.get_logger()  # as the pool does before it logs; sets propagate off
+    util.info("child process %s calling self.run()", 4243)  # start-up chatter: not written
     util.error("Process %r pid:%r exited with %r", "ForkPoolWorker-1", 4242, "signal 15 (SIGTERM)", exc_info=0)
     (line,) = captured.getvalue().splitlines()
     record = json.loads(line)
