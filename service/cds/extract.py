@@ -58,22 +58,24 @@ UCUM = "http://unitsofmeasure.org"
 _OBS_STATUS_RANK = {"corrected": 2, "amended": 2, "final": 1, "preliminary": 0}
 _COND_CURRENT = frozenset({"active", "recurrence", "relapse"})
 _COND_INVALID_VERIFICATION = frozenset({"refuted", "entered-in-error"})
-_MED_REQUEST_CURRENT = frozenset({"active", "on-hold"})
-_MED_STATEMENT_CURRENT = frozenset({"active", "on-hold", "intended"})
-#: Statuses that say the drug was never taken (or never given): not a medication fact at all.
-_MED_NEVER_TAKEN = {
-    "MedicationRequest": frozenset({"entered-in-error", "cancelled", "draft"}),
-    "MedicationStatement": frozenset({"entered-in-error", "not-taken"}),
-    "MedicationAdministration": frozenset({"entered-in-error", "not-done"}),
-}
-#: Statuses that say the drug is no longer taken, whatever its period: never current (a stopped VKA still counts
-#: within its lookback). A MedicationRequest's period is its dispensing window, which outlives a stop.
-_MED_ENDED = {
-    "MedicationRequest": frozenset({"stopped"}),
-    "MedicationStatement": frozenset({"stopped", "completed"}),
-    "MedicationAdministration": frozenset({"stopped"}),
-}
 _PROC_DONE = frozenset({"completed", "in-progress"})
+
+
+@dataclass(frozen=True, slots=True)
+class _MedStatuses:
+    current: frozenset[str]  #: current whatever the period
+    ended: frozenset[str]  #: no longer taken whatever the period (a MedicationRequest's is its dispensing window)
+    never_taken: frozenset[str]  #: not a medication fact at all
+
+
+#: By resource type; any other status is current when the period overlaps now.
+_MED_STATUSES = {
+    "MedicationRequest": _MedStatuses(frozenset({"active", "on-hold"}), frozenset({"stopped"}), frozenset({"entered-in-error", "cancelled", "draft"})),
+    "MedicationStatement": _MedStatuses(
+        frozenset({"active", "on-hold", "intended"}), frozenset({"stopped", "completed"}), frozenset({"entered-in-error", "not-taken"})
+    ),
+    "MedicationAdministration": _MedStatuses(frozenset({"in-progress"}), frozenset({"stopped"}), frozenset({"entered-in-error", "not-done"})),
+}
 #: Features that count only when the product is given intravenously.
 IV_FEATURES = frozenset({"iv_calcium", "iv_phosphate"})
 #: Features that do not count when every route on the record is local (REFERENCE §2.3 "systemic corticosteroid").
@@ -277,7 +279,8 @@ class _Extractor:
             return
         ref = self.note_input(res)
         status = res.get("status")
-        if status in _MED_NEVER_TAKEN[rtype]:
+        statuses = _MED_STATUSES[rtype]
+        if status in statuses.never_taken:
             self.exclude(ref, f"status {status}" if status == "entered-in-error" else f"status {status}: not taken")
             return
         features = match.features
@@ -290,17 +293,12 @@ class _Extractor:
         if start is not None and start > self.now:
             self.exclude(ref, "starts in the future")
             return
-        overlaps = start is not None and stop is not None and start <= self.now <= stop
-        if status in _MED_ENDED[rtype]:
+        if status in statuses.ended:
             current = False
             if stop is not None and stop > self.now:
                 stop = None  # the end of a period it was stopped within: when it stopped is not known
-        elif rtype == "MedicationRequest":
-            current = status in _MED_REQUEST_CURRENT or overlaps
-        elif rtype == "MedicationStatement":
-            current = status in _MED_STATEMENT_CURRENT or overlaps
         else:
-            current = status == "in-progress" or overlaps
+            current = status in statuses.current or (start is not None and stop is not None and start <= self.now <= stop)
         self.unvalidated[ref] = res  # validated when a rule consults the fact
         last = max(start, stop) if start is not None and stop is not None else start or stop
         self.medication_facts.append(
@@ -420,10 +418,7 @@ def given_intravenously(catalog: Catalog, match: MedicationMatch, res: dict[str,
 def given_locally(catalog: Catalog, match: MedicationMatch, res: dict[str, Any]) -> bool:
     """Whether a drug that counts only when systemic (a corticosteroid) is given by a local route (topical, ophthalmic,
     otic, nasal, inhaled, vaginal) on every dosage that names a route. The route is read only for those drugs."""
-    if not match.features & SYSTEMIC_FEATURES:
-        return False
-    routes = _routes(catalog, res)
-    return routes == {"local"}
+    return bool(match.features & SYSTEMIC_FEATURES) and _routes(catalog, res) == {"local"}
 
 
 def _routes(catalog: Catalog, res: dict[str, Any]) -> set[str]:

@@ -332,8 +332,7 @@ def renal_context(ctx: _Ctx) -> tuple[str, list[Evidence], frozenset[str]]:
             )
     egfr = ctx.latest("egfr", t.window_renal_function_days)
     # Compared as reported: REFERENCE §2.1 rounds calcium, phosphate and Ca×P only (14.96 is "< 15")
-    egfr_value = egfr.value if egfr else None
-    if egfr is not None and egfr_value is not None and egfr_value < t.egfr_r2_below:
+    if egfr is not None and egfr.value < t.egfr_r2_below:
         r2.append(lab_evidence(egfr, threshold=f"< {fmt(t.egfr_r2_below)}"))
         bases.add("egfr")
     if r2:
@@ -341,7 +340,7 @@ def renal_context(ctx: _Ctx) -> tuple[str, list[Evidence], frozenset[str]]:
     r1_conditions = ctx.conditions("ckd4")
     r1: list[Evidence] = [condition_evidence(c) for c in r1_conditions]
     bases = {c.feature for c in r1_conditions}
-    if egfr is not None and egfr_value is not None and egfr_value < t.egfr_r1_below:
+    if egfr is not None and egfr.value < t.egfr_r1_below:
         r1.append(lab_evidence(egfr, threshold=f"≥ {fmt(t.egfr_r2_below)} and < {fmt(t.egfr_r1_below)}"))
         bases.add("egfr")
     if r1:
