@@ -153,10 +153,18 @@ def make_card(
         "overrideReasons": OVERRIDE_REASONS,
     }
     if suggestions:
-        # a suggestion's uuid is its card's: the same suggestion (a renal panel) on two cards is two suggestions
-        card["suggestions"] = [{**s, "uuid": child_uuid(card_uuid, s["uuid"])} if s.get("uuid") else s for s in suggestions]
+        card["suggestions"] = suggestions
         card["selectionBehavior"] = "any"
-    return _clean(card)
+    return _clean(_with_uuid(card, card_uuid))
+
+
+def _with_uuid(card: dict[str, Any], card_uuid: str) -> dict[str, Any]:
+    """``card`` under ``card_uuid``, its suggestions' uuids derived from it: the same suggestion (a renal panel) on two
+    cards, or on the same card issued by two calls, is two suggestions."""
+    issued = {**card, "uuid": card_uuid}
+    if "suggestions" in card:
+        issued["suggestions"] = [{**s, "uuid": child_uuid(card_uuid, s["uuid"])} if s.get("uuid") else s for s in card["suggestions"]]
+    return issued
 
 
 def child_uuid(parent: str, key: str) -> str:
@@ -168,14 +176,7 @@ def for_call(cards: list[dict[str, Any]], hook_instance: str) -> list[dict[str, 
     """The cards as one CDS Hooks call issues them: each card's uuid derived from its own and the call's
     ``hookInstance``, its suggestions' from that. Feedback is kept per card uuid and outcome, so two calls (two
     clinicians) never share a card; the same request again (a retry) gets the same uuids."""
-    issued = []
-    for card in cards:
-        card_uuid = child_uuid(card["uuid"], hook_instance)
-        issued_card = {**card, "uuid": card_uuid}
-        if "suggestions" in card:
-            issued_card["suggestions"] = [{**s, "uuid": child_uuid(card_uuid, s["uuid"])} if s.get("uuid") else s for s in card["suggestions"]]
-        issued.append(issued_card)
-    return issued
+    return [_with_uuid(card, child_uuid(card["uuid"], hook_instance)) for card in cards]
 
 
 def order_suggestions(ctx: CardContext, catalog: Catalog, order_ids: list[str]) -> list[dict[str, Any]]:

@@ -97,7 +97,7 @@ def patient_settings(outcome: Outcome) -> frozenset[str]:
 
 
 def order_risk_cards(
-    orders: list[dict[str, Any]], outcome: Outcome, ctx: CardContext, catalog: Catalog, medications: dict[str, dict[str, Any]] | None = None
+    orders: list[dict[str, Any]], outcome: Outcome, ctx: CardContext, catalog: Catalog, medications: dict[str, dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """``medications``: the Medications a ``medicationReference`` may name (the draftOrders Bundle's, the prefetch's)."""
     renal = outcome.renal in ("R1", "R2")
@@ -110,7 +110,7 @@ def order_risk_cards(
     settings = patient_settings(outcome)
     cards = []
     for position, order in enumerate(orders):
-        features, coding = _order_features(order, catalog, medications or {})
+        features, coding = _order_features(order, catalog, medications)
         if not features or coding is None:
             continue
         draft_ref = resource_ref(order)  # None: a draft without an id, which no action can name
@@ -118,34 +118,37 @@ def order_risk_cards(
         drug = coding.get("display") or ORDER_RISK_FEATURES[sorted(features)[0]]
         kinds = ", ".join(ORDER_RISK_FEATURES[f] for f in sorted(features))
         iv_only = features <= IV_FEATURES
+        alternatives = [
+            (feature, alt)
+            for feature in sorted(features)
+            if (alt := catalog.order_alternatives.get(feature)) is not None and settings.intersection(alt.offer_when)
+        ]
         suggestions: list[dict[str, Any]] = []
-        for feature in sorted(features):
-            alt = catalog.order_alternatives.get(feature)
-            if alt is None or not settings.intersection(alt.offer_when):
-                continue
-            updated = copy.deepcopy(order)
-            updated["medicationCodeableConcept"] = {"coding": [{"system": alt.system, "code": alt.code, "display": alt.label}], "text": alt.label}
-            updated.pop("medicationReference", None)
-            updated.pop("dosageInstruction", None)  # the dose of the alternative must be chosen by the prescriber
-            suggestions.append(
-                {
-                    "label": f"Replace with {alt.label} (set the dose)",
-                    "uuid": stable_uuid(ctx, RULE_IDS["order"], ref, "replace", feature),
-                    "actions": [{"type": "update", "description": f"Replace the draft order with {alt.label}. {alt.rationale}.", "resource": updated}],
-                }
-            )
-        if not iv_only:
-            suggestions.append(
-                {
-                    "label": "Remove this draft order",
-                    "uuid": stable_uuid(ctx, RULE_IDS["order"], ref, "delete"),
-                    "actions": [{"type": "delete", "description": f"Remove the draft order for {drug}", "resourceId": ref}],
-                }
-            )
         unchangeable = ""
-        if draft_ref is None and suggestions:
-            suggestions = []
-            unchangeable = "This draft order has no id, so it cannot be changed or removed from this card. "
+        if draft_ref is None:
+            if alternatives or not iv_only:
+                unchangeable = "This draft order has no id, so it cannot be changed or removed from this card. "
+        else:
+            for feature, alt in alternatives:
+                updated = copy.deepcopy(order)
+                updated["medicationCodeableConcept"] = {"coding": [{"system": alt.system, "code": alt.code, "display": alt.label}], "text": alt.label}
+                updated.pop("medicationReference", None)
+                updated.pop("dosageInstruction", None)  # the dose of the alternative must be chosen by the prescriber
+                suggestions.append(
+                    {
+                        "label": f"Replace with {alt.label} (set the dose)",
+                        "uuid": stable_uuid(ctx, RULE_IDS["order"], ref, "replace", feature),
+                        "actions": [{"type": "update", "description": f"Replace the draft order with {alt.label}. {alt.rationale}.", "resource": updated}],
+                    }
+                )
+            if not iv_only:
+                suggestions.append(
+                    {
+                        "label": "Remove this draft order",
+                        "uuid": stable_uuid(ctx, RULE_IDS["order"], ref, "delete"),
+                        "actions": [{"type": "delete", "description": f"Remove the draft order for {drug}", "resourceId": ref}],
+                    }
+                )
         named = f"The order for {drug} adds {kinds}" if coding.get("display") else f"This order adds {kinds}"
         body = (
             f"**{named}** in a patient with {setting}. "

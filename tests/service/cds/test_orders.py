@@ -35,7 +35,7 @@ def draft(code: str, display: str | None = None) -> dict[str, Any]:
 def cards_for(run: Callable[..., Evaluation], catalog: Catalog) -> Callable[..., list[dict[str, Any]]]:
     def _cards(order: dict[str, Any], *record: dict[str, Any]) -> list[dict[str, Any]]:
         evaluation = run(*record)
-        return order_risk_cards([order], evaluation.outcome, evaluation.context, catalog)
+        return order_risk_cards([order], evaluation.outcome, evaluation.context, catalog, {})
 
     return _cards
 
