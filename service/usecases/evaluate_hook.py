@@ -167,7 +167,7 @@ class HookService:
         medications = groups.medications
         if hook in ORDER_HOOKS:
             orders = draft_medication_requests(context.get("draftOrders"), context.get("selections") if hook == "order-select" else None)
-            medications = {**medications, **draft_medications(context.get("draftOrders"))}
+            medications.update(draft_medications(context.get("draftOrders")))  # the call's own groups: updated in place
         wanted, unresolvable = unresolved_medications(chain(record, orders), medications)
         if unresolvable:
             notes.append(f"{unresolvable} medicationReference(s) could not be resolved (neither in the request nor a relative Medication reference)")
@@ -175,7 +175,7 @@ class HookService:
             data_path = "fallback"
             async with _paused(turn):
                 fetched_medications, medication_notes = await self._fetch_medications(body, wanted)
-            medications = {**medications, **fetched_medications}
+            medications.update(fetched_medications)
             notes.extend(medication_notes)
         evaluation = evaluate_patient(
             record,
@@ -190,20 +190,21 @@ class HookService:
         cards = for_call(self.cards_for(hook, orders, evaluation, medications), body["hookInstance"])
         return HookAnswer({"cards": cards}, service_id, patient_ref, data_path, evaluation, cards, notes)
 
-    def _allowed_server(self, body: dict[str, Any]) -> str:
-        """``fhirServer``, when the EHR's token may be sent there (:func:`check_fhir_server`); else :class:`FetchRefused`."""
+    def _allowed_server(self, body: dict[str, Any]) -> tuple[str, str | None]:
+        """``fhirServer`` and the EHR's access token, when the token may be sent there (:func:`check_fhir_server`);
+        else :class:`FetchRefused`."""
         server = body.get("fhirServer")
         if not isinstance(server, str):
             raise FetchRefused("no fhirServer was given")
         check_fhir_server(server, self.allowlist, self.dev_mode)
-        return server
+        return server, (body.get("fhirAuthorization") or {}).get("access_token")
 
     async def _fetch(self, body: dict[str, Any], context: dict[str, Any], to_fetch: dict[str, str], paged: dict[str, str]) -> tuple[list[Any], list[str]]:
         """The keys the EHR did not send, and the pages after the first of the searchsets it sent paged, from its
         ``fhirServer`` at once: the resources, and value-free notes on what could not be had. A required key that
         cannot be had is :class:`PrefetchUnavailable` (412); a paged key keeps the pages the EHR gave."""
         try:
-            server = self._allowed_server(body)
+            server, token = self._allowed_server(body)
         except FetchRefused as exc:
             required_missing = sorted(REQUIRED_KEYS & to_fetch.keys())
             if required_missing:
@@ -219,7 +220,6 @@ class HookService:
                     raise PrefetchUnavailable(f"prefetch {key}: template tokens missing from context")
                 continue
             queries[key] = query
-        token = (body.get("fhirAuthorization") or {}).get("access_token")
         missing, rest = await asyncio.gather(self.fetcher.fetch_all(server, token, queries), self.fetcher.fetch_rest(server, token, paged))
         failed = sorted(k for k, r in missing.items() if r.error is not None and k in REQUIRED_KEYS)
         if failed:
@@ -248,13 +248,12 @@ class HookService:
         ``fhirServer`` as a missing prefetch key is (allowlist, https, the EHR's token, timeout), at most
         ``max_medication_reads``; and value-free notes on those that could not be had (never a 412)."""
         try:
-            server = self._allowed_server(body)
+            server, token = self._allowed_server(body)
         except FetchRefused as exc:
             return {}, [f"{len(refs)} referenced Medication(s) not in the prefetch were not fetched ({exc})"]
         asked, notes = refs[: self.max_medication_reads], []
         if len(refs) > len(asked):
             notes.append(f"{len(refs) - len(asked)} referenced Medication(s) were not fetched (more than {self.max_medication_reads} in one call)")
-        token = (body.get("fhirAuthorization") or {}).get("access_token")
         results = await self.fetcher.fetch_all(server, token, {ref: ref for ref in asked})
         found: dict[str, dict[str, Any]] = {}
         failed: dict[str, int] = {}
@@ -282,7 +281,7 @@ class HookService:
             or stored.mappings_version != self.catalog.version
         ):
             return None
-        cards = for_call(list(stored.assessment.get("cards") or []), hook_instance)
+        cards = for_call(stored.assessment.get("cards") or [], hook_instance)
         return HookAnswer({"cards": cards}, service_id, patient_ref, "stored", None, cards, ["answered from the stored assessment"])
 
     def cards_for(self, hook: str, orders: list[dict[str, Any]], evaluation: Evaluation, medications: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
