@@ -397,24 +397,6 @@ class FhirClient:
         for bundle in self.search_bundle_pages(resource_type, params, method=method, max_pages=max_pages):
             yield from entry_resources(bundle, include_included=include_included)
 
-    def history_since(
-        self,
-        resource_type: str,
-        since: datetime | str,
-        params: Params | None = None,
-        *,
-        method: Literal["GET", "POST"] = "GET",
-        max_pages: int | None = None,
-        count: int | None = None,
-    ) -> Iterator[dict[str, Any]]:
-        """Resources of a type changed strictly after ``since`` (``_lastUpdated=gt…``, oldest first).
-
-        Uses search rather than the ``_history`` interaction: history returns every version and
-        deleted entries, while polling only needs each resource's current state.
-        """
-        for bundle in self.history_since_pages(resource_type, since, params, method=method, max_pages=max_pages, count=count):
-            yield from entry_resources(bundle, include_included=False)
-
     def history_since_pages(
         self,
         resource_type: str,
@@ -425,9 +407,12 @@ class FhirClient:
         max_pages: int | None = None,
         count: int | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """The searchset pages of :meth:`history_since`, sorted by ``_lastUpdated`` ascending; ``count`` is sent as
-        ``_count`` (page size: a server's default may be as small as 20). The last page yielded has a ``next``
-        link when ``max_pages`` cut the search."""
+        """The searchset pages of the resources of a type changed strictly after ``since`` (``_lastUpdated=gt…``), sorted
+        by ``_lastUpdated`` ascending; ``count`` is sent as ``_count`` (page size: a server's default may be as small as
+        20). The last page yielded has a ``next`` link when ``max_pages`` cut the search.
+
+        Uses search rather than the ``_history`` interaction: history returns every version and deleted entries, while
+        polling only needs each resource's current state."""
         query = [*_normalise_params(params), ("_lastUpdated", f"gt{_format_value(since)}"), ("_sort", "_lastUpdated")]
         if count is not None:
             query.append(("_count", str(max(1, count))))

@@ -12,7 +12,7 @@ import pytest
 from pydantic import SecretStr
 
 from service.config import Settings
-from service.fhir.client import FhirClient, StaticBearer, client_from_settings, escape_search_value, parse_retry_after
+from service.fhir.client import FhirClient, StaticBearer, client_from_settings, entry_resources, escape_search_value, parse_retry_after
 from service.fhir.errors import FhirAuthError, FhirNotFound, FhirPermanentError, FhirTransientError, redact_url
 from tests.fakes.fhir_server import FailureRule, FakeFhirServer, KeyPair
 from tests.service.fhir.conftest import SleepRecorder, observation
@@ -124,7 +124,7 @@ def test_history_since_uses_last_updated_gt(fhir_server: FakeFhirServer, make_cl
     fhir_server.put(observation("new1"), last_updated=t0 + timedelta(hours=1))
     client = make_client(fhir_server)
 
-    ids = [r["id"] for r in client.history_since("Observation", t0)]
+    ids = [r["id"] for page in client.history_since_pages("Observation", t0) for r in entry_resources(page, include_included=False)]
 
     assert ids == ["new1", "new2"]
     assert fhir_server.requests[-1].query["_lastUpdated"] == ["gt2024-03-01T00:00:00Z"]
@@ -142,7 +142,8 @@ def test_history_since_pages_sends_count_and_ends_on_a_page_with_a_next_link_whe
     assert any(link["relation"] == "next" for link in pages[-1]["link"])  # cut: the caller can tell
     assert fhir_server.requests[0].query["_count"] == ["3"]
     assert fhir_server.requests[0].query["_sort"] == ["_lastUpdated"]
-    assert [r["id"] for r in client.history_since("Observation", t0, count=5, max_pages=5)] == [f"o{i}" for i in range(7)]
+    whole = client.history_since_pages("Observation", t0, count=5, max_pages=5)
+    assert [r["id"] for page in whole for r in entry_resources(page, include_included=False)] == [f"o{i}" for i in range(7)]
 
 
 # --- writes -------------------------------------------------------------------------------------
