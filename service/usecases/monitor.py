@@ -730,8 +730,7 @@ def writeback_failed(ctx: MonitorContext, evaluation_id: int, error: BaseExcepti
         row = requests.get(evaluation_id)
         next_sweep_at = _now() + writeback_sweep_delay(ctx.settings, row.sweeps) if (transient and row is not None) else None
         requests.finish(evaluation_id, WritebackStatus.FAILED, error=writeback_error(error), transient=transient, next_sweep_at=next_sweep_at)
-    WRITEBACKS.labels("failed").inc()
-    log.warning("writeback_failed", evaluation_id=evaluation_id, error=type(error).__name__, transient=transient)
+    WRITEBACKS.labels("failed").inc()  # the task's own task_failed line names it (evaluation id, error type)
 
 
 def _flag_of(resource: dict[str, Any]) -> str:
