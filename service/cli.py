@@ -436,18 +436,22 @@ def subscriptions_list(endpoint: Annotated[str | None, typer.Option(help="Only t
 
 @subs_app.command("status")
 def subscriptions_status() -> None:
-    """What the service knows of each subscription: last event number, last heartbeat, watermark."""
+    """What the service knows of each subscription: last event number, last heartbeat, watermark (where every
+    type was fetched) and each type's own watermark."""
     from service.db.repositories import Repositories
     from service.db.session import session_scope
 
     mctx = _monitor_context(offline=True)
     with session_scope(mctx.sessions) as session:
-        rows = Repositories(session).subscriptions.list_all()
+        repo = Repositories(session).subscriptions
+        rows = repo.list_all()
         for r in rows:
+            marks = repo.type_watermarks(r.subscription)
+            per_type = "".join(f"\t{rtype}={mark.isoformat()}" for rtype, mark in sorted(marks.items()))
             typer.echo(
                 f"{r.subscription}\tstatus={r.status}\tlast_event={r.last_event_number}\t"
                 f"heartbeat={r.last_heartbeat_at.isoformat() if r.last_heartbeat_at else '-'}\t"
-                f"watermark={r.watermark.isoformat() if r.watermark else '-'}"
+                f"watermark={r.watermark.isoformat() if r.watermark else '-'}{per_type}"
             )
         if not rows:
             typer.echo("no subscriptions known")

@@ -240,6 +240,20 @@ class SubscriptionState(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class SubscriptionWatermark(Base):
+    """How far one resource type's ``_lastUpdated`` catch-up search of a subscription has fetched everything.
+
+    One row per type: a single mark across types would skip a change to one type made while another was searched
+    (the newest ``lastUpdated`` of the type searched last is later than the first type's search)."""
+
+    __tablename__ = "subscription_watermarks"
+
+    subscription: Mapped[str] = mapped_column(String(SUBSCRIPTION_LEN), primary_key=True)
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    watermark: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 __all__ = [
     "CardFeedback",
     "Evaluation",
@@ -251,6 +265,7 @@ __all__ = [
     "PatientEvaluationQueue",
     "PatientResource",
     "SubscriptionState",
+    "SubscriptionWatermark",
     "Writeback",
     "WritebackRequest",
     "WritebackStatus",

@@ -69,6 +69,7 @@ from service.db.models import (
     PatientEvaluationQueue,
     PatientResource,
     SubscriptionState,
+    SubscriptionWatermark,
     Writeback,
     WritebackRequest,
     WritebackStatus,
@@ -1521,6 +1522,33 @@ class SubscriptionStateRepository(_Repository):
             where=or_(SubscriptionState.watermark.is_(None), SubscriptionState.watermark < ex.watermark),
         ).returning(SubscriptionState.subscription)
         return self.session.execute(forward).first() is not None
+
+    def type_watermarks(self, subscription: str) -> dict[str, datetime]:
+        """Each resource type's polling watermark of the subscription (types never searched are absent)."""
+        stmt = select(SubscriptionWatermark.resource_type, SubscriptionWatermark.watermark).where(
+            SubscriptionWatermark.subscription == subscription
+        )
+        return {rtype: mark for rtype, mark in self.session.execute(stmt)}
+
+    def set_type_watermarks(self, subscription: str, marks: Mapping[str, datetime], *, now: datetime | None = None) -> None:
+        """Move each type's polling watermark forward (never back), then the subscription's own watermark to the
+        oldest of them: the point up to which every type has been fetched."""
+        if not marks:
+            return
+        ts = _now(now)
+        for rtype, mark in sorted(marks.items()):  # one lock order for every writer
+            stmt = _insert(self.session, SubscriptionWatermark).values(
+                subscription=subscription, resource_type=rtype, watermark=mark, updated_at=ts
+            )
+            ex = stmt.excluded
+            self.session.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[SubscriptionWatermark.subscription, SubscriptionWatermark.resource_type],
+                    set_={"watermark": ex.watermark, "updated_at": ex.updated_at},
+                    where=SubscriptionWatermark.watermark < ex.watermark,
+                )
+            )
+        self.set_watermark(subscription, min(self.type_watermarks(subscription).values()), now=ts)
 
     def counts_by_status(self) -> dict[str, int]:
         """Subscriptions per status the FHIR server last reported (every status of ``SUBSCRIPTION_STATUSES``, zero

@@ -13,6 +13,7 @@ Tasks take ids and re-read state, so running any of them twice changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -484,7 +485,9 @@ class _TypeCatchUp:
 
 
 def _catch_up_type(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str, rtype: str, since: datetime) -> _TypeCatchUp:
-    """Fetch a type's changes since ``since``, oldest first, page by page, for ``CDS_FHIR_MAX_PAGES`` pages.
+    """Fetch a type's changes since its watermark ``since`` (searched from ``CDS_POLL_OVERLAP_S`` earlier: a
+    server may commit a change after a later one is visible), oldest first, page by page, for
+    ``CDS_FHIR_MAX_PAGES`` pages. Resources fetched again in the overlap are unchanged versions: stored once.
 
     Cut there, the fetched prefix holds every change older than the last ``lastUpdated`` fetched (ties with it may
     lie on the next page), so the type is complete up to the newest ``lastUpdated`` before that one. If there is
@@ -497,7 +500,8 @@ def _catch_up_type(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscri
     complete_to: datetime | None = None  # the newest lastUpdated fetched that is older than ``last``
     ordered = True
     client, count = ctx.shared_client(), ctx.settings.fhir_search_count
-    for bundle in client.history_since_pages(rtype, since, _search_params(ctx, rtype), count=count, max_pages=soft * CATCH_UP_STUCK_FACTOR):
+    start = since - timedelta(seconds=ctx.settings.poll_overlap_s)
+    for bundle in client.history_since_pages(rtype, start, _search_params(ctx, rtype), count=count, max_pages=soft * CATCH_UP_STUCK_FACTOR):
         result.pages += 1
         resources = list(entry_resources(bundle, include_included=False))
         apply_resources(repos, jobs, resources, ctx.settings)
@@ -528,32 +532,37 @@ def _catch_up_type(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscri
 
 
 def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str) -> int:
-    """``_lastUpdated`` search per monitored type since the subscription's watermark (R4 empty pings, polling, recovery).
+    """``_lastUpdated`` search per monitored type since that type's watermark (R4 empty pings, polling, recovery).
 
-    The watermark moves to the newest ``lastUpdated`` fetched when every type's search was complete; when a search
-    was cut at ``CDS_FHIR_MAX_PAGES``, only as far as every type was completely fetched, and another round (a
-    ``catch-up`` event in the ledger, queued after the commit) fetches the rest. Each round moves the watermark,
-    so the rounds end; running one twice changes nothing."""
+    Each type's watermark moves to the newest ``lastUpdated`` fetched of that type when its search was complete;
+    when a search was cut at ``CDS_FHIR_MAX_PAGES``, only as far as it was completely fetched, and another round
+    (a ``catch-up`` event in the ledger, queued after the commit) fetches the rest. One watermark per type: a
+    change to one type made while another was searched is older than that other type's newest ``lastUpdated``.
+    Each round moves the watermark of every type it cut, so the rounds end; running one twice changes nothing."""
     repos.subscriptions.ensure(subscription)
-    watermark = repos.subscriptions.get_watermark(subscription) or (_now() - timedelta(hours=ctx.settings.poll_initial_lookback_h))
-    newest = watermark
+    base = repos.subscriptions.get_watermark(subscription) or (_now() - timedelta(hours=ctx.settings.poll_initial_lookback_h))
+    marks = repos.subscriptions.type_watermarks(subscription)
+    reached: dict[str, datetime] = {}
     count = 0
     cuts: dict[str, datetime] = {}
     for rtype in MONITORED_TYPES:
-        fetched = _catch_up_type(ctx, repos, jobs, subscription, rtype, watermark)
+        since = marks.get(rtype, base)
+        fetched = _catch_up_type(ctx, repos, jobs, subscription, rtype, since)
         count += fetched.resources
-        if fetched.newest is not None and fetched.newest > newest:
-            newest = fetched.newest
         if fetched.cut_at is not None:
             cuts[rtype] = fetched.cut_at
             CATCH_UP_TRUNCATED.labels(rtype).inc()
             log.warning("catch_up_truncated", subscription=subscription, resource_type=rtype, resources=fetched.resources, pages=fetched.pages)
-    target = min(cuts.values()) if cuts else newest
-    if target > watermark:
-        repos.subscriptions.set_watermark(subscription, target)
+        newest = fetched.cut_at or fetched.newest
+        reached[rtype] = max(since, newest) if newest is not None else since  # a quiet type keeps its mark
+    repos.subscriptions.set_type_watermarks(subscription, reached)
     if cuts:
-        key = f"catch-up:{subscription}:{target.isoformat()}"[:DEDUP_KEY_LEN]
-        event, created = repos.ledger.create_if_absent(dedup_key=key, kind=EventKind.CATCH_UP, subscription=subscription, status=EventStatus.QUEUED)
+        # Every round moves each cut type's watermark forward, so the key of the next round is a new one.
+        where = ",".join(f"{rtype}@{mark.isoformat()}" for rtype, mark in sorted(cuts.items()))
+        key = f"catch-up:{hashlib.sha256(where.encode()).hexdigest()[:24]}:{subscription}"
+        event, created = repos.ledger.create_if_absent(
+            dedup_key=key[:DEDUP_KEY_LEN], kind=EventKind.CATCH_UP, subscription=subscription, status=EventStatus.QUEUED
+        )
         if created:
             jobs.add(TASK_PROCESS_EVENT, event.id)
     log.info("fetched_changes", subscription=subscription, resources=count, truncated=len(cuts))

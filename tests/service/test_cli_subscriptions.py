@@ -45,3 +45,25 @@ def test_the_default_smart_scope_reads_every_resource_type_the_engine_reads() ->
     """A type outside the token's scope would fail every catch-up search under SMART Backend Services."""
     scopes = set(Settings.model_fields["smart_scope"].default.split())
     assert {f"system/{t}.rs" for t in MONITORED_TYPES} <= scopes
+
+
+def test_status_shows_each_types_watermark(tmp_path: Path, run_cli: RunCli) -> None:
+    from datetime import UTC, datetime
+
+    from service.db.repositories import Repositories
+    from service.db.session import make_engine, make_session_factory, session_scope
+
+    assert run_cli(["migrate"], CDS_DATA_DIR=str(tmp_path))[0] == 0
+    engine = make_engine(Settings(data_dir=tmp_path).effective_database_url)
+    mark = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+    with session_scope(make_session_factory(engine)) as session:
+        Repositories(session).subscriptions.set_type_watermarks("Subscription/s1", {"Observation": mark, "Condition": mark.replace(hour=13)})
+    engine.dispose()
+
+    code, lines = run_cli(["subscriptions", "status"], CDS_DATA_DIR=str(tmp_path))
+
+    assert code == 0, lines
+    assert lines == [
+        "Subscription/s1\tstatus=None\tlast_event=None\theartbeat=-\twatermark=2026-11-01T12:00:00+00:00"
+        "\tCondition=2026-11-01T13:00:00+00:00\tObservation=2026-11-01T12:00:00+00:00"
+    ]

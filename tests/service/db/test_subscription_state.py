@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.repositories import MAX_REPORTED_GAP, SubscriptionStateRepository
+from service.db.repositories import MAX_REPORTED_GAP, Repositories, SubscriptionStateRepository
 from service.db.session import session_scope
 
 SUB = "Subscription/s1"
@@ -99,3 +99,16 @@ def test_watermark_only_moves_forward(db_session_factory: sessionmaker[Session],
         assert not repo.set_watermark(SUB, t0)
         assert repo.set_watermark(SUB, t0 + timedelta(minutes=1))
         assert repo.get_watermark(SUB) == t0 + timedelta(minutes=1)
+
+
+def test_type_watermarks_move_forward_each_on_its_own_and_the_subscription_mark_is_the_oldest(
+    db_session_factory: sessionmaker[Session], t0: datetime
+) -> None:
+    with session_scope(db_session_factory) as session:
+        repo = Repositories(session).subscriptions
+        assert repo.type_watermarks(SUB) == {}
+        repo.set_type_watermarks(SUB, {"Observation": t0, "Condition": t0 + timedelta(minutes=5)})
+        repo.set_type_watermarks(SUB, {"Observation": t0 - timedelta(minutes=1), "Condition": t0 + timedelta(minutes=9)})
+        assert repo.type_watermarks(SUB) == {"Observation": t0, "Condition": t0 + timedelta(minutes=9)}
+        assert repo.get_watermark(SUB) == t0  # every type is fetched up to here
+        assert repo.type_watermarks("Subscription/other") == {}

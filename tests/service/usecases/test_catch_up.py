@@ -17,8 +17,9 @@ from service.config import Settings
 from service.db.models import EventStatus
 from service.db.repositories import Repositories
 from service.db.session import session_scope
+from service.fhir.client import FhirClient
 from service.fhir.notifications import EmptyPing
-from service.queue import TASK_PROCESS_EVENT, MemoryQueue
+from service.queue import TASK_EVALUATE, TASK_PROCESS_EVENT, MemoryQueue
 from service.terminology.catalog import Catalog
 from service.usecases import monitor
 from service.usecases.monitor import MonitorContext
@@ -82,6 +83,11 @@ def watermark(ctx: MonitorContext, subscription: str) -> datetime | None:
         return Repositories(session).subscriptions.get_watermark(subscription)
 
 
+def type_mark(ctx: MonitorContext, subscription: str, rtype: str) -> datetime | None:
+    with session_scope(ctx.sessions) as session:
+        return Repositories(session).subscriptions.type_watermarks(subscription).get(rtype)
+
+
 def truncations(rtype: str) -> float:
     return REGISTRY.get_sample_value("fhir_catch_up_truncated_total", {"resource_type": rtype}) or 0.0
 
@@ -103,8 +109,9 @@ def test_a_cut_search_keeps_the_watermark_and_fetches_the_rest_in_another_round(
     assert monitor.process_event(ctx, first.events[0]) == EventStatus.HANDLED
     # One round: 2 pages of 10 Observations. The watermark stays below the first Observation not fetched.
     assert len(stored(ctx, "Observation")) == 20
-    mark = watermark(ctx, SUB)
+    mark = type_mark(ctx, SUB, "Observation")
     assert mark is not None and mark < datetime.fromisoformat(at(21))
+    assert type_mark(ctx, SUB, "Condition") == datetime.fromisoformat(at(100))
     assert truncations("Observation") == before + 1
     captured = capsys.readouterr()
     line = next(line for line in (captured.out + captured.err).splitlines() if "catch_up_truncated" in line)
@@ -117,7 +124,9 @@ def test_a_cut_search_keeps_the_watermark_and_fetches_the_rest_in_another_round(
     assert stored(ctx, "Condition") == {"c1"}
     assert len(rounds) >= 2, "the rest was fetched by queued catch-up rounds"
     assert all(status == EventStatus.HANDLED for _, status in rounds)
-    assert watermark(ctx, SUB) == datetime.fromisoformat(at(100))
+    assert type_mark(ctx, SUB, "Observation") == datetime.fromisoformat(at(44 + 1))
+    summary = watermark(ctx, SUB)  # where every type is complete: no later than any type's own mark
+    assert summary is not None and summary <= datetime.fromisoformat(at(0))
     searches = fhir.requests_matching(r"/fhir/Observation$", "GET")
     assert searches and all(r.param("_count") == "10" for r in searches)
     assert all(r.param("_sort") == "_lastUpdated" for r in searches)
@@ -158,7 +167,7 @@ def test_resources_sharing_one_last_updated_across_the_cut_are_all_fetched(
     drain(ctx)
 
     assert stored(ctx, "Observation") == {f"o{i:03d}" for i in [*range(45), 99]}
-    assert watermark(ctx, SUB) == datetime.fromisoformat(at(20))
+    assert type_mark(ctx, SUB, "Observation") == datetime.fromisoformat(at(20))
 
 
 def test_a_search_that_cannot_advance_fails_visibly_instead_of_skipping(
@@ -197,3 +206,84 @@ def test_a_catch_up_round_run_twice_changes_nothing(fhir: FakeFhirServer, db_ses
 
     assert len(stored(ctx, "Observation")) == 25
     assert len([1 for name, _, _ in queue.sent if name == TASK_PROCESS_EVENT]) == 2
+
+
+def _changes_during_the_round(fhir: FakeFhirServer, monkeypatch: pytest.MonkeyPatch, before_type: str, *changes: tuple[dict[str, Any], str]) -> None:
+    """The FHIR server receives ``changes`` (resource, lastUpdated) just before the first search of ``before_type``:
+    changes made while a catch-up round is between two types' searches."""
+    original = FhirClient.history_since_pages
+    pending = list(changes)
+
+    def searching(self: FhirClient, resource_type: str, *args: Any, **kwargs: Any) -> Any:
+        if resource_type == before_type and pending:
+            for resource, when in pending:
+                fhir.put(resource, last_updated=when)
+            pending.clear()
+        return original(self, resource_type, *args, **kwargs)
+
+    monkeypatch.setattr(FhirClient, "history_since_pages", searching)
+
+
+def ping(ctx: MonitorContext) -> str:
+    """An R4 empty ping, handled as a worker would; returns the event's status."""
+    received = monitor.receive(ctx, [EmptyPing(SUB)], "r4-empty")
+    assert received.accepted == 1
+    return monitor.process_event(ctx, received.events[0])
+
+
+def test_a_change_to_one_type_made_while_another_is_searched_is_not_skipped(
+    fhir: FakeFhirServer, db_session_factory: sessionmaker[Session], catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The on-call drill: Observations are searched before Conditions. A phosphate stored after the Observation
+    search, then a Condition, both before the Condition search: the Condition's lastUpdated must not become the
+    Observations' watermark, or the next round searches past the phosphate and never fetches it."""
+    fhir.put(patient("p1"), last_updated=at(0))
+    _changes_during_the_round(fhir, monkeypatch, "Condition", (phosphate(1), at(10)), (a_condition(), at(20)))
+    ctx = context(fhir, db_session_factory, catalog, tmp_path, poll_overlap_s=0)  # the overlap is not what saves it
+
+    assert ping(ctx) == EventStatus.HANDLED
+    assert stored(ctx, "Observation") == set() and stored(ctx, "Condition") == {"c1"}
+
+    assert ping(ctx) == EventStatus.HANDLED  # the next ping, or poll
+
+    assert stored(ctx, "Observation") == {"o001"}
+    assert type_mark(ctx, SUB, "Observation") == datetime.fromisoformat(at(10))
+    assert type_mark(ctx, SUB, "Condition") == datetime.fromisoformat(at(20))
+
+
+def test_a_change_committed_after_a_later_one_is_fetched_within_the_overlap(
+    fhir: FakeFhirServer, db_session_factory: sessionmaker[Session], catalog: Catalog, tmp_path: Path
+) -> None:
+    """A server stamps lastUpdated before it commits: a phosphate stamped at 30 s becomes visible only after one
+    stamped at 50 s was fetched. The next search starts CDS_POLL_OVERLAP_S before the watermark and fetches it; the
+    phosphate fetched again is an unchanged version, stored once and not evaluated again."""
+    fhir.put(patient("p1"), last_updated=at(0))
+    fhir.put(phosphate(2), last_updated=at(50))
+    ctx = context(fhir, db_session_factory, catalog, tmp_path)
+    assert ping(ctx) == EventStatus.HANDLED
+    assert stored(ctx, "Observation") == {"o002"}
+    queue = ctx.queue
+    assert isinstance(queue, MemoryQueue)
+    evaluations = len([1 for name, _, _ in queue.sent if name == TASK_EVALUATE])
+
+    fhir.put(phosphate(1), last_updated=at(30))  # the late commit
+    assert ping(ctx) == EventStatus.HANDLED
+
+    assert stored(ctx, "Observation") == {"o001", "o002"}
+    assert type_mark(ctx, SUB, "Observation") == datetime.fromisoformat(at(50))
+    searches = fhir.requests_matching(r"/fhir/Observation$", "GET")
+    assert searches[-1].param("_lastUpdated") == "gt" + at(50 - 60)
+    assert len([1 for name, _, _ in queue.sent if name == TASK_EVALUATE]) == evaluations  # p1 is still marked: one evaluation
+
+
+def test_without_the_overlap_a_late_commit_is_behind_the_watermark(
+    fhir: FakeFhirServer, db_session_factory: sessionmaker[Session], catalog: Catalog, tmp_path: Path
+) -> None:
+    """CDS_POLL_OVERLAP_S=0 searches strictly after the watermark (what the overlap is for)."""
+    fhir.put(patient("p1"), last_updated=at(0))
+    fhir.put(phosphate(2), last_updated=at(50))
+    ctx = context(fhir, db_session_factory, catalog, tmp_path, poll_overlap_s=0)
+    assert ping(ctx) == EventStatus.HANDLED
+    fhir.put(phosphate(1), last_updated=at(30))
+    assert ping(ctx) == EventStatus.HANDLED
+    assert stored(ctx, "Observation") == {"o002"}
