@@ -28,6 +28,7 @@ from functools import partial
 from typing import Any
 
 from service.cds.fhirutil import (
+    all_matches,
     codings,
     concept_texts,
     first_match,
@@ -223,8 +224,8 @@ class _Extractor:
 
     # ------------------------------------------------------------------ Condition
     def condition(self, res: dict[str, Any]) -> None:
-        entry, coding = first_match(res.get("code"), self.catalog.condition)
-        if entry is None or coding is None:
+        matches = all_matches(res.get("code"), self.catalog.condition)
+        if not matches:
             self.ignore("Condition")
             return
         ref = self.note_input(res)
@@ -233,39 +234,46 @@ class _Extractor:
             self.exclude(ref, f"verificationStatus {verification}")
             return
         clinical = _status_code(res.get("clinicalStatus"))
-        if entry.status_code:
-            if clinical == "resolved":
-                self.exclude(ref, "clinicalStatus resolved")
-                return
-        elif clinical is None:
-            if not _is_problem_list_item(res):
-                self.exclude(ref, "no clinicalStatus (and not a problem-list item)")
-                return
-        elif clinical not in _COND_CURRENT:
-            self.exclude(ref, f"clinicalStatus {clinical}")
-            return
-        qualifying_text = None
-        if entry.requires_text:
-            needle = entry.requires_text.lower()
-            qualifying_text = next((t for t in concept_texts(res.get("code")) if needle in t.lower()), None)
-            if qualifying_text is None:
-                self.exclude(ref, f"{entry.code} counts as {entry.feature} only when its text says '{entry.requires_text}'")
-                return
-        self.unvalidated[ref] = res  # validated when a rule consults the fact
-        self.conditions.append(
-            ConditionFact(
+        problem_list_item = _is_problem_list_item(res)
+        # Every mapped coding counts, each feature once: [E83.59, 237900002] is calciphylaxis whichever comes first.
+        facts: dict[str, ConditionFact] = {}
+        reasons: list[str] = []
+        for entry, coding in matches:
+            if entry.feature in facts:
+                continue
+            if entry.status_code:
+                reason = "clinicalStatus resolved" if clinical == "resolved" else None
+            elif clinical is None:
+                reason = None if problem_list_item else "no clinicalStatus (and not a problem-list item)"
+            else:
+                reason = None if clinical in _COND_CURRENT else f"clinicalStatus {clinical}"
+            qualifying_text = None
+            if reason is None and entry.requires_text:
+                needle = entry.requires_text.lower()
+                qualifying_text = next((t for t in concept_texts(res.get("code")) if needle in t.lower()), None)
+                if qualifying_text is None:
+                    reason = f"{entry.code} counts as {entry.feature} only when its text says '{entry.requires_text}'"
+            if reason is not None:
+                reasons.append(reason)
+                continue
+            facts[entry.feature] = ConditionFact(
                 feature=entry.feature,
                 source=Source(ref, version_of(res), coding.get("system", ""), coding["code"], coding.get("display") or entry.display),
                 onset=parse_datetime(res.get("onsetDateTime")) or parse_datetime(res.get("recordedDate")),
                 clinical_status=clinical,
                 qualifying_text=qualifying_text,
             )
-        )
+        if not facts:
+            self.exclude(ref, reasons[0])
+            return
+        self.unvalidated[ref] = res  # validated when a rule consults the fact
+        self.conditions.extend(facts.values())
 
     # ------------------------------------------------------------------ Medications
     def medication(self, res: dict[str, Any]) -> None:
         rtype = res["resourceType"]
         concept = res.get("medicationCodeableConcept")
+        med = None
         if concept is None and "medicationReference" in res:
             med = resolve_medication(res.get("medicationReference"), self.medications, res.get("contained"))
             if med is None:
@@ -273,10 +281,11 @@ class _Extractor:
                 self.exclude(ref, "medicationReference could not be resolved")
                 return
             concept = med.get("code")
-        match, coding = first_match(concept, self.catalog.medication_with_features)
-        if match is None or coding is None:
+        recognised = recognise_medication(self.catalog, concept, med)
+        if recognised is None:
             self.ignore(rtype)
             return
+        match, coding = recognised.match, recognised.coding
         ref = self.note_input(res)
         status = res.get("status")
         statuses = _MED_STATUSES[rtype]
@@ -304,7 +313,7 @@ class _Extractor:
         self.medication_facts.append(
             MedicationFact(
                 features=features,
-                source=Source(ref, version_of(res), coding.get("system", ""), coding["code"], coding.get("display") or match.entry.display),
+                source=Source(ref, version_of(res), coding.get("system") or "", coding.get("code") or "", coding.get("display") or match.entry.display),
                 resource_type=rtype,
                 status=str(status),
                 current=current,
@@ -312,6 +321,7 @@ class _Extractor:
                 stop=stop,
                 last_activity=last,
                 intravenous=given_intravenously(self.catalog, match, res),
+                recognised_by=recognised.how,
             )
         )
 
@@ -409,6 +419,46 @@ def _bound(catalog: Catalog, q: Any, analyte: str) -> Decimal | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class RecognisedMedication:
+    """What a medication record is, for the rules: its ingredients' features, the coding shown as its source, and
+    how it was recognised when not by one of its own mapped codes."""
+
+    match: MedicationMatch
+    coding: dict[str, Any]
+    how: str | None = None
+
+
+def _combined(matches: list[MedicationMatch]) -> MedicationMatch:
+    """Every mapped coding's ingredients together; the entry of a parenteral product first (it decides the route)."""
+    if len(matches) == 1:
+        return matches[0]
+    ingredients = tuple(dict.fromkeys(i for m in matches for i in m.ingredients))
+    entry = next((m.entry for m in matches if m.entry.parenteral), matches[0].entry)
+    return MedicationMatch(entry, ingredients)
+
+
+def recognise_medication(catalog: Catalog, concept: Any, medication: dict[str, Any] | None) -> RecognisedMedication | None:
+    """A medication's features from every mapped coding of its concept; failing that, from the referenced
+    Medication's ``ingredient`` codings; failing that, by an ingredient's name in its text or displays (the
+    features ``recognise_by_name`` allows). None: not a drug the rules weigh."""
+    hits = all_matches(concept, catalog.medication_with_features)
+    if hits:
+        return RecognisedMedication(_combined([m for m, _ in hits]), hits[0][1])
+    ingredients = medication.get("ingredient") if medication is not None else None
+    if isinstance(ingredients, list):
+        hits = [h for i in ingredients if isinstance(i, dict) for h in all_matches(i.get("itemCodeableConcept"), catalog.medication_with_features)]
+        if hits:
+            listed = ", ".join(c.get("display") or c["code"] for _, c in hits)
+            return RecognisedMedication(_combined([m for m, _ in hits]), next(codings(concept), hits[0][1]), f"recognised by its ingredient ({listed})")
+    by_name = catalog.medication_by_name(concept_texts(concept))
+    if by_name is None:
+        return None
+    match, names = by_name
+    coding = next((c for c in codings(concept)), {"display": concept_texts(concept)[0]})
+    return RecognisedMedication(match, coding, f"recognised by name ({', '.join(names)}): its code is not in the mappings")
+
+
 def given_intravenously(catalog: Catalog, match: MedicationMatch, res: dict[str, Any]) -> bool:
     """Whether an IV calcium/phosphate product is given intravenously: a parenteral product, or an IV route on the
     record. The route is read only for those drugs."""
@@ -436,11 +486,10 @@ def _routes(catalog: Catalog, res: dict[str, Any]) -> set[str]:
         if not isinstance(route, dict):
             continue
         named = {f for c in codings(route) if (f := catalog.route_feature(c.get("system"), c["code"])) is not None}
-        text = route.get("text")
-        if not named and isinstance(text, str):
-            lowered = text.lower()
-            words = lowered.replace(",", " ").split()
-            named = {f for f, patterns in catalog.route_text_patterns.items() if any(p in words or p == lowered for p in patterns)}
+        # Not coded in a mapped system (an NCI or local code, or text only): the words of its text and displays.
+        for text in () if named else concept_texts(route):
+            padded = " " + " ".join(text.lower().replace(",", " ").split()) + " "
+            named |= {f for f, patterns in catalog.route_text_patterns.items() if any(f" {p} " in padded for p in patterns)}
         # A route that is coded or written but not mapped is "other": a dosage by an unknown route is not local
         found |= named or {"other"}
     return found

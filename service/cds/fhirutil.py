@@ -128,6 +128,12 @@ def first_match(concept: Any, lookup: Callable[[Any, str], T | None]) -> tuple[T
     return None, None
 
 
+def all_matches(concept: Any, lookup: Callable[[Any, str], T | None]) -> list[tuple[T, dict[str, Any]]]:
+    """Every coding of a CodeableConcept that ``lookup(system, code)`` knows, in order, with what it returned:
+    a record's meaning must not depend on which of its codings comes first."""
+    return [(hit, c) for c in codings(concept) if (hit := lookup(c.get("system"), c["code"])) is not None]
+
+
 def concept_texts(concept: Any) -> list[str]:
     """CodeableConcept.text, then every coding display, for text checks (e.g. E83.59 'calciphylaxis')."""
     if not isinstance(concept, dict):

@@ -79,6 +79,7 @@ class MedicationFact:
     stop: datetime | None
     last_activity: datetime | None
     intravenous: bool
+    recognised_by: str | None = None  # None: by a mapped code; else how (a Medication's ingredient, a name)
 
 
 @dataclass(slots=True, unsafe_hash=True)

@@ -15,8 +15,8 @@ import copy
 from typing import Any
 
 from service.cds.cards import CardContext, evidence_table, make_card, stable_uuid
-from service.cds.extract import IV_FEATURES, given_intravenously
-from service.cds.fhirutil import first_match, resource_ref
+from service.cds.extract import IV_FEATURES, given_intravenously, recognise_medication
+from service.cds.fhirutil import resource_ref
 from service.cds.grouping import resolve_medication
 from service.cds.model import Evidence
 from service.cds.rules import RULE_IDS, Outcome, condition_evidence
@@ -67,16 +67,17 @@ def draft_medications(draft_orders: Any) -> dict[str, dict[str, Any]]:
 
 def _order_features(order: dict[str, Any], catalog: Catalog, medications: dict[str, dict[str, Any]]) -> tuple[set[str], dict[str, Any] | None]:
     concept = order.get("medicationCodeableConcept")
+    med = None
     if concept is None:
         med = resolve_medication(order.get("medicationReference"), medications, order.get("contained"))
         concept = med.get("code") if med else None
-    match, coding = first_match(concept, catalog.medication_with_features)
-    if match is None or coding is None:
+    recognised = recognise_medication(catalog, concept, med)
+    if recognised is None:
         return set(), None
-    features = set(match.features) & ORDER_RISK_FEATURES.keys()
-    if not given_intravenously(catalog, match, order):
+    features = set(recognised.match.features) & ORDER_RISK_FEATURES.keys()
+    if not given_intravenously(catalog, recognised.match, order):
         features -= IV_FEATURES
-    return features, coding
+    return features, recognised.coding
 
 
 _TRANSPLANT_BASES = frozenset({"kidney_transplant", "kidney_transplant_procedure"})
@@ -169,7 +170,12 @@ def order_risk_cards(
                 [
                     (
                         "Order under review",
-                        Evidence(label=drug, value=order.get("status") or "draft", reference=ref, code=f"{coding.get('system')}|{coding['code']}"),
+                        Evidence(
+                            label=drug,
+                            value=order.get("status") or "draft",
+                            reference=ref,
+                            code=f"{coding.get('system')}|{coding['code']}" if coding.get("code") else None,
+                        ),
                     )
                 ]
                 + [("Why it matters", e) for e in why]

@@ -168,8 +168,8 @@ def medication_evidence(m: MedicationFact, note: str | None = None) -> Evidence:
         value=status,
         date=iso(when),
         reference=m.source.reference,
-        code=m.source.token,
-        note=note,
+        code=m.source.token if m.source.code else None,
+        note="; ".join(n for n in (note, m.recognised_by) if n) or None,
     )
 
 

@@ -58,6 +58,8 @@ class Catalog:
     order_sets: dict[str, OrderSet]
     conditions_dotless: dict[tuple[str, str], ConditionEntry] = field(default_factory=dict, repr=False)
     order_alternatives: dict[str, OrderAlternative] = field(default_factory=dict)
+    #: (name key, ingredient) of the features medications.yaml lets be recognised by name, longest name first.
+    medication_names: tuple[tuple[str, MedicationEntry], ...] = ()
     #: Every medication code resolved to its ingredients once (the catalog never changes after loading).
     _medication_matches: dict[tuple[str, str], MedicationMatch] = field(init=False, repr=False, compare=False)
     _conversion_errors: dict[tuple[str | None, str], str | None] = field(init=False, default_factory=dict, repr=False, compare=False)
@@ -97,6 +99,23 @@ class Catalog:
         """:meth:`medication`, when the code maps to at least one feature (a drug the rules weigh)."""
         match = self.medication(system, code)
         return match if match is not None and match.features else None
+
+    def medication_by_name(self, texts: list[str]) -> tuple[MedicationMatch, list[str]] | None:
+        """The ingredients (of the features ``recognise_by_name`` lists) whose names appear as whole words in
+        ``texts`` (a record's text and coding displays), with the names found; None when there is none."""
+        if not self.medication_names or not texts:
+            return None
+        haystack = " ".join(name_key(t) for t in texts)
+        padded = f" {haystack} "
+        found: list[MedicationEntry] = []
+        names: list[str] = []
+        for key, entry in self.medication_names:
+            if f" {key} " in padded and entry not in found:
+                found.append(entry)
+                names.append(entry.display or key)
+        if not found:
+            return None
+        return MedicationMatch(found[0], tuple(found)), names
 
     def _resolve_medication(self, entry: MedicationEntry) -> MedicationMatch:
         if entry.feature:
@@ -179,6 +198,11 @@ class Catalog:
             else:
                 raise UnitConversionError(f"cannot convert {src.dimension} to {dst.dimension}")
         return base / dst.factor
+
+
+def name_key(text: str) -> str:
+    """A drug name compared by its words: lower case, every run of other characters one space."""
+    return " ".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
 
 
 def _dotless(code: str) -> str:

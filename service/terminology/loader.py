@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from service.terminology.catalog import Catalog, _dotless
+from service.terminology.catalog import Catalog, _dotless, name_key
 from service.terminology.schema import (
     CANONICAL_SYSTEMS,
     SYSTEMS,
@@ -262,6 +262,7 @@ def load_catalog(directory: Path | str | None = None) -> Catalog:
     procedure_prefixes: list[ProcedureEntry] = []
     routes: dict[tuple[str, str], str] = {}
     route_patterns: dict[str, list[str]] = {}
+    by_name: dict[str, tuple[Path, int | None]] = {}  # feature -> where recognise_by_name names it
     order_sets: dict[str, OrderSet] = {}
     alternatives: dict[str, OrderAlternative] = {}
     alternative_where: dict[str, tuple[Path, int | None]] = {}
@@ -276,6 +277,9 @@ def load_catalog(directory: Path | str | None = None) -> Catalog:
             continue
         if not isinstance(model, ObservationsFile | ConditionsFile | MedicationsFile | ProceduresFile | RoutesFile):
             continue
+        if isinstance(model, MedicationsFile):
+            for j, named in enumerate(model.recognise_by_name):
+                by_name[named] = (path, _line_of(data, ["recognise_by_name", j], lines))
         if isinstance(model, RoutesFile):
             for route_feature, patterns in model.text_patterns.items():
                 route_patterns.setdefault(route_feature, []).extend(p.lower() for p in patterns)
@@ -355,6 +359,15 @@ def load_catalog(directory: Path | str | None = None) -> Catalog:
             if target is None or not target.feature:
                 path, line = medication_where[key]
                 raise _fail(path, line, f"product {key[1]} names ingredient {ing}, which is not mapped as an ingredient")
+    for named, (path, line) in by_name.items():
+        if features.get(named) is None or features[named].kind != _FEATURE_KIND[MedicationsFile]:
+            raise _fail(path, line, f"recognise_by_name: {named!r} is not a medication feature of features.yaml")
+    medication_names = tuple(
+        sorted(
+            ((name_key(e.display), e) for e in medications.values() if e.feature in by_name and e.display and name_key(e.display)),
+            key=lambda pair: (-len(pair[0]), pair[0]),
+        )
+    )
     for name, os_ in order_sets.items():
         for code in os_.codes:
             if (SYSTEMS["loinc"], code) not in observations:
@@ -386,4 +399,5 @@ def load_catalog(directory: Path | str | None = None) -> Catalog:
         order_sets=order_sets,
         conditions_dotless=dotless,
         order_alternatives=alternatives,
+        medication_names=medication_names,
     )

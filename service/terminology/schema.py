@@ -147,6 +147,9 @@ class ConditionsFile(_Strict):
 class MedicationsFile(_Strict):
     kind: Literal["medications"]
     default_system: str | None = None
+    recognise_by_name: tuple[str, ...] = Field(
+        (), description="Features whose ingredients are also recognised by name when no coding of a record is mapped"
+    )
     entries: list[MedicationEntry]
 
 

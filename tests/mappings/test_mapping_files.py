@@ -579,7 +579,7 @@ def test_local_routes(catalog: Catalog) -> None:
 def test_intravenous_route(catalog: Catalog) -> None:
     assert catalog.route_feature(SCT, "47625008") == "intravenous"
     assert catalog.route_feature(SCT, "26643006") is None  # oral route
-    assert set(catalog.route_text_patterns["intravenous"]) == {"intravenous", "i.v.", "iv"}
+    assert set(catalog.route_text_patterns["intravenous"]) == {"intravenous", "i.v.", "iv", "ivpb"}  # IV piggyback
     entry = _yaml("routes.yaml")["entries"][0]
     assert entry["status"] == "unverified"
     assert "route-codes" in entry["note"]
