@@ -208,7 +208,7 @@ class Settings(BaseSettings):
     reconcile_interval_s: int = 300
     poll_initial_lookback_h: int = Field(24, description="First _lastUpdated search looks back this far (backfill loads history)")
     poll_overlap_s: int = Field(
-        60, ge=0, le=3600, description="Catch-up searches start this far before each type's watermark (late commits)"
+        60, ge=0, le=3600, description="Catch-up searches also read this far before each type's watermark again (late commits)"
     )
     heartbeat_timeout_s: int = 900
     assessment_fresh_s: int = Field(3600, description="CDS Hooks reuses a stored assessment this recent for the same data")

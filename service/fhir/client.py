@@ -406,14 +406,19 @@ class FhirClient:
         method: Literal["GET", "POST"] = "GET",
         max_pages: int | None = None,
         count: int | None = None,
+        until: datetime | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """The searchset pages of the resources of a type changed strictly after ``since`` (``_lastUpdated=gt…``), sorted
-        by ``_lastUpdated`` ascending; ``count`` is sent as ``_count`` (page size: a server's default may be as small as
-        20). The last page yielded has a ``next`` link when ``max_pages`` cut the search.
+        """The searchset pages of the resources of a type changed strictly after ``since`` (``_lastUpdated=gt…``; and
+        at or before ``until`` when given), sorted by ``_lastUpdated`` ascending; ``count`` is sent as ``_count`` (page
+        size: a server's default may be as small as 20). The last page yielded has a ``next`` link when ``max_pages``
+        cut the search.
 
         Uses search rather than the ``_history`` interaction: history returns every version and deleted entries, while
         polling only needs each resource's current state."""
-        query = [*_normalise_params(params), ("_lastUpdated", f"gt{_format_value(since)}"), ("_sort", "_lastUpdated")]
+        query = [*_normalise_params(params), ("_lastUpdated", f"gt{_format_value(since)}")]
+        if until is not None:
+            query.append(("_lastUpdated", f"le{_format_value(until)}"))
+        query.append(("_sort", "_lastUpdated"))
         if count is not None:
             query.append(("_count", str(max(1, count))))
         return self.search_bundle_pages(resource_type, query, method=method, max_pages=max_pages)

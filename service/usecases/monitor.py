@@ -484,10 +484,30 @@ class _TypeCatchUp:
     cut_at: datetime | None = None  # cut short: every change up to this instant was fetched (None: complete)
 
 
+def _reread_overlap(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str, rtype: str, mark: datetime) -> int:
+    """Search the ``CDS_POLL_OVERLAP_S`` before a type's watermark again: a server may commit a change after a later
+    one was already visible (HAPI stamps ``lastUpdated`` before the commit). What comes back again is an unchanged
+    version, stored once and not evaluated again. A search of its own, within ``CDS_FHIR_MAX_PAGES`` pages, so a
+    burst of changes inside the window never holds back the search past the watermark; a cut is logged."""
+    overlap = timedelta(seconds=ctx.settings.poll_overlap_s)
+    if not overlap:
+        return 0
+    soft = max(1, ctx.settings.fhir_max_pages)
+    client, count = ctx.shared_client(), ctx.settings.fhir_search_count
+    fetched = 0
+    pages = client.history_since_pages(rtype, mark - overlap, _search_params(ctx, rtype), count=count, max_pages=soft, until=mark)
+    for page, bundle in enumerate(pages, start=1):
+        resources = list(entry_resources(bundle, include_included=False))
+        apply_resources(repos, jobs, resources, ctx.settings)
+        fetched += len(resources)
+        if next_link(bundle) is not None and page >= soft:
+            log.warning("catch_up_overlap_truncated", subscription=subscription, resource_type=rtype, resources=fetched, pages=page)
+    return fetched
+
+
 def _catch_up_type(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str, rtype: str, since: datetime) -> _TypeCatchUp:
-    """Fetch a type's changes since its watermark ``since`` (searched from ``CDS_POLL_OVERLAP_S`` earlier: a
-    server may commit a change after a later one is visible), oldest first, page by page, for
-    ``CDS_FHIR_MAX_PAGES`` pages. Resources fetched again in the overlap are unchanged versions: stored once.
+    """Fetch a type's changes since its watermark ``since``, oldest first, page by page, for ``CDS_FHIR_MAX_PAGES``
+    pages (after the overlap before it is read again: :func:`_reread_overlap`).
 
     Cut there, the fetched prefix holds every change older than the last ``lastUpdated`` fetched (ties with it may
     lie on the next page), so the type is complete up to the newest ``lastUpdated`` before that one. If there is
@@ -500,8 +520,8 @@ def _catch_up_type(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscri
     complete_to: datetime | None = None  # the newest lastUpdated fetched that is older than ``last``
     ordered = True
     client, count = ctx.shared_client(), ctx.settings.fhir_search_count
-    start = since - timedelta(seconds=ctx.settings.poll_overlap_s)
-    for bundle in client.history_since_pages(rtype, start, _search_params(ctx, rtype), count=count, max_pages=soft * CATCH_UP_STUCK_FACTOR):
+    result.resources += _reread_overlap(ctx, repos, jobs, subscription, rtype, since)
+    for bundle in client.history_since_pages(rtype, since, _search_params(ctx, rtype), count=count, max_pages=soft * CATCH_UP_STUCK_FACTOR):
         result.pages += 1
         resources = list(entry_resources(bundle, include_included=False))
         apply_resources(repos, jobs, resources, ctx.settings)
