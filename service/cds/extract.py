@@ -190,6 +190,10 @@ class _Extractor:
         if not is_number(value):
             self.exclude(ref, "valueQuantity.value is missing, not a number or out of range")
             return None
+        number = value if type(value) in (int, float) else to_decimal(value)
+        if number is None or number <= 0:  # no concentration, activity or body measure the rules read can be zero or negative
+            self.exclude(ref, "valueQuantity.value is not positive")
+            return None
         unit = _unit_of(vq)
         error = self.catalog.conversion_error(unit, entry.analyte)
         if error is not None:
@@ -573,9 +577,14 @@ def extract_facts(
             continue
         handler = handlers.get(rtype) if isinstance(rtype, str) else None
         if handler is None:
-            ex.ignore(str(rtype))
+            ex.ignore(rtype if isinstance(rtype, str) else "(no resourceType)")
             continue
-        handler(res)
+        try:
+            handler(res)
+        except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as exc:
+            # An element of a type FHIR does not allow (a list for a code, a bool for a string) that a check above
+            # did not foresee: that one resource is left out, with the reason, and the rest of the record counts.
+            ex.exclude(resource_ref(res) or f"{rtype}/(no id)", f"malformed resource ({type(exc).__name__})")
     ex.finish_labs()
     info = PatientInfo(reference=patient_ref, present=False, sex=None, birth_date=None)
     if patient is not None:

@@ -51,12 +51,12 @@ def _parse_datetime_uncached(value: str) -> datetime | None:
                 return datetime(int(value), 1, 1, tzinfo=UTC)
             if _YEAR_MONTH.match(value):
                 return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
+        if value[17:19] == "60" and value[16:17] == ":":
+            value = value[:17] + "59" + value[19:]  # a leap second (FHIR allows :60): the second before it
         dt = datetime.fromisoformat(value)
-    except ValueError:
+        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 moved across midnight by its offset
         return None
-    if dt.tzinfo is None:
-        return dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC)
 
 
 def parse_date(value: Any) -> date | None:

@@ -49,7 +49,7 @@ def flatten(items: Iterable[Any], aliases: dict[str, str]) -> list[dict[str, Any
             res = entry.get("resource") if isinstance(entry, dict) else None
             if not isinstance(res, dict):
                 continue
-            if res.get("resourceType") in _ALIASED:
+            if isinstance(res.get("resourceType"), str) and res["resourceType"] in _ALIASED:
                 full_url, ref = entry.get("fullUrl"), resource_ref(res)
                 if isinstance(full_url, str) and ref is not None:
                     aliases[full_url] = ref
@@ -62,10 +62,15 @@ def flatten(items: Iterable[Any], aliases: dict[str, str]) -> list[dict[str, Any
     return out
 
 
+def _version_number(version: str) -> bool:
+    """A versionId compared as a number: ASCII digits only ("²" is a digit to str.isdigit), and short enough."""
+    return version.isascii() and version.isdigit() and len(version) <= 18
+
+
 def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Is ``a`` a newer version of the same resource than ``b``?"""
     va, vb = version_of(a), version_of(b)
-    if va is not None and vb is not None and va.isdigit() and vb.isdigit() and va != vb:
+    if va is not None and vb is not None and va != vb and _version_number(va) and _version_number(vb):
         return int(va) > int(vb)
     la, lb = last_updated_of(a), last_updated_of(b)
     if la is not None and lb is not None:
@@ -81,7 +86,7 @@ def group_by_patient(items: Iterable[Any]) -> PatientGroups:
     other = groups.other_types
     for res in resources:
         rtype = res.get("resourceType")
-        if rtype not in PATIENT_SCOPED and rtype not in _ALIASED:
+        if not isinstance(rtype, str) or (rtype not in PATIENT_SCOPED and rtype not in _ALIASED):
             if not isinstance(rtype, str):
                 groups.unattributed.append(Excluded(reference="(unknown)", reason="not a FHIR resource (no resourceType)"))
             else:
@@ -124,7 +129,7 @@ def resolve_medication(ref: Any, groups_medications: dict[str, dict[str, Any]], 
     target = ref.get("reference")
     if not isinstance(target, str):
         return None
-    if target.startswith("#") and contained:
+    if target.startswith("#") and isinstance(contained, list):
         for c in contained:
             if isinstance(c, dict) and c.get("id") == target[1:] and c.get("resourceType") == "Medication":
                 return c

@@ -172,7 +172,7 @@ def order_risk_cards(
                         "Order under review",
                         Evidence(
                             label=drug,
-                            value=order.get("status") or "draft",
+                            value=order["status"] if isinstance(order.get("status"), str) and order["status"] else "draft",
                             reference=ref,
                             code=f"{coding.get('system')}|{coding['code']}" if coding.get("code") else None,
                         ),

@@ -98,7 +98,7 @@ def _validate(rtype: str, used: dict[str, Any]) -> str | None:
     except ValidationError as exc:
         fields = sorted({".".join(str(p) for p in err["loc"][:3]) for err in exc.errors()})[:3]
         return f"invalid FHIR {rtype} ({', '.join(fields) or 'structure'})"
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, KeyError) as exc:  # KeyError: fhir.resources on a contained resource of type ""
         return f"invalid FHIR {rtype} ({type(exc).__name__})"
     return None
 

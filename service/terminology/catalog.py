@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import lru_cache
 from typing import TypeVar
 
 from service.terminology.schema import (
@@ -66,12 +67,12 @@ class Catalog:
 
     # ------------------------------------------------------------------ lookups
     def observation(self, system: str | None, code: str | None) -> ObservationEntry | None:
-        if system is None or code is None:
+        if not isinstance(system, str) or not isinstance(code, str):
             return None
         return self.observations.get((system, code))
 
     def condition(self, system: str | None, code: str | None) -> ConditionEntry | None:
-        if system is None or code is None:
+        if not isinstance(system, str) or not isinstance(code, str):
             return None
         hit = self.conditions.get((system, code)) or self.conditions_dotless.get((system, _dotless(code)))
         if hit is not None:
@@ -80,7 +81,7 @@ class Catalog:
         return _longest_prefix(self.condition_prefixes, system, code)
 
     def procedure(self, system: str | None, code: str | None) -> ProcedureEntry | None:
-        if system is None or code is None:
+        if not isinstance(system, str) or not isinstance(code, str):
             return None
         hit = self.procedures.get((system, code))
         if hit is not None:
@@ -91,7 +92,7 @@ class Catalog:
         object.__setattr__(self, "_medication_matches", {key: self._resolve_medication(entry) for key, entry in self.medications.items()})
 
     def medication(self, system: str | None, code: str | None) -> MedicationMatch | None:
-        if system is None or code is None:
+        if not isinstance(system, str) or not isinstance(code, str):
             return None
         return self._medication_matches.get((system, code))
 
@@ -126,7 +127,7 @@ class Catalog:
         return MedicationMatch(entry, ingredients)
 
     def route_feature(self, system: str | None, code: str | None) -> str | None:
-        if system is None or code is None:
+        if not isinstance(system, str) or not isinstance(code, str):
             return None
         return self.routes.get((system, code))
 
@@ -205,7 +206,9 @@ def name_key(text: str) -> str:
     return " ".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
 
 
+@lru_cache(maxsize=65_536)
 def _dotless(code: str) -> str:
+    # Memoised: every unmapped ICD code of a record is compared with every prefix entry.
     return code.replace(".", "").strip().upper()
 
 
@@ -215,12 +218,8 @@ _E = TypeVar("_E", ConditionEntry, ProcedureEntry)
 def _longest_prefix(entries: tuple[_E, ...], system: str, code: str) -> _E | None:
     """The prefix entry of ``system`` that matches ``code`` with the longest prefix (most specific), if any."""
     best: _E | None = None
+    key = _dotless(code)
     for entry in entries:
-        if entry.system == system and _prefix_match(code, entry.code) and (best is None or len(entry.code) > len(best.code)):
+        if entry.system == system and key.startswith(_dotless(entry.code)) and (best is None or len(entry.code) > len(best.code)):
             best = entry
     return best
-
-
-def _prefix_match(code: str, prefix: str) -> bool:
-    """ICD-style prefix: ``M34`` matches ``M34``, ``M34.0``, ``M34.81`` and the dotless ``M3481``."""
-    return _dotless(code).startswith(_dotless(prefix))
