@@ -50,10 +50,10 @@ def parse_now(value: str | None) -> datetime:
         return datetime.now(UTC)
     try:
         dt = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"--now {value!r} is not an ISO 8601 date-time (e.g. 2025-07-01T00:00:00Z)")
+        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 moved across midnight by its offset
+        fail(f"--now {value!r} is not an ISO 8601 date-time within years 1-9999 (e.g. 2025-07-01T00:00:00Z)")
         raise  # unreachable
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def _load_settings() -> Any:

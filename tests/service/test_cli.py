@@ -102,9 +102,10 @@ def test_errors_one_line_exit_2(tmp_path, content, needle) -> None:
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
 
 
-def test_bad_now_exit_2(case_file) -> None:
-    r = cli("evaluate", str(case_file), "--now", "yesterday")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize("now", ["yesterday", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-10:00"])
+def test_bad_now_exit_2(case_file, now) -> None:
+    r = cli("evaluate", str(case_file), "--now", now)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
 def test_bad_mapping_refuses_to_run(case_file, tmp_path) -> None:
