@@ -80,6 +80,48 @@ def _order_features(order: dict[str, Any], catalog: Catalog, medications: dict[s
     return features, recognised.coding
 
 
+#: The elements of a draft MedicationRequest that stay true when the drug ordered changes, copied into the ``update``
+#: that replaces it. Everything else describes the old drug or would make the resource invalid, so it is left out:
+#: ``contained`` (a Medication no longer referenced: FHIR invariant dom-3), ``text`` (a narrative of the old order),
+#: ``medicationReference``, ``dosageInstruction`` (the prescriber sets the dose of the new drug), ``dispenseRequest``
+#: (quantity and supply of the old product), ``substitution``, ``note``, ``doNotPerform``, ``statusReason``,
+#: ``reported[x]``, ``supportingInformation``, ``performer``/``performerType`` (who administers depends on the drug),
+#: ``recorder``, ``instantiates*`` (a protocol for the old drug), ``priorPrescription``, ``detectedIssue``,
+#: ``eventHistory``, and ``meta``, ``implicitRules``, ``extension``, ``modifierExtension`` (their meaning is unknown
+#: here, and a modifier extension could change the meaning of the new order).
+#: Kept: the order's identity (``id``, ``identifier``, ``groupIdentifier``), its status and kind, whom and by whom it is
+#: for, and why (``reasonCode``/``reasonReference``: the indication is what the alternative treats), what it fulfils
+#: (``basedOn``), and ``insurance``.
+_REPLACEMENT_ELEMENTS = (
+    "resourceType",
+    "id",
+    "language",
+    "identifier",
+    "status",
+    "intent",
+    "category",
+    "priority",
+    "subject",
+    "encounter",
+    "authoredOn",
+    "requester",
+    "reasonCode",
+    "reasonReference",
+    "basedOn",
+    "groupIdentifier",
+    "courseOfTherapyType",
+    "insurance",
+)
+
+
+def replacement_order(order: dict[str, Any], system: str, code: str, label: str) -> dict[str, Any]:
+    """The draft ``order`` with its drug replaced by ``system|code``: only the elements that stay valid for another drug
+    (``_REPLACEMENT_ELEMENTS``), and no dose (the prescriber sets it)."""
+    replaced = copy.deepcopy({key: order[key] for key in _REPLACEMENT_ELEMENTS if key in order})
+    replaced["medicationCodeableConcept"] = {"coding": [{"system": system, "code": code, "display": label}], "text": label}
+    return replaced
+
+
 _TRANSPLANT_BASES = frozenset({"kidney_transplant", "kidney_transplant_procedure"})
 
 
@@ -131,10 +173,7 @@ def order_risk_cards(
                 unchangeable = "This draft order has no id, so it cannot be changed or removed from this card. "
         else:
             for feature, alt in alternatives:
-                updated = copy.deepcopy(order)
-                updated["medicationCodeableConcept"] = {"coding": [{"system": alt.system, "code": alt.code, "display": alt.label}], "text": alt.label}
-                updated.pop("medicationReference", None)
-                updated.pop("dosageInstruction", None)  # the dose of the alternative must be chosen by the prescriber
+                updated = replacement_order(order, alt.system, alt.code, alt.label)
                 suggestions.append(
                     {
                         "label": f"Replace with {alt.label} (set the dose)",

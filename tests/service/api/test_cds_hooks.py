@@ -588,6 +588,56 @@ def test_order_select_calcium_acetate_suggests_sevelamer(dev_client: TestClient)
     assert any(a["type"] == "delete" and a["resourceId"] == "MedicationRequest/draft-ca" for a in actions)
 
 
+def test_the_replacement_order_keeps_only_what_stays_true_for_the_new_drug(dev_client: TestClient) -> None:
+    """A calcium acetate draft as an EHR sends it (a contained Medication, narrative, quantity to dispense, substitution,
+    note): the ``update`` is a valid MedicationRequest for sevelamer that keeps the order's identity, subject,
+    requester and indication, and nothing about the old drug (a contained Medication left unreferenced breaks dom-3;
+    the narrative and the 540 capsules would describe calcium acetate)."""
+    from fhir.resources.R4B.medicationrequest import MedicationRequest
+
+    patient = high_risk_dialysis_patient()
+    order = {
+        "resourceType": "MedicationRequest",
+        "id": "draft-ca",
+        "meta": {"versionId": "1"},
+        "text": {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">calcium acetate 667 mg, 2 capsules TID, #540</div>'},
+        "contained": [
+            {
+                "resourceType": "Medication",
+                "id": "med1",
+                "code": {"coding": [{"system": b.RXNORM, "code": "359296", "display": "calcium acetate 667 MG Oral Capsule"}]},
+            }
+        ],
+        "identifier": [{"system": "https://ehr.example.org/orders", "value": "ORD-1"}],
+        "status": "draft",
+        "intent": "order",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/medicationrequest-category", "code": "community"}]}],
+        "medicationReference": {"reference": "#med1"},
+        "subject": {"reference": f"Patient/{patient.pid}"},
+        "encounter": {"reference": "Encounter/e1"},
+        "authoredOn": "2025-06-30",
+        "requester": {"reference": "Practitioner/pr1"},
+        "reasonCode": [{"coding": [{"system": b.SNOMED, "code": "20165001", "display": "Hyperphosphatemia"}]}],
+        "note": [{"text": "take with meals; calcium acetate may be crushed"}],
+        "dosageInstruction": [{"text": "2 capsules three times daily with meals"}],
+        "dispenseRequest": {
+            "quantity": {"value": 540, "unit": "capsule"},
+            "expectedSupplyDuration": {"value": 90, "unit": "days", "system": "http://unitsofmeasure.org", "code": "d"},
+        },
+        "substitution": {"allowedBoolean": True},
+    }
+    document = ok_cards(call(dev_client, ORDER_SELECT, order_body(ORDER_SELECT, patient, order)))
+    assert topics(document) == ["medication-order-risk"]
+    [update] = [a for s in document["cards"][0]["suggestions"] for a in s["actions"] if a["type"] == "update"]
+    replaced = update["resource"]
+    MedicationRequest.model_validate(replaced)  # R4B (reads R4 JSON)
+    for element in ("contained", "text", "dispenseRequest", "substitution", "note", "dosageInstruction", "medicationReference", "meta"):
+        assert element not in replaced, element
+    assert [(c["system"], c["code"]) for c in replaced["medicationCodeableConcept"]["coding"]] == [(b.RXNORM, SEVELAMER)]
+    kept = ("id", "identifier", "status", "intent", "category", "subject", "encounter", "authoredOn", "requester", "reasonCode")
+    assert {k: replaced[k] for k in kept} == {k: order[k] for k in kept}
+
+
 def test_order_sign_returns_order_cards_and_risk_cards(dev_client: TestClient) -> None:
     patient = high_risk_dialysis_patient()
     order = draft_order("draft-warfarin", WARFARIN, patient.pid)
