@@ -107,7 +107,6 @@ CONDITIONS_EXACT: dict[tuple[str, str], str] = {
     # renal context
     (SCT, "46177005"): "esrd_or_ckd5",
     (SCT, "236435004"): "esrd_or_ckd5",
-    (SCT, "236436003"): "esrd_or_ckd5",
     (SCT, "433146000"): "esrd_or_ckd5",
     (SCT, "714152005"): "esrd_or_ckd5",
     (ICD, "N18.5"): "esrd_or_ckd5",
@@ -119,6 +118,7 @@ CONDITIONS_EXACT: dict[tuple[str, str], str] = {
     (ICD, "Z99.2"): "dialysis_dependence",
     (SCT, "125141000119102"): "dialysis_dependence",
     (SCT, "737295003"): "kidney_transplant",
+    (SCT, "236436003"): "kidney_transplant",  # "End stage renal failure with renal transplant": R2, but a transplant basis
     (ICD, "Z94.0"): "kidney_transplant",
     (SCT, "431857002"): "ckd4",
     (ICD, "N18.4"): "ckd4",

@@ -21,6 +21,7 @@ TRANSPLANT = b.condition("Z94.0", b.ICD10, display="Kidney transplant status")
 CKD4 = b.condition("N18.4", b.ICD10, display="Chronic kidney disease, stage 4 (severe)")
 CALCIPHYLAXIS = b.condition("237900002", display="Calciphylaxis")
 ESRD = b.esrd()
+ESRF_WITH_TRANSPLANT = b.condition("236436003", display="End stage renal failure with renal transplant")
 
 
 def egfr(value: float) -> dict[str, Any]:
@@ -51,6 +52,8 @@ def actions(card: dict[str, Any]) -> list[dict[str, Any]]:
         pytest.param((egfr(12),), {"kidney_failure"}, id="egfr-below-15"),
         pytest.param((TRANSPLANT, egfr(55)), {"kidney_transplant"}, id="transplant-functioning"),
         pytest.param((TRANSPLANT, egfr(12)), {"kidney_failure", "kidney_transplant"}, id="transplant-failing"),
+        pytest.param((ESRF_WITH_TRANSPLANT, egfr(58)), {"kidney_transplant"}, id="esrf-with-transplant-functioning"),
+        pytest.param((ESRF_WITH_TRANSPLANT, egfr(12)), {"kidney_failure", "kidney_transplant"}, id="esrf-with-transplant-failing"),
         pytest.param((CKD4,), {"ckd4"}, id="ckd4"),
         pytest.param((egfr(22),), {"ckd4"}, id="egfr-15-29"),
         pytest.param((CALCIPHYLAXIS, egfr(80)), {"established_calciphylaxis"}, id="established-non-renal"),
@@ -74,7 +77,17 @@ def test_calcium_binder_in_kidney_failure_or_calciphylaxis_offers_a_non_calcium_
     assert [a["resourceId"] for a in actions(card) if a["type"] == "delete"] == ["MedicationRequest/draft-1"]
 
 
-@pytest.mark.parametrize("record", [(TRANSPLANT, egfr(55)), (CKD4,)], ids=["transplant", "ckd4"])
+def test_end_stage_renal_failure_with_transplant_is_r2_on_a_transplant_basis(run: Callable[..., Evaluation]) -> None:
+    """SNOMED 236436003 stays R2 (REFERENCE §2.2), but the kidney failure it names is treated by the transplant: the
+    renal context rests on the transplant, as for 737295003, not on ESRD."""
+    outcome = run(ESRF_WITH_TRANSPLANT, egfr(58)).outcome
+    assert outcome.renal == "R2"
+    assert outcome.renal_bases == {"kidney_transplant"}
+
+
+@pytest.mark.parametrize(
+    "record", [(TRANSPLANT, egfr(55)), (ESRF_WITH_TRANSPLANT, egfr(58)), (CKD4,)], ids=["transplant", "esrf-with-transplant", "ckd4"]
+)
 def test_calcium_binder_after_a_transplant_or_in_ckd4_warns_without_proposing_a_swap(
     cards_for: Callable[..., list[dict[str, Any]]], record: tuple[dict[str, Any], ...]
 ) -> None:
