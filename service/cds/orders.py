@@ -3,8 +3,9 @@
 Fires when an order under review adds warfarin, a calcium-based binder, vitamin D therapy or IV
 calcium/phosphate for a patient in a renal context (R1/R2) or with established calciphylaxis.
 Suggestions: remove the draft order (``delete``), and where the mappings name a standard alternative for the
-patient's setting (a non-calcium binder for a calcium-based one, in kidney failure) replace the drug in the draft
-order (``update``). An order that adds only IV calcium or phosphate gets an informational card with no suggestion:
+patient's setting and findings (a non-calcium binder for a calcium-based one, in kidney failure with a high phosphate
+and no non-calcium binder already) replace the drug in the draft order (``update``); when an alternative exists but is
+withheld, the card says why. An order that adds only IV calcium or phosphate gets an informational card with no suggestion:
 REFERENCE §2.5.4 rests on case reports, and IV calcium is often emergency treatment (hyperkalaemia, symptomatic
 hypocalcaemia), so removing it is not advice this service can give.
 """
@@ -18,9 +19,10 @@ from service.cds.cards import CardContext, evidence_table, make_card, stable_uui
 from service.cds.extract import IV_FEATURES, given_intravenously, recognise_medication
 from service.cds.fhirutil import resource_ref
 from service.cds.grouping import resolve_medication
-from service.cds.model import Evidence
+from service.cds.model import CaseFacts, Evidence
 from service.cds.rules import RULE_IDS, Outcome, condition_evidence
 from service.terminology.catalog import Catalog
+from service.terminology.schema import OrderAlternative
 
 ORDER_RISK_FEATURES = {
     "vka": "warfarin (vitamin K antagonist)",
@@ -139,10 +141,41 @@ def patient_settings(outcome: Outcome) -> frozenset[str]:
     return frozenset(settings)
 
 
+#: How a card names the settings of ``offer_when`` when it says an alternative is not offered in the patient's.
+_SETTING_WORDS = {
+    "kidney_failure": "kidney failure",
+    "kidney_transplant": "after a kidney transplant",
+    "ckd4": "CKD G4",
+    "established_calciphylaxis": "established calciphylaxis",
+}
+
+
+def withheld_because(alt: OrderAlternative, settings: frozenset[str], outcome: Outcome, facts: CaseFacts, catalog: Catalog) -> list[str]:
+    """Why ``alt`` is not proposed for this patient (short phrases, no patient values); empty when it is proposed."""
+    if not settings.intersection(alt.offer_when):
+        return ["offered only in " + " or ".join(_SETTING_WORDS[s] for s in alt.offer_when)]
+    reasons = []
+    if "hyperphosphatemia" in alt.requires and not outcome.hyperphosphatemia:
+        # outcome.hyperphosphatemia is the M2 comparison itself (REFERENCE §2.3): the latest valid phosphate in the window
+        # against the Thresholds value for the renal context (the lab's upper limit under 18), whose text its evidence carries.
+        threshold = next((e.threshold for e in outcome.phosphate_evidence if e.threshold), None)
+        reasons.append(f"latest phosphate not above {threshold.removeprefix('> ')}" if threshold else "no valid phosphate result in the window")
+    for feature in alt.unless_current:
+        if any(feature in m.features and m.current and facts.usable(m) for m in facts.medications):
+            reasons.append(f"already on a {catalog.features[feature].display.lower()}")
+    return reasons
+
+
 def order_risk_cards(
-    orders: list[dict[str, Any]], outcome: Outcome, ctx: CardContext, catalog: Catalog, medications: dict[str, dict[str, Any]]
+    orders: list[dict[str, Any]],
+    outcome: Outcome,
+    facts: CaseFacts,
+    ctx: CardContext,
+    catalog: Catalog,
+    medications: dict[str, dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """``medications``: the Medications a ``medicationReference`` may name (the draftOrders Bundle's, the prefetch's)."""
+    """``facts``: the patient's (their current medications decide whether an alternative is withheld);
+    ``medications``: the Medications a ``medicationReference`` may name (the draftOrders Bundle's, the prefetch's)."""
     renal = outcome.renal in ("R1", "R2")
     established = bool(outcome.established)
     if not (renal or established):
@@ -161,11 +194,15 @@ def order_risk_cards(
         drug = coding.get("display") or ORDER_RISK_FEATURES[sorted(features)[0]]
         kinds = ", ".join(ORDER_RISK_FEATURES[f] for f in sorted(features))
         iv_only = features <= IV_FEATURES
-        alternatives = [
-            (feature, alt)
-            for feature in sorted(features)
-            if (alt := catalog.order_alternatives.get(feature)) is not None and settings.intersection(alt.offer_when)
-        ]
+        alternatives = []
+        withheld = ""
+        for feature in sorted(features):
+            if (alt := catalog.order_alternatives.get(feature)) is None:
+                continue
+            if reasons := withheld_because(alt, settings, outcome, facts, catalog):
+                withheld += f"A switch to {alt.label} is not proposed: {'; '.join(reasons)}. "
+            else:
+                alternatives.append((feature, alt))
         suggestions: list[dict[str, Any]] = []
         unchangeable = ""
         if draft_ref is None:
@@ -203,6 +240,7 @@ def order_risk_cards(
                 if features & IV_FEATURES
                 else ""
             )
+            + (withheld if draft_ref is not None else "")
             + unchangeable
             + "\n\n"
             + evidence_table(

@@ -381,6 +381,9 @@ def load_catalog(directory: Path | str | None = None) -> Catalog:
         target = medications.get((alt.system, alt.code))
         if target is None:
             raise _fail(path, line, f"order alternative for {feature}: {alt.system}|{alt.code} is not in a medications file")
+        for current in alt.unless_current:
+            if current not in features or features[current].kind != "medication":
+                raise _fail(path, line, f"order alternative for {feature}: unless_current {current!r} is not a medication feature of features.yaml")
     dotless = {(s, _dotless(c)): e for (s, c), e in conditions.items() if s == SYSTEMS["icd10cm"]}
     return Catalog(
         version=digest.hexdigest()[:16],

@@ -183,12 +183,20 @@ class OrderSetsFile(_Strict):
 OfferSetting = Literal["kidney_failure", "kidney_transplant", "ckd4", "established_calciphylaxis"]
 
 
+#: Findings an alternative may require besides its setting (service/cds/orders.py says how each is read).
+OfferRequirement = Literal["hyperphosphatemia"]
+
+
 class OrderAlternative(_Strict):
     system: str
     code: str
     label: str
     rationale: str
     offer_when: list[OfferSetting] = Field(min_length=1, description="the patient settings in which the alternative is proposed")
+    requires: tuple[OfferRequirement, ...] = Field((), description="findings that must also be present for the alternative to be proposed")
+    unless_current: tuple[str, ...] = Field(
+        (), description="medication features: the alternative is not proposed when the patient already has a current medication with one"
+    )
 
 
 class OrderAlternativesFile(_Strict):

@@ -289,7 +289,7 @@ class HookService:
         ``medicationReference`` may name."""
         if hook not in ORDER_HOOKS:
             return evaluation.cards
-        order_cards = order_risk_cards(orders, evaluation.outcome, evaluation.context, self.catalog, medications)
+        order_cards = order_risk_cards(orders, evaluation.outcome, evaluation.facts, evaluation.context, self.catalog, medications)
         if hook == "order-select":
             return order_cards
         return [*order_cards, *evaluation.cards]

@@ -599,6 +599,19 @@ def test_order_sets(catalog: Catalog) -> None:
             assert entry is not None and entry.use
 
 
+def test_order_alternatives(catalog: Catalog) -> None:
+    """The only automatic alternative: sevelamer (REFERENCE §3.4 SCD 749206) for a calcium-based binder, proposed only
+    where KDIGO's advice applies (kidney failure, CKD G5D), only with a phosphate above the M2 threshold (§2.3), and
+    not to a patient already on a non-calcium binder."""
+    assert set(catalog.order_alternatives) == {"calcium_binder"}
+    alt = catalog.order_alternatives["calcium_binder"]
+    assert (alt.system, alt.code) == (RXN, "749206")
+    assert catalog.medication(RXN, "749206").features == {"noncalcium_binder"}  # type: ignore[union-attr]
+    assert alt.offer_when == ["kidney_failure"]
+    assert alt.requires == ("hyperphosphatemia",)
+    assert alt.unless_current == ("noncalcium_binder",)
+
+
 # ============================================================================= features and README
 def test_every_feature_is_used_or_reserved(catalog: Catalog) -> None:
     used = {e.feature for e in [*catalog.conditions.values(), *catalog.condition_prefixes]}

@@ -588,6 +588,25 @@ def test_order_select_calcium_acetate_suggests_sevelamer(dev_client: TestClient)
     assert any(a["type"] == "delete" and a["resourceId"] == "MedicationRequest/draft-ca" for a in actions)
 
 
+def test_order_sign_calcium_carbonate_for_a_patient_already_on_sevelamer_offers_removal_only(dev_client: TestClient) -> None:
+    """ESRD with Ca 7.1 and P 2.4 mg/dL and an active sevelamer order (from the prefetch): the calcium carbonate order is
+    warned about, but sevelamer is not proposed again (the phosphate is not above 5.5 mg/dL and a non-calcium binder is
+    already current); the card says so."""
+    pid = "p1"
+    patient = PatientData(
+        pid=pid,
+        patient=b.patient(pid, gender="male", birth="1960-01-01"),
+        observations=[{**shifted(r), "subject": {"reference": f"Patient/{pid}"}} for r in b.renal_panel(ca=7.1, p=2.4, alb=3.9, pth=300, days=2)],
+        conditions=[{**shifted(b.esrd()), "subject": {"reference": f"Patient/{pid}"}}],
+        medication_requests=[{**shifted(b.med_request(SEVELAMER, authored_days=30)), "subject": {"reference": f"Patient/{pid}"}}],
+    )
+    order = draft_order("draft-cc", "282465", pid, display="calcium carbonate 1250 MG Oral Tablet")
+    document = ok_cards(call(dev_client, ORDER_SIGN, order_body(ORDER_SIGN, patient, order)))
+    [card] = [c for c in document["cards"] if c["source"]["topic"]["code"] == "medication-order-risk"]
+    assert [a["type"] for s in card["suggestions"] for a in s["actions"]] == ["delete"]
+    assert "is not proposed: latest phosphate not above 5.5 mg/dL; already on a non-calcium phosphate binder." in card["detail"]
+
+
 def test_the_replacement_order_keeps_only_what_stays_true_for_the_new_drug(dev_client: TestClient) -> None:
     """A calcium acetate draft as an EHR sends it (a contained Medication, narrative, quantity to dispense, substitution,
     note): the ``update`` is a valid MedicationRequest for sevelamer that keeps the order's identity, subject,

@@ -115,7 +115,7 @@ def test_a_name_inside_a_longer_word_is_not_a_match(run: Callable[..., Evaluatio
 def test_an_order_for_a_brand_product_gets_the_order_card(run: Callable[..., Evaluation], catalog: Catalog) -> None:
     evaluation = run(b.esrd())
     order = medication({"coding": [{"system": b.RXNORM, "code": "855334", "display": "Warfarin Sodium 5 MG Oral Tablet [Coumadin]"}]}, status="draft")
-    cards = order_risk_cards([order], evaluation.outcome, evaluation.context, catalog, {})
+    cards = order_risk_cards([order], evaluation.outcome, evaluation.facts, evaluation.context, catalog, {})
     assert [c["source"]["topic"]["code"] for c in cards] == ["medication-order-risk"]
 
 

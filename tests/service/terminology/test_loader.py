@@ -324,3 +324,22 @@ def test_order_alternative_with_unmapped_product(mappings: Path) -> None:
     message = _error(mappings)
     assert _where(message) == ("order_alternatives.yaml", line)
     assert "99999" in message
+
+
+@pytest.mark.parametrize("feature", ["noncalcium_bindr", "esrd_or_ckd5"], ids=["unknown", "condition-feature"])
+def test_order_alternative_unless_current_names_a_medication_feature(mappings: Path, feature: str) -> None:
+    path = mappings / "order_alternatives.yaml"
+    line = _line_no(path, "  calcium_binder:")
+    _replace_once(path, "unless_current: [noncalcium_binder]", f"unless_current: [{feature}]")
+    message = _error(mappings)
+    assert _where(message) == ("order_alternatives.yaml", line)
+    assert f"unless_current {feature!r} is not a medication feature" in message
+
+
+def test_order_alternative_with_an_unknown_requirement(mappings: Path) -> None:
+    path = mappings / "order_alternatives.yaml"
+    line = _line_no(path, "requires: [hyperphosphatemia]")
+    _replace_once(path, "requires: [hyperphosphatemia]", "requires: [hyperphosphataemia]")
+    message = _error(mappings)
+    assert _where(message) == ("order_alternatives.yaml", line)
+    assert "requires.0: Input should be 'hyperphosphatemia'" in message
