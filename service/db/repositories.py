@@ -78,7 +78,6 @@ from service.db.models import (
 log = logging.getLogger(__name__)
 
 MAX_ERROR_LEN = 2000
-MAX_REPORTED_GAP = 10_000
 #: Subscription.status codes (FHIR R4/R5, Backport): the bounded label values of ``fhir_subscriptions``, plus "other".
 SUBSCRIPTION_STATUSES = ("requested", "active", "error", "off", "entered-in-error", "other")
 _INT64_MAX = 2**63 - 1
@@ -1456,22 +1455,20 @@ class SubscriptionStateRepository(_Repository):
     def set_status(self, subscription: str, status: str, *, now: datetime | None = None) -> None:
         self.ensure(subscription, status=status, now=now)
 
-    def _advance(self, state: SubscriptionState, highest_seen: int, *, inclusive: bool) -> list[int]:
+    def _advance(self, state: SubscriptionState, highest_seen: int, *, inclusive: bool) -> range:
         last = state.last_event_number
         if last is None:
             state.last_event_number = highest_seen
-            return []
+            return range(0)
         if highest_seen <= last:
-            return []
-        stop = highest_seen + 1 if inclusive else highest_seen
-        missing = list(range(last + 1, min(stop, last + 1 + MAX_REPORTED_GAP)))
+            return range(0)
         state.last_event_number = highest_seen
-        return missing
+        return range(last + 1, highest_seen + 1 if inclusive else highest_seen)
 
-    def observe_event_number(self, subscription: str, event_number: int, *, now: datetime | None = None) -> list[int]:
-        """Record a notification's event number; returns the numbers skipped since the highest seen (each gap
-        is reported once, at most ``MAX_REPORTED_GAP`` numbers). The first number seen is the baseline; a
-        late or repeated number reports nothing."""
+    def observe_event_number(self, subscription: str, event_number: int, *, now: datetime | None = None) -> range:
+        """Record a notification's event number; returns the numbers skipped since the highest seen, however many
+        (a ``range``: its first and last number, never a list). Each gap is reported once. The first number seen
+        is the baseline; a late or repeated number reports nothing."""
         ts = _now(now)
         state = self._locked(subscription, ts)
         missing = self._advance(state, event_number, inclusive=False)
@@ -1482,9 +1479,9 @@ class SubscriptionStateRepository(_Repository):
             log.info("subscription event gap: %d missing", len(missing))
         return missing
 
-    def observe_events_since_start(self, subscription: str, events_since_start: int, *, now: datetime | None = None) -> list[int]:
+    def observe_events_since_start(self, subscription: str, events_since_start: int, *, now: datetime | None = None) -> range:
         """Record ``eventsSinceSubscriptionStart`` of a handshake, heartbeat or status: events up to and
-        including that count were sent, so any of them beyond the highest seen are missing."""
+        including that count were sent, so any of them beyond the highest seen are missing (a ``range``)."""
         ts = _now(now)
         state = self._locked(subscription, ts)
         missing = self._advance(state, events_since_start, inclusive=True)

@@ -383,11 +383,11 @@ def _receive_backport(repos: Repositories, jobs: Jobs, n: BackportNotification, 
         log.warning("subscription_status_error", subscription=sub, notification=n.type)
     else:
         repos.subscriptions.touch_heartbeat(sub)
-    missing: list[int] = []
+    gaps: list[range] = []
     if n.type in ("heartbeat", "query-status") and n.events_since_start is not None:
-        missing = repos.subscriptions.observe_events_since_start(sub, n.events_since_start)
+        gaps.append(repos.subscriptions.observe_events_since_start(sub, n.events_since_start))
     for ev in n.events:
-        missing.extend(repos.subscriptions.observe_event_number(sub, ev.event_number))
+        gaps.append(repos.subscriptions.observe_event_number(sub, ev.event_number))
         key = dedup_key(ev)
         if ev.resource is not None:
             pending.add(LedgerEntry(key, "backport-event", EventStatus.HANDLED, subscription=sub, event_number=ev.event_number,
@@ -397,11 +397,28 @@ def _receive_backport(repos: Repositories, jobs: Jobs, n: BackportNotification, 
             _record(repos, jobs, summary, requeue, dedup_key=key, kind="backport-event", subscription=sub,
                     event_number=ev.event_number, resource_type=ev.focus_type, resource_id=ev.focus_id,
                     payload={"focus": ev.focus_reference} if ev.focus_reference else None)
-    missing = sorted(set(missing) - {ev.event_number for ev in n.events})
-    if missing:
-        log.warning("event_gap", subscription=sub, missing=len(missing), first=missing[0], last=missing[-1])
-        _record(repos, jobs, summary, requeue, dedup_key=f"{sub}#gap#{missing[0]}-{missing[-1]}", kind="recovery",
-                subscription=sub, payload={"missing": [missing[0], missing[-1]]})
+    span = _gap_span(gaps, {ev.event_number for ev in n.events})
+    if span is not None:
+        first, last = span
+        log.warning("event_gap", subscription=sub, missing=last - first + 1, first=first, last=last)
+        # Each number is reported once (the state moved past it), so the key of a span is new and a redelivery
+        # of this notification reports nothing.
+        _record(repos, jobs, summary, requeue, dedup_key=f"{sub}#gap#{first}-{last}", kind="recovery",
+                subscription=sub, payload={"missing": [first, last]})
+
+
+def _gap_span(gaps: Iterable[range], delivered: set[int]) -> tuple[int, int] | None:
+    """First and last missing number of the spans reported for one notification, less the numbers it delivered at
+    either end (the span may still hold some it delivered: recovering them again changes nothing)."""
+    spans = [g for g in gaps if g]
+    if not spans:
+        return None
+    first, last = min(g[0] for g in spans), max(g[-1] for g in spans)
+    while first <= last and first in delivered:
+        first += 1
+    while last >= first and last in delivered:
+        last -= 1
+    return (first, last) if first <= last else None
 
 
 # --------------------------------------------------------------------------- worker: one ledger event
@@ -589,23 +606,36 @@ def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs
     return count
 
 
+#: The most event numbers one ``$events`` call asks for. A larger gap asks for its first ones and then searches
+#: ``_lastUpdated`` for the rest; so does a gap of exactly this many (a recovery recorded before gaps were carried
+#: whole was cut at this size).
+EVENTS_SPAN_MAX = 10_000
+
+
 def _recover_gap(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str, span: list[int]) -> None:
     """Missing Backport events (or events sent with an ``empty`` payload): ask ``$events`` for them with their
-    focus; if the server cannot, or does not name every focus, search ``_lastUpdated``."""
+    focus (at most ``EVENTS_SPAN_MAX`` numbers); if the server cannot, does not name every focus, or the gap is
+    longer than was asked for, search ``_lastUpdated``."""
     sub_id = subscription.rstrip("/").split("/")[-1]
     if span and sub_id:
+        first, last = span[0], span[-1]
+        until = min(last, first + EVENTS_SPAN_MAX - 1)
+        whole = last - first + 1 < EVENTS_SPAN_MAX
+        if not whole:
+            log.info("events_gap_beyond_operation", subscription=subscription, missing=last - first + 1, asked=until - first + 1)
         try:
-            bundle = ctx.shared_client().subscription_events(sub_id, since=span[0], until=span[-1], content="id-only")
-            unresolved = set(range(span[0], span[-1] + 1))
+            bundle = ctx.shared_client().subscription_events(sub_id, since=first, until=until, content="id-only")
+            unresolved = set(range(first, until + 1))
             for n in parse_subscription_status(bundle):
                 for ev in n.events:
                     if ev.resource is None and not (ev.focus_type and ev.focus_id):
                         continue  # still no focus: left to the search below
                     _apply_event(ctx, repos, jobs, ev)
                     unresolved.discard(ev.event_number)
-            if not unresolved:
+            if not unresolved and whole:
                 return
-            log.info("events_operation_incomplete", subscription=subscription, unresolved=len(unresolved))
+            if unresolved:
+                log.info("events_operation_incomplete", subscription=subscription, unresolved=len(unresolved))
         except (FhirPermanentError, FhirNotFound, ValueError) as exc:
             log.info("events_operation_unavailable", subscription=subscription, error=type(exc).__name__)
     fetch_changes_since_watermark(ctx, repos, jobs, subscription)

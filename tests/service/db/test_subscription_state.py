@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.repositories import MAX_REPORTED_GAP, Repositories, SubscriptionStateRepository
+from service.db.repositories import Repositories, SubscriptionStateRepository
 from service.db.session import session_scope
 
 SUB = "Subscription/s1"
@@ -16,7 +16,7 @@ SUB = "Subscription/s1"
 
 def _observe(factory: sessionmaker[Session], n: int) -> list[int]:
     with session_scope(factory) as session:
-        return SubscriptionStateRepository(session).observe_event_number(SUB, n)
+        return list(SubscriptionStateRepository(session).observe_event_number(SUB, n))
 
 
 def test_gap_detection(db_session_factory: sessionmaker[Session]) -> None:
@@ -34,18 +34,23 @@ def test_gap_detection(db_session_factory: sessionmaker[Session]) -> None:
 def test_events_since_start_reports_unseen_events(db_session_factory: sessionmaker[Session]) -> None:
     with session_scope(db_session_factory) as session:
         repo = SubscriptionStateRepository(session)
-        assert repo.observe_events_since_start(SUB, 0) == []  # handshake: baseline
-        assert repo.observe_event_number(SUB, 2) == [1]
-        assert repo.observe_events_since_start(SUB, 4) == [3, 4]  # heartbeat: events 3 and 4 never arrived
-        assert repo.observe_events_since_start(SUB, 4) == []
-        assert repo.observe_event_number(SUB, 4) == []
+        assert list(repo.observe_events_since_start(SUB, 0)) == []  # handshake: baseline
+        assert list(repo.observe_event_number(SUB, 2)) == [1]
+        assert list(repo.observe_events_since_start(SUB, 4)) == [3, 4]  # heartbeat: events 3 and 4 never arrived
+        assert list(repo.observe_events_since_start(SUB, 4)) == []
+        assert list(repo.observe_event_number(SUB, 4)) == []
 
 
-def test_a_huge_gap_is_reported_capped(db_session_factory: sessionmaker[Session]) -> None:
+def test_a_huge_gap_is_reported_whole(db_session_factory: sessionmaker[Session]) -> None:
+    """A gap over 10,000 numbers is reported from its first to its last number (it used to be cut at 10,000 while
+    the state moved past all of them, so the numbers after the cut were never recovered)."""
     assert _observe(db_session_factory, 1) == []
-    missing = _observe(db_session_factory, 10 * MAX_REPORTED_GAP)
-    assert len(missing) == MAX_REPORTED_GAP
-    assert missing[0] == 2
+    with session_scope(db_session_factory) as session:
+        missing = SubscriptionStateRepository(session).observe_event_number(SUB, 100_000)
+    assert (missing[0], missing[-1], len(missing)) == (2, 99_999, 99_998)
+    with session_scope(db_session_factory) as session:
+        counted = SubscriptionStateRepository(session).observe_events_since_start(SUB, 250_000)
+    assert (counted[0], counted[-1]) == (100_001, 250_000)
 
 
 def test_concurrent_observations_report_each_gap_once(db_session_factory: sessionmaker[Session]) -> None:

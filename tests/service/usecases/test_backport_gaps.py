@@ -1,0 +1,94 @@
+"""Backport event-number gaps are recovered whole, over real HTTP against the fake FHIR server: a gap longer than
+one ``$events`` call asks for is also searched by ``_lastUpdated``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings
+from service.db.models import EventStatus, InboundEvent
+from service.db.repositories import Repositories
+from service.db.session import session_scope
+from service.fhir.notifications import parse_notification
+from service.queue import TASK_PROCESS_EVENT, MemoryQueue
+from service.terminology.catalog import Catalog
+from service.usecases import monitor
+from service.usecases.monitor import MonitorContext
+from tests.builders import CA, P, obs, patient
+from tests.fakes.fhir_server import FakeFhirServer
+
+SUB_ID = "calc"
+
+
+@pytest.fixture
+def fhir() -> Iterator[FakeFhirServer]:
+    with FakeFhirServer() as srv:
+        yield srv
+        assert not srv.errors, srv.errors
+
+
+def context(fhir: FakeFhirServer, sessions: sessionmaker[Session], catalog: Catalog, tmp_path: Path) -> MonitorContext:
+    settings = Settings(data_dir=tmp_path, fhir_base_url=fhir.base_url, fhir_max_retries=0, fhir_timeout_s=60)
+    return MonitorContext.from_settings(settings, catalog=catalog, sessions=sessions, queue=MemoryQueue())
+
+
+def receive(ctx: MonitorContext, bundle: dict[str, Any]) -> monitor.ReceiveSummary:
+    return monitor.receive(ctx, parse_notification(json.dumps(bundle).encode(), {}), "backport")
+
+
+def drain(ctx: MonitorContext) -> list[tuple[int, str]]:
+    """Run every queued ledger event (and the ones they queue) as a worker would; returns (event id, status)."""
+    queue = ctx.queue
+    assert isinstance(queue, MemoryQueue)
+    done: list[tuple[int, str]] = []
+    while True:
+        pending = [args[0] for name, args, _ in queue.sent if name == TASK_PROCESS_EVENT and args[0] not in {e for e, _ in done}]
+        if not pending:
+            return done
+        for event_id in pending:
+            done.append((event_id, monitor.process_event(ctx, event_id)))
+
+
+def stored(ctx: MonitorContext) -> set[str]:
+    with session_scope(ctx.sessions) as session:
+        return {f"{r.resource_type}/{r.resource_id}" for r in Repositories(session).resources.list_for_patient("Patient/p1")}
+
+
+def recoveries(ctx: MonitorContext) -> list[tuple[str, Any]]:
+    with session_scope(ctx.sessions) as session:
+        rows = session.scalars(select(InboundEvent).where(InboundEvent.kind == "recovery").order_by(InboundEvent.id))
+        return [(r.dedup_key, r.payload) for r in rows]
+
+
+def test_a_gap_longer_than_one_events_call_is_searched_too(
+    db_session_factory: sessionmaker[Session], catalog: Catalog, tmp_path: Path, fhir: FakeFhirServer
+) -> None:
+    """Events 2..10,003 are not delivered; 10,004 is. ``$events`` is asked for the first 10,000 of them (it names
+    them all); the calcium and phosphate of events 10,002 and 10,003 come from the ``_lastUpdated`` search."""
+    ctx = context(fhir, db_session_factory, catalog, tmp_path)
+    fhir.add_subscription(SUB_ID, content="id-only")
+    fhir.record_event(SUB_ID, fhir.put(patient()))  # 1
+    assert receive(ctx, fhir.notification_bundle(SUB_ID, [1])).accepted == 1
+    drain(ctx)
+    for _ in range(10_000):  # 2 .. 10,001: other events (the fake records them without a resource)
+        fhir.record_event(SUB_ID, "Encounter/e1")
+    fhir.record_event(SUB_ID, fhir.put(obs(CA, 11.5, rid="ca1", subject="Patient/p1")))  # 10,002
+    fhir.record_event(SUB_ID, fhir.put(obs(P, 7.0, rid="ph1", subject="Patient/p1")))  # 10,003
+    last = fhir.record_event(SUB_ID, "Encounter/e1")  # 10,004, delivered
+    fhir.clear_requests()
+
+    assert receive(ctx, fhir.notification_bundle(SUB_ID, [last])).accepted == 2  # the event and its gap
+
+    assert recoveries(ctx) == [(f"{fhir.base_url}/Subscription/{SUB_ID}#gap#2-10003", {"missing": [2, 10_003]})]
+    assert all(status == EventStatus.HANDLED for _, status in drain(ctx))
+    asked = [(r.query.get("eventsSinceNumber"), r.query.get("eventsUntilNumber")) for r in fhir.requests if "$events" in r.path]
+    assert asked == [(["2"], ["10001"])]
+    assert any("_lastUpdated" in r.query for r in fhir.requests)
+    assert {"Observation/ca1", "Observation/ph1"} <= stored(ctx)
