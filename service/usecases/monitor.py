@@ -384,7 +384,10 @@ def _receive_backport(repos: Repositories, jobs: Jobs, n: BackportNotification, 
     else:
         repos.subscriptions.touch_heartbeat(sub)
     gaps: list[range] = []
-    if n.type in ("heartbeat", "query-status") and n.events_since_start is not None:
+    # Every form carries the count of events the server has sent, this notification's included: a handshake's
+    # (normally 0) is the baseline, so an event missed before the first one delivered is still a gap, and a
+    # notification naming no event but a higher count reports the events it did not list.
+    if n.events_since_start is not None:
         gaps.append(repos.subscriptions.observe_events_since_start(sub, n.events_since_start))
     for ev in n.events:
         gaps.append(repos.subscriptions.observe_event_number(sub, ev.event_number))

@@ -1,5 +1,6 @@
 """Backport event-number gaps are recovered whole, over real HTTP against the fake FHIR server: a gap longer than
-one ``$events`` call asks for is also searched by ``_lastUpdated``."""
+one ``$events`` call asks for is also searched by ``_lastUpdated``; every notification's
+``eventsSinceSubscriptionStart`` counts (the handshake's is the baseline)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from service.usecases import monitor
 from service.usecases.monitor import MonitorContext
 from tests.builders import CA, P, obs, patient
 from tests.fakes.fhir_server import FakeFhirServer
+from tests.fakes.notifications import EventSpec, make_notification_bundle
 
 SUB_ID = "calc"
 
@@ -92,3 +94,40 @@ def test_a_gap_longer_than_one_events_call_is_searched_too(
     assert asked == [(["2"], ["10001"])]
     assert any("_lastUpdated" in r.query for r in fhir.requests)
     assert {"Observation/ca1", "Observation/ph1"} <= stored(ctx)
+
+
+def test_events_missed_before_the_first_delivered_one_are_recovered_from_the_handshake_baseline(
+    db_session_factory: sessionmaker[Session], catalog: Catalog, tmp_path: Path, fhir: FakeFhirServer
+) -> None:
+    """The handshake says 0 events so far; events 1 and 2 never arrive; event 3 does: 1-2 are a gap (the first
+    number seen used to be the baseline), recovered through ``$events``; the heartbeat saying 3 adds nothing."""
+    ctx = context(fhir, db_session_factory, catalog, tmp_path)
+    fhir.add_subscription(SUB_ID, content="full-resource")
+    sub = f"{fhir.base_url}/Subscription/{SUB_ID}"
+    handshake = make_notification_bundle(subscription=sub, type="handshake", status="requested", events_since_start=0, content="full-resource")
+    assert receive(ctx, handshake).accepted == 0
+    for resource in (patient(), obs(CA, 11.5, rid="ca1", subject="Patient/p1"), obs(P, 7.0, rid="ph1", subject="Patient/p1")):
+        fhir.record_event(SUB_ID, fhir.put(resource))  # events 1, 2, 3
+
+    assert receive(ctx, fhir.notification_bundle(SUB_ID, [3], content="full-resource")).accepted == 2  # event 3 and the gap
+    assert [payload for _, payload in recoveries(ctx)] == [{"missing": [1, 2]}]
+    heartbeat = make_notification_bundle(subscription=sub, type="heartbeat", events_since_start=3, content="full-resource")
+    assert receive(ctx, heartbeat).accepted == 0
+
+    assert all(status == EventStatus.HANDLED for _, status in drain(ctx))
+    assert fhir.count(path=r"\$events") == 1
+    assert stored(ctx) == {"Patient/p1", "Observation/ca1", "Observation/ph1"}
+
+
+def test_a_notification_with_only_a_count_reports_the_events_it_did_not_list(
+    db_session_factory: sessionmaker[Session], catalog: Catalog, tmp_path: Path, fhir: FakeFhirServer
+) -> None:
+    """After event 1, an event-notification naming no event but ``eventsSinceSubscriptionStart`` 5: events 2-5
+    are a gap (it used to be answered ``accepted: 0`` and the count ignored)."""
+    ctx = context(fhir, db_session_factory, catalog, tmp_path)
+    sub = f"{fhir.base_url}/Subscription/{SUB_ID}"
+    assert receive(ctx, make_notification_bundle(subscription=sub, events=[EventSpec(1)], content="empty")).accepted == 1
+    count_only = make_notification_bundle(subscription=sub, events=[], events_since_start=5, content="empty")
+    assert receive(ctx, count_only).accepted == 1
+    assert [payload for _, payload in recoveries(ctx)] == [{"missing": [2, 5]}]
+    assert receive(ctx, count_only).accepted == 0  # the same count again: nothing new
