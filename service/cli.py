@@ -389,6 +389,7 @@ def subscriptions_create(
     from service.db.repositories import Repositories
     from service.db.session import session_scope
     from service.fhir.errors import FhirError
+    from service.fhir.notifications import subscription_key
     from service.usecases.subscriptions import backport_subscription, r4_subscriptions
 
     mctx = _monitor_context(offline=True)
@@ -410,8 +411,11 @@ def subscriptions_create(
     with session_scope(mctx.sessions) as session:
         repos = Repositories(session)
         for sub in created:
-            ref = f"Subscription/{sub.get('id')}"
+            # The key its notifications are recorded under (they name it by its absolute URL: the same key).
+            ref = subscription_key(f"Subscription/{sub.get('id')}", settings.fhir_base_url)
             repos.subscriptions.ensure(ref, topic=topic, criteria=sub.get("criteria"), status=sub.get("status"))
+            if topic:  # a new topic subscription: its events are numbered from 1, every one of them is ours
+                repos.subscriptions.observe_events_since_start(ref, 0)
             typer.echo(f"{ref}\t{sub.get('status')}\t{(sub.get('criteria') or '')[:60]}")
 
 

@@ -41,6 +41,7 @@ from sqlalchemy import (
     case,
     cast,
     column,
+    delete,
     false,
     func,
     literal_column,
@@ -1488,6 +1489,44 @@ class SubscriptionStateRepository(_Repository):
         state.updated_at = ts
         self.session.flush()
         return missing
+
+    def merge_into(self, old: str, new: str, *, now: datetime | None = None) -> bool:
+        """Fold the row kept under another form of the same subscription's reference (``old``, e.g. the absolute URL
+        recorded before keys were normalised) into ``new``, then delete it: the highest event number, the latest
+        heartbeat, notification and watermarks, the earliest creation; topic, criteria and status where ``new`` has
+        none. Returns whether there was a row to fold. Locks ``new`` first, then ``old`` (one order for all)."""
+        if old == new:
+            return False
+        ts = _now(now)
+        if self.get(old) is None:
+            return False
+        state = self._locked(new, ts)
+        legacy = self.session.scalars(
+            select(SubscriptionState).where(SubscriptionState.subscription == old).with_for_update().execution_options(populate_existing=True)
+        ).one_or_none()
+        if legacy is None:
+            return False
+
+        def latest(a: Any, b: Any) -> Any:
+            return b if a is None else a if b is None else max(a, b)
+
+        state.last_event_number = latest(state.last_event_number, legacy.last_event_number)
+        state.last_heartbeat_at = latest(state.last_heartbeat_at, legacy.last_heartbeat_at)
+        state.last_notification_at = latest(state.last_notification_at, legacy.last_notification_at)
+        state.watermark = latest(state.watermark, legacy.watermark)
+        state.topic = state.topic if state.topic is not None else legacy.topic
+        state.criteria = state.criteria if state.criteria is not None else legacy.criteria
+        state.status = state.status if state.status is not None else legacy.status
+        state.created_at = min(state.created_at, legacy.created_at)
+        state.updated_at = ts
+        self.session.flush()
+        marks = self.type_watermarks(old)
+        if marks:
+            self.set_type_watermarks(new, marks, now=ts)
+            self.session.execute(delete(SubscriptionWatermark).where(SubscriptionWatermark.subscription == old))
+        self.session.delete(legacy)
+        self.session.flush()
+        return True
 
     def touch_heartbeat(self, subscription: str, *, now: datetime | None = None) -> None:
         ts = _now(now)

@@ -38,7 +38,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import orjson
@@ -61,8 +61,10 @@ __all__ = [
     "dedup_key",
     "parse_notification",
     "parse_subscription_status",
+    "subscription_key",
     "verify_medplum_signature",
     "verify_shared_secret",
+    "with_subscription_key",
 ]
 
 BACKPORT_STATUS_PROFILE = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4"
@@ -74,6 +76,7 @@ _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _RESOURCE_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _REFERENCE_TAIL = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/([A-Za-z0-9\-.]{1,64}))?/?$")
 _TYPE_SLASH_ID = re.compile(r"^([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})$")
+_SUBSCRIPTION_PATH = re.compile(r"^Subscription/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$")
 _HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 _PLAIN_BUNDLE_TYPES = frozenset({"transaction", "batch", "collection"})
 _MAX_ENTRIES = 100_000
@@ -643,12 +646,42 @@ def _error_codes(params: list[dict[str, Any]]) -> list[str]:
     return codes
 
 
+# --- subscription keys ------------------------------------------------------------------------
+def subscription_key(reference: str, base_url: str | None) -> str:
+    """The one form a subscription is known by here (``subscription_state``, ledger keys, logs): ``Subscription/{id}``
+    for a relative reference or an absolute one under ``base_url`` (``CDS_FHIR_BASE_URL``; scheme and host in any
+    case, a version dropped), any other reference as it is. Backport notifications name their subscription by its
+    absolute URL, ``subscriptions create`` by its id: both must reach one row."""
+    ref = reference.strip()
+    rest: str | None = ref if _SUBSCRIPTION_PATH.match(ref) else None
+    if rest is None and base_url:
+        base = base_url.strip().rstrip("/")
+        scheme_host = base.split("/", 3)[:3]
+        if len(scheme_host) == 3 and ref.lower().startswith("/".join(scheme_host).lower() + "/"):
+            ref_path = ref[len("/".join(scheme_host)):]
+            base_path = base[len("/".join(scheme_host)):]
+            if ref_path.startswith(base_path + "/"):
+                rest = ref_path[len(base_path) + 1 :]
+    match = _SUBSCRIPTION_PATH.match(rest) if rest is not None else None
+    return f"Subscription/{match.group(1)}" if match else ref
+
+
+def with_subscription_key(n: BackportNotification, base_url: str | None) -> BackportNotification:
+    """The notification with its subscription, and each event's, in :func:`subscription_key`'s form (so the events'
+    ledger keys, ``{subscription}#{number}``, are the same whichever form the server sent)."""
+    key = subscription_key(n.subscription, base_url)
+    if key == n.subscription and all(ev.subscription == key for ev in n.events):
+        return n
+    return replace(n, subscription=key, events=tuple(replace(ev, subscription=key) for ev in n.events))
+
+
 # --- deduplication ----------------------------------------------------------------------------
 def dedup_key(event: ResourceChanged | ResourceDeleted | NotificationEvent) -> str:
     """A stable key for at-least-once delivery: the same change delivered twice (retries,
     ``$events`` catch-up) maps to the same key.
 
-    * Backport events: ``"{subscription}#{event_number}"`` (the subscription reference as sent).
+    * Backport events: ``"{subscription}#{event_number}"`` (the receiver passes events through
+      :func:`with_subscription_key`, so ``Subscription/{id}`` for a subscription on ``CDS_FHIR_BASE_URL``).
     * Resource payloads: ``"{Type}/{id}/_history/{versionId}"``; without a versionId,
       ``"{Type}/{id}/_lastUpdated/{meta.lastUpdated}"``; without either,
       ``"{Type}/{id}/_sha256/{digest}"`` of the canonical (key-sorted) JSON.

@@ -41,6 +41,8 @@ from service.fhir.notifications import (
     ResourceDeleted,
     dedup_key,
     parse_subscription_status,
+    subscription_key,
+    with_subscription_key,
 )
 from service.logging import get_logger
 from service.metrics import CATCH_UP_TRUNCATED, EVALUATIONS, NOTIFICATIONS, WRITEBACKS
@@ -301,7 +303,8 @@ def _receive_transaction(ctx: MonitorContext, batch: list[_Receipt]) -> None:
                 elif isinstance(n, EmptyPing):
                     _receive_ping(repos, jobs, summary, requeue, n.subscription_id or POLL_SUBSCRIPTION)
                 elif isinstance(n, BackportNotification):
-                    _receive_backport(repos, jobs, n, summary, requeue, pending)
+                    _receive_backport(repos, jobs, with_subscription_key(n, ctx.settings.fhir_base_url), summary, requeue, pending,
+                                      sent_as=n.subscription)
                     pending.write(repos, jobs, ctx.settings)
         pending.write(repos, jobs, ctx.settings)
         for receipt in batch:
@@ -376,8 +379,12 @@ def _receive_resource(n: ResourceChanged, summary: ReceiveSummary, requeue: list
 
 
 def _receive_backport(repos: Repositories, jobs: Jobs, n: BackportNotification, summary: ReceiveSummary, requeue: list[int],
-                      pending: _Pending) -> None:
+                      pending: _Pending, *, sent_as: str) -> None:
+    """``n`` with its subscription key normalised (``subscription_key``); ``sent_as`` the reference as the server
+    sent it, whose row, if one was recorded under it before keys were normalised, is folded into the key's."""
     sub = n.subscription
+    if sent_as != sub:
+        repos.subscriptions.merge_into(sent_as, sub)
     repos.subscriptions.ensure(sub, topic=n.topic, status=n.status)
     if n.status == "error":  # the server says it is failing to deliver: no sign of life, the silent check stays armed
         log.warning("subscription_status_error", subscription=sub, notification=n.type)
@@ -439,17 +446,19 @@ def process_event(ctx: MonitorContext, event_id: int) -> str:
         event = repos.ledger.get(event_id)
         if event is None:
             return "missing"
+        # Events recorded before subscription keys were normalised name the subscription as the server sent it.
+        subscription = subscription_key(event.subscription or POLL_SUBSCRIPTION, ctx.settings.fhir_base_url)
         if event.kind == "deletion":
             apply_deletion(repos, jobs, str(event.resource_type), str(event.resource_id), ctx.settings)
         elif event.kind == "backport-event" and event.resource_type and event.resource_id:
             _fetch_focus(ctx, repos, jobs, event.resource_type, event.resource_id)
         elif event.kind == "backport-event":  # an ``empty`` payload only says "event n happened": find out what
             number = event.event_number
-            _recover_gap(ctx, repos, jobs, event.subscription or POLL_SUBSCRIPTION, [number, number] if number is not None else [])
+            _recover_gap(ctx, repos, jobs, subscription, [number, number] if number is not None else [])
         elif event.kind in ("empty-ping", "poll", EventKind.CATCH_UP):
-            fetch_changes_since_watermark(ctx, repos, jobs, event.subscription or POLL_SUBSCRIPTION)
+            fetch_changes_since_watermark(ctx, repos, jobs, subscription)
         elif event.kind == "recovery":
-            _recover_gap(ctx, repos, jobs, event.subscription or POLL_SUBSCRIPTION, (event.payload or {}).get("missing") or [])
+            _recover_gap(ctx, repos, jobs, subscription, (event.payload or {}).get("missing") or [])
         elif event.kind in ("resource", "backfill") and event.payload:
             apply_resource(repos, jobs, event.payload, ctx.settings)
         repos.ledger.mark_status(event_id, EventStatus.HANDLED)
@@ -630,7 +639,7 @@ def _recover_gap(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscript
             bundle = ctx.shared_client().subscription_events(sub_id, since=first, until=until, content="id-only")
             unresolved = set(range(first, until + 1))
             for n in parse_subscription_status(bundle):
-                for ev in n.events:
+                for ev in with_subscription_key(n, ctx.settings.fhir_base_url).events:
                     if ev.resource is None and not (ev.focus_type and ev.focus_id):
                         continue  # still no focus: left to the search below
                     _apply_event(ctx, repos, jobs, ev)
@@ -835,6 +844,10 @@ def sweep(ctx: MonitorContext) -> dict[str, int]:
         for patient_ref in repos.queue.stale_dirty(stale, limit=500):
             jobs.add(TASK_EVALUATE, patient_ref)
             counts["patients"] += 1
+        for state in repos.subscriptions.list_all():  # rows recorded before keys were normalised: one row per subscription
+            key = subscription_key(state.subscription, ctx.settings.fhir_base_url)
+            if key != state.subscription and repos.subscriptions.merge_into(state.subscription, key):
+                log.info("subscription_rekeyed", subscription=key)
         for state in repos.subscriptions.stale_heartbeats(timedelta(seconds=ctx.settings.heartbeat_timeout_s)):
             if state.subscription == POLL_SUBSCRIPTION:
                 continue

@@ -67,3 +67,44 @@ def test_status_shows_each_types_watermark(tmp_path: Path, run_cli: RunCli) -> N
         "Subscription/s1\tstatus=None\tlast_event=None\theartbeat=-\twatermark=2026-11-01T12:00:00+00:00"
         "\tCondition=2026-11-01T13:00:00+00:00\tObservation=2026-11-01T12:00:00+00:00"
     ]
+
+
+def test_a_created_topic_subscription_is_the_row_its_notifications_reach(tmp_path: Path, run_cli: RunCli, fhir: FakeFhirServer) -> None:
+    """``subscriptions create --topic`` records ``Subscription/{id}``; the server's handshake and heartbeat name it by
+    its absolute URL and reach that same row (they used to make a second one, and the sweeper reported the created
+    one silent and queued a recovery search every window); a new topic subscription starts at event 0."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from service.fhir.notifications import parse_notification
+    from service.queue import MemoryQueue
+    from service.usecases.monitor import MonitorContext, receive, sweep
+    from tests.fakes.notifications import make_notification_bundle
+
+    env = {"CDS_DATA_DIR": str(tmp_path), "CDS_FHIR_BASE_URL": fhir.base_url, "CDS_SUBSCRIPTION_SECRET": SECRET}
+    assert run_cli(["migrate"], **env)[0] == 0
+    create = ["subscriptions", "create", "--topic", "http://example.org/topic/calc", "--endpoint", "https://cds.example.org/fhir/notifications"]
+    code, lines = run_cli(create, **env)
+    assert code == 0, lines
+    ref = lines[0].split("\t")[0]
+    sub_id = ref.removeprefix("Subscription/")
+    assert ref == f"Subscription/{sub_id}"
+
+    ctx = MonitorContext.from_settings(Settings(data_dir=tmp_path, fhir_base_url=fhir.base_url, heartbeat_timeout_s=60), queue=MemoryQueue())
+    absolute = f"{fhir.base_url}/Subscription/{sub_id}"
+    for kind in ("handshake", "heartbeat"):
+        bundle = make_notification_bundle(subscription=absolute, type=kind, status="active", events_since_start=0)
+        receive(ctx, parse_notification(json.dumps(bundle).encode(), {}), "backport")
+
+    code, lines = run_cli(["subscriptions", "status"], **env)
+    assert code == 0, lines
+    assert len(lines) == 1 and lines[0].startswith(f"{ref}\tstatus=active\tlast_event=0\theartbeat=2"), lines
+    # Known for longer than the heartbeat timeout, heartbeats arriving: not silent.
+    from service.db.models import SubscriptionState
+    from service.db.session import session_scope
+
+    with session_scope(ctx.sessions) as session:
+        state = session.get(SubscriptionState, ref)
+        assert state is not None
+        state.created_at = datetime.now(UTC) - timedelta(hours=1)
+    assert sweep(ctx)["silent_subscriptions"] == 0

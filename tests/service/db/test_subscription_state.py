@@ -117,3 +117,28 @@ def test_type_watermarks_move_forward_each_on_its_own_and_the_subscription_mark_
         assert repo.type_watermarks(SUB) == {"Observation": t0, "Condition": t0 + timedelta(minutes=9)}
         assert repo.get_watermark(SUB) == t0  # every type is fetched up to here
         assert repo.type_watermarks("Subscription/other") == {}
+
+
+def test_a_row_under_another_form_of_the_reference_is_folded_into_the_key(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
+    legacy = "https://fhir.example.org/r4/Subscription/s1"
+    with session_scope(db_session_factory) as session:
+        repo = SubscriptionStateRepository(session)
+        repo.ensure(legacy, topic="http://example.org/topic", status="active", now=t0 - timedelta(days=1))
+        repo.observe_event_number(legacy, 7, now=t0)
+        repo.set_type_watermarks(legacy, {"Observation": t0, "Condition": t0 - timedelta(minutes=5)})
+        repo.touch_heartbeat(SUB, now=t0 + timedelta(minutes=1))
+        repo.set_type_watermarks(SUB, {"Observation": t0 - timedelta(minutes=9)})
+    with session_scope(db_session_factory) as session:
+        repo = SubscriptionStateRepository(session)
+        assert repo.merge_into(legacy, SUB)
+        assert not repo.merge_into(legacy, SUB)  # nothing left to fold
+    with session_scope(db_session_factory) as session:
+        repo = SubscriptionStateRepository(session)
+        assert [s.subscription for s in repo.list_all()] == [SUB]
+        state = repo.get(SUB)
+        assert state is not None
+        assert (state.last_event_number, state.topic, state.status) == (7, "http://example.org/topic", "active")
+        assert state.last_heartbeat_at == t0 + timedelta(minutes=1) and state.last_notification_at == t0
+        assert state.created_at == t0 - timedelta(days=1)
+        assert repo.type_watermarks(SUB) == {"Observation": t0, "Condition": t0 - timedelta(minutes=5)}
+        assert repo.type_watermarks(legacy) == {}

@@ -334,3 +334,20 @@ def test_dedup_key_without_version_or_timestamp_hashes_canonical_json() -> None:
     assert dedup_key(a).startswith("Patient/p/_sha256/")
     with pytest.raises(TypeError):
         dedup_key(EmptyPing())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("reference", "key"),
+    [
+        ("Subscription/s1", "Subscription/s1"),
+        ("https://fhir.example.org/r4/Subscription/s1", "Subscription/s1"),
+        ("HTTPS://FHIR.example.org/r4/Subscription/s1/_history/3", "Subscription/s1"),
+        ("https://fhir.example.org/r4x/Subscription/s1", "https://fhir.example.org/r4x/Subscription/s1"),  # another server
+        ("https://other.example.org/r4/Subscription/s1", "https://other.example.org/r4/Subscription/s1"),
+        ("topic-sub", "topic-sub"),
+    ],
+)
+def test_subscription_key_is_relative_under_the_configured_server(reference: str, key: str) -> None:
+    from service.fhir.notifications import subscription_key
+
+    assert subscription_key(reference, "https://fhir.example.org/r4/") == key

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
-from service.db.models import EventStatus, InboundEvent
+from service.db.models import EventStatus, InboundEvent, SubscriptionState
 from service.db.repositories import Repositories
 from service.db.session import session_scope
 from service.fhir.notifications import parse_notification
@@ -88,7 +89,7 @@ def test_a_gap_longer_than_one_events_call_is_searched_too(
 
     assert receive(ctx, fhir.notification_bundle(SUB_ID, [last])).accepted == 2  # the event and its gap
 
-    assert recoveries(ctx) == [(f"{fhir.base_url}/Subscription/{SUB_ID}#gap#2-10003", {"missing": [2, 10_003]})]
+    assert recoveries(ctx) == [(f"Subscription/{SUB_ID}#gap#2-10003", {"missing": [2, 10_003]})]
     assert all(status == EventStatus.HANDLED for _, status in drain(ctx))
     asked = [(r.query.get("eventsSinceNumber"), r.query.get("eventsUntilNumber")) for r in fhir.requests if "$events" in r.path]
     assert asked == [(["2"], ["10001"])]
@@ -131,3 +132,40 @@ def test_a_notification_with_only_a_count_reports_the_events_it_did_not_list(
     assert receive(ctx, count_only).accepted == 1
     assert [payload for _, payload in recoveries(ctx)] == [{"missing": [2, 5]}]
     assert receive(ctx, count_only).accepted == 0  # the same count again: nothing new
+
+
+def test_notifications_and_sweeper_use_one_key_and_fold_rows_recorded_under_the_absolute_url(
+    db_session_factory: sessionmaker[Session], catalog: Catalog, tmp_path: Path, fhir: FakeFhirServer
+) -> None:
+    """A notification naming its subscription by the absolute URL under ``CDS_FHIR_BASE_URL`` is recorded under
+    ``Subscription/{id}`` (state, ledger keys); a row recorded under the URL before (event 7 seen) is folded into
+    that key, so event 9 reports 8 as a gap; the sweeper folds such rows too instead of reporting them silent."""
+    ctx = context(fhir, db_session_factory, catalog, tmp_path)
+    absolute, key = f"{fhir.base_url}/Subscription/{SUB_ID}", f"Subscription/{SUB_ID}"
+    other = f"{fhir.base_url}/Subscription/other"
+    with session_scope(ctx.sessions) as session:
+        repo = Repositories(session).subscriptions
+        repo.observe_event_number(absolute, 7)
+        repo.observe_event_number(other, 3)
+
+    summary = receive(ctx, make_notification_bundle(subscription=absolute, events=[EventSpec(9)], content="empty"))
+
+    assert summary.accepted == 2  # event 9 and the gap of event 8
+    with session_scope(ctx.sessions) as session:
+        keys = {e.dedup_key for e in session.scalars(select(InboundEvent))}
+        assert keys == {f"{key}#9", f"{key}#gap#8-8"}
+        repo = Repositories(session).subscriptions
+        assert [s.subscription for s in repo.list_all()] == [key, other]
+        state = repo.get(key)
+        assert state is not None and state.last_event_number == 9
+        day_ago = datetime.now(UTC) - timedelta(days=1)
+        session.execute(update(SubscriptionState).values(created_at=day_ago, last_notification_at=day_ago))
+        session.execute(update(SubscriptionState).where(SubscriptionState.subscription == key).values(last_notification_at=datetime.now(UTC)))
+
+    counts = monitor.sweep(ctx)
+
+    assert counts["silent_subscriptions"] == 1  # the other subscription, under its key: it has been silent for a day
+    with session_scope(ctx.sessions) as session:
+        assert [s.subscription for s in Repositories(session).subscriptions.list_all()] == [key, "Subscription/other"]
+        silent = [e.dedup_key for e in session.scalars(select(InboundEvent).where(InboundEvent.kind == "recovery"))]
+        assert [k.split("#silent#")[0] for k in silent if "#silent#" in k] == ["Subscription/other"]
