@@ -48,6 +48,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -202,6 +203,13 @@ class LedgerResult(NamedTuple):
     created: bool
 
 
+class Upserted(NamedTuple):
+    """What :meth:`PatientResourceRepository.upsert_many_tracked` did with one resource version."""
+
+    written: bool
+    moved_from: str | None  # written over a live version filed on another patient: that patient (else None)
+
+
 @dataclass(frozen=True, slots=True)
 class ResourceVersion:
     """One resource version for :meth:`PatientResourceRepository.upsert_many` (the fields of ``upsert``)."""
@@ -323,6 +331,22 @@ def _resource_row(r: ResourceVersion, ts: datetime) -> dict[str, Any]:
 
 def _build_resource_upsert(dialect: str) -> Any:
     return _on_resource_conflict(_insert_for(dialect, _table(PatientResource)))
+
+
+_KEYS_RECORD: dict[str, Any] = {"resource_type": String(), "resource_id": String()}
+
+
+def _build_resource_owners(dialect: str) -> Any:
+    """The stored patient and tombstone flag of a batch's resources, locked (PostgreSQL ``FOR UPDATE``, in key
+    order like the upsert; SQLite holds its write lock once the transaction has written). PostgreSQL reads the
+    keys from one JSON parameter (one statement text for every batch size); SQLite from an expanding IN."""
+    t = _table(PatientResource)
+    cols = (t.c.resource_type, t.c.resource_id, t.c.patient_ref, t.c.deleted)
+    if dialect == "postgresql":
+        u = _recordset(_KEYS_RECORD)
+        stmt = select(*cols).join_from(t, u, and_(t.c.resource_type == u.c.resource_type, t.c.resource_id == u.c.resource_id))
+        return stmt.order_by(t.c.resource_type, t.c.resource_id).with_for_update(of=t)
+    return select(*cols).where(tuple_(t.c.resource_type, t.c.resource_id).in_(bindparam("keys", expanding=True)))
 
 
 def _on_resource_conflict(stmt: PgInsert | SqliteInsert) -> Any:
@@ -588,9 +612,20 @@ class PatientResourceRepository(_Repository):
         of a resource within ``resources``): whether each was written, in order. The result is that of
         successive ``upsert`` calls in the given order (two versions of one resource: the second is applied
         after the first, so only a newer one wins)."""
+        return [u.written for u in self._upsert_many(resources, now=now, track=False)]
+
+    def upsert_many_tracked(self, resources: Sequence[ResourceVersion], *, now: datetime | None = None) -> list[Upserted]:
+        """:meth:`upsert_many`, also naming, per resource written, the patient a live stored version was filed on
+        when that is another patient (a result moved to another subject: the first patient lost an input too).
+        One more statement per batch: the stored patients of the batch's resources, read (and on PostgreSQL
+        locked) in the same transaction before the upsert."""
+        return self._upsert_many(resources, now=now, track=True)
+
+    def _upsert_many(self, resources: Sequence[ResourceVersion], *, now: datetime | None, track: bool) -> list[Upserted]:
         if not resources:
             return []
         ts = _now(now)
+        owners = self._live_owners(resources) if track else {}
         waves: list[list[int]] = []  # wave k: the k-th occurrence of each resource (one statement cannot touch a row twice)
         seen: dict[tuple[str, str], int] = {}
         for i, r in enumerate(resources):
@@ -606,15 +641,31 @@ class PatientResourceRepository(_Repository):
             upsert = _prepared(self.session, "resource_upsert_batch", _build_resource_upsert_batch)
         else:
             upsert = _prepared(self.session, "resource_upsert", _build_resource_upsert)
-        written = [False] * len(resources)
+        results = [Upserted(False, None)] * len(resources)
         for wave in waves:
             wave.sort(key=lambda i: (resources[i].resource_type, resources[i].resource_id))  # one lock order for every writer
             rows = [_resource_row(resources[i], ts) for i in wave]
             params: Any = {"rows": _records(rows, _RESOURCE_RECORD, dialect), "updated_at": ts} if postgres else rows
             done = {(rtype, rid) for rtype, rid in self.session.execute(upsert, params)}
             for i in wave:
-                written[i] = (resources[i].resource_type, resources[i].resource_id) in done
-        return written
+                r = resources[i]
+                key = (r.resource_type, r.resource_id)
+                if key not in done:
+                    continue
+                before = owners.get(key)
+                results[i] = Upserted(True, before if before and before != r.patient_ref else None)
+                owners[key] = r.patient_ref  # the next occurrence of the resource replaces this one
+        return results
+
+    def _live_owners(self, resources: Sequence[ResourceVersion]) -> dict[tuple[str, str], str | None]:
+        """(type, id) → patient of the stored live version, for the resources of a batch that are stored live."""
+        keys = sorted({(r.resource_type, r.resource_id) for r in resources})
+        stmt = _prepared(self.session, "resource_owners", _build_resource_owners)
+        if self.session.get_bind().dialect.name == "postgresql":
+            params: dict[str, Any] = {"rows": json_dumps([{"resource_type": t, "resource_id": i} for t, i in keys])}
+        else:
+            params = {"keys": keys}
+        return {(rtype, rid): patient for rtype, rid, patient, deleted in self.session.execute(stmt, params) if not deleted}
 
     def mark_deleted(
         self,
@@ -1648,6 +1699,7 @@ __all__ = [
     "Repositories",
     "ResourceVersion",
     "SubscriptionStateRepository",
+    "Upserted",
     "WritebackRepository",
     "WritebackRequestRepository",
     "version_number",

@@ -135,8 +135,9 @@ def apply_resource(repos: Repositories, jobs: Jobs, resource: dict[str, Any], se
 def apply_resources(repos: Repositories, jobs: Jobs, resources: list[dict[str, Any]], settings: Settings) -> list[bool]:
     """:func:`apply_resource` for many resources in one transaction: one multi-row version-guarded upsert (the
     same outcome as applying them one by one, in order), then one mark per changed patient counting its
-    changes (the same as one mark per change: nobody sees the transaction in between). Returns, per resource,
-    whether it was stored."""
+    changes (the same as one mark per change: nobody sees the transaction in between). A version that moves
+    a resource to another patient (a result filed on the wrong subject, corrected) marks the patient it left
+    too: that patient lost an input. Returns, per resource, whether it was stored."""
     versions: list[ResourceVersion] = []
     targets: list[tuple[int, str | None]] = []
     for i, resource in enumerate(resources):
@@ -148,10 +149,11 @@ def apply_resources(repos: Repositories, jobs: Jobs, resources: list[dict[str, A
         targets.append((i, patient))
     changed = [False] * len(resources)
     marks: dict[str, int] = {}
-    for (i, patient), written in zip(targets, repos.resources.upsert_many(versions), strict=True):
+    for (i, patient), (written, moved_from) in zip(targets, repos.resources.upsert_many_tracked(versions), strict=True):
         changed[i] = written
-        if written and patient:
-            marks[patient] = marks.get(patient, 0) + 1
+        for ref in (patient, moved_from) if written else ():
+            if ref:
+                marks[ref] = marks.get(ref, 0) + 1
     if marks:
         for patient_ref in repos.queue.mark_dirty_many(marks):
             jobs.add(TASK_EVALUATE, patient_ref, countdown=settings.coalesce_window_s)

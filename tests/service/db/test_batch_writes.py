@@ -20,6 +20,7 @@ from service.db.repositories import (
     LedgerEntry,
     PatientResourceRepository,
     ResourceVersion,
+    Upserted,
 )
 from service.db.session import session_scope
 
@@ -93,6 +94,42 @@ def test_upsert_many_equals_successive_upserts(db_session_factory: sessionmaker[
         assert repo.contents_for_patient(P) == [r.content for r in repo.list_for_patient(P)]
         repo.mark_deleted(resource_type="Observation", resource_id="c")
         assert [c["id"] for c in repo.contents_for_patient(P)] == ["a", "b"]
+
+
+def test_upsert_many_tracked_names_the_patient_a_resource_left(db_session_factory: sessionmaker[Session]) -> None:
+    """A newer version filed on another subject reports the patient the live stored version belonged to (that
+    patient lost an input); an older or repeated version, a new resource, a same-patient update and a tombstone
+    report none. Two versions in one batch: the second reports the first's patient."""
+    p2, p3 = "Patient/p2", "Patient/p3"
+
+    def version(rid: str, v: str, patient: str) -> ResourceVersion:
+        return ResourceVersion("Observation", rid, patient, {"resourceType": "Observation", "id": rid}, v)
+
+    with session_scope(db_session_factory) as session:
+        repo = PatientResourceRepository(session)
+        assert repo.upsert_many([version("m", "1", P), version("s", "1", P), version("t", "1", P), version("w", "1", P)]) == [True] * 4
+        repo.mark_deleted(resource_type="Observation", resource_id="t")
+    with session_scope(db_session_factory) as session:
+        repo = PatientResourceRepository(session)
+        batch = [
+            version("m", "2", p2),  # moved
+            version("s", "2", P),  # same patient
+            version("t", "2", p2),  # over a tombstone: nothing of P's was live
+            version("n", "1", p2),  # new
+            version("w", "0", p2),  # older: not written
+            version("w", "2", p2),  # moved ...
+            version("w", "3", p3),  # ... and moved again in the same batch
+        ]
+        assert repo.upsert_many_tracked(batch) == [
+            Upserted(True, P), Upserted(True, None), Upserted(True, None), Upserted(True, None),
+            Upserted(False, None), Upserted(True, P), Upserted(True, p2),
+        ]
+        assert repo.upsert_many_tracked([version("m", "2", p2)]) == [Upserted(False, None)]
+        assert repo.upsert_many_tracked([]) == []
+    with session_scope(db_session_factory) as session:
+        repo = PatientResourceRepository(session)
+        assert [r.resource_id for r in repo.list_for_patient(P)] == ["s"]
+        assert [r.resource_id for r in repo.list_for_patient(p3)] == ["w"]
 
 
 def test_mark_dirty_many_counts_every_change(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
