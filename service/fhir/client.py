@@ -3,7 +3,7 @@
 Spec references (FHIR R4 ``http.html`` unless noted):
 
 * **read / vread** - ``GET [base]/[type]/[id]`` and ``.../_history/[vid]``; 404 is unknown,
-  410 is deleted (both raise :class:`FhirNotFound`).
+  410 is deleted (both raise :class:`FhirNotFound`). **history** - ``GET [base]/[type]/[id]/_history``.
 * **search** - ``GET [base]/[type]?params`` or ``POST [base]/[type]/_search`` (form body, which
   keeps patient ids out of URLs and access logs). Results are ``searchset`` Bundles; the next
   page is the Bundle link with ``relation = next``. The client follows at most ``max_pages``
@@ -332,6 +332,18 @@ class FhirClient:
         resp = self._send("GET", url, idempotent=True)
         self._raise_for_status(resp, "GET", url, resource_type=resource_type, resource_id=resource_id)
         return self._resource(resp, url, expect_type=resource_type)
+
+    def history(self, resource_type: str, resource_id: str, *, count: int | None = None) -> dict[str, Any]:
+        """``GET [base]/[type]/[id]/_history``: the history Bundle (newest version first; ``count`` is sent as
+        ``_count``, the first page only). A deleted version is an entry with ``request.method = DELETE``."""
+        url = self.url(_check_type(resource_type), _check_id(resource_id), "_history")
+        params = [("_count", str(max(1, count)))] if count is not None else None
+        resp = self._send("GET", url, params=params, idempotent=True)
+        self._raise_for_status(resp, "GET", url, resource_type=resource_type, resource_id=resource_id)
+        bundle = json_object(resp, url)
+        if bundle.get("resourceType") != "Bundle":
+            raise FhirPermanentError(f"history {redact_url(url)} did not return a Bundle", url=url)
+        return bundle
 
     # --- search -------------------------------------------------------------------------------
     def search_bundle_pages(

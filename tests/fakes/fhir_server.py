@@ -1059,7 +1059,7 @@ class FakeFhirServer:
             entry: dict[str, Any] = {"fullUrl": f"{self.base_url}/{rtype}/{rid}"}
             if version is None:
                 entry["request"] = {"method": "DELETE", "url": f"{rtype}/{rid}"}
-                entry["response"] = {"status": "204"}
+                entry["response"] = {"status": "204", "etag": f'W/"{number}"'}  # as HAPI: the deletion is a version
             else:
                 entry["resource"] = version
                 entry["request"] = {"method": "POST" if number == 1 else "PUT", "url": rtype if number == 1 else f"{rtype}/{rid}"}

@@ -50,6 +50,21 @@ def test_read_unknown_and_deleted_raise_not_found(fhir_server: FakeFhirServer, m
     assert gone.value.status == 410 and gone.value.gone
 
 
+def test_instance_history_is_newest_first_and_names_a_deletion(fhir_server: FakeFhirServer, make_client: MakeClient) -> None:
+    fhir_server.put(observation("h1"))
+    fhir_server.delete("Observation", "h1")
+    client = make_client(fhir_server)
+
+    bundle = client.history("Observation", "h1", count=1)
+
+    newest = bundle["entry"][0]
+    assert newest["request"]["method"] == "DELETE" and newest["response"]["etag"] == 'W/"2"'
+    req = fhir_server.requests[-1]
+    assert (req.method, req.path, req.param("_count")) == ("GET", "/fhir/Observation/h1/_history", "1")
+    with pytest.raises(FhirNotFound):
+        client.history("Observation", "never")
+
+
 def test_invalid_type_or_id_is_a_programming_error(make_client: MakeClient) -> None:
     client = make_client("http://127.0.0.1:9/fhir")
     with pytest.raises(ValueError):
