@@ -303,11 +303,11 @@ def _build_ledger_insert_batch(_: str) -> Any:
     return _on_ledger_conflict(pg_insert(t).from_select([*_LEDGER_RECORD, "attempts", "received_at", "updated_at"], source))
 
 
-def _build_resource_upsert_batch(_: str) -> Any:
+def _build_resource_upsert_batch(_: str, *, current: bool = False) -> Any:
     t = _table(PatientResource)
     u = _recordset(_RESOURCE_RECORD)
     source = select(*[u.c[name] for name in _RESOURCE_RECORD], false(), bindparam("updated_at", type_=t.c.updated_at.type))
-    return _on_resource_conflict(pg_insert(t).from_select([*_RESOURCE_RECORD, "deleted", "updated_at"], source))
+    return _on_resource_conflict(pg_insert(t).from_select([*_RESOURCE_RECORD, "deleted", "updated_at"], source), current=current)
 
 
 def _build_ledger_lookup(_: str) -> Any:
@@ -329,8 +329,16 @@ def _resource_row(r: ResourceVersion, ts: datetime) -> dict[str, Any]:
     }
 
 
-def _build_resource_upsert(dialect: str) -> Any:
-    return _on_resource_conflict(_insert_for(dialect, _table(PatientResource)))
+def _build_resource_upsert(dialect: str, *, current: bool = False) -> Any:
+    return _on_resource_conflict(_insert_for(dialect, _table(PatientResource)), current=current)
+
+
+def _build_resource_upsert_current(dialect: str) -> Any:
+    return _build_resource_upsert(dialect, current=True)
+
+
+def _build_resource_upsert_batch_current(dialect: str) -> Any:
+    return _build_resource_upsert_batch(dialect, current=True)
 
 
 _KEYS_RECORD: dict[str, Any] = {"resource_type": String(), "resource_id": String()}
@@ -349,10 +357,16 @@ def _build_resource_owners(dialect: str) -> Any:
     return select(*cols).where(tuple_(t.c.resource_type, t.c.resource_id).in_(bindparam("keys", expanding=True)))
 
 
-def _on_resource_conflict(stmt: PgInsert | SqliteInsert) -> Any:
-    """The version guard shared by the one-row and the batch upsert: a stored row is replaced only by a newer version."""
+def _on_resource_conflict(stmt: PgInsert | SqliteInsert, *, current: bool = False) -> Any:
+    """The version guard shared by the one-row and the batch upsert: a stored row is replaced only by a newer version.
+
+    ``current``: the versions are what the FHIR server answered to a read just now, so they also replace a
+    tombstone of the same version (a deletion applied before the server said the resource still exists)."""
     t = _table(PatientResource)
     ex = stmt.excluded
+    newer = _newer(_cols(ex, _VERSION_COLS), _cols(t.c, _VERSION_COLS), strict=True)
+    if current:
+        newer = or_(newer, and_(t.c.deleted == true(), _newer(_cols(ex, _VERSION_COLS), _cols(t.c, _VERSION_COLS), strict=False)))
     return stmt.on_conflict_do_update(
         index_elements=[t.c.resource_type, t.c.resource_id],
         set_={
@@ -364,7 +378,7 @@ def _on_resource_conflict(stmt: PgInsert | SqliteInsert) -> Any:
             "deleted": false(),
             "updated_at": ex.updated_at,
         },
-        where=_newer(_cols(ex, _VERSION_COLS), _cols(t.c, _VERSION_COLS), strict=True),
+        where=newer,
     ).returning(t.c.resource_type, t.c.resource_id)
 
 
@@ -614,14 +628,21 @@ class PatientResourceRepository(_Repository):
         after the first, so only a newer one wins)."""
         return [u.written for u in self._upsert_many(resources, now=now, track=False)]
 
-    def upsert_many_tracked(self, resources: Sequence[ResourceVersion], *, now: datetime | None = None) -> list[Upserted]:
+    def upsert_many_tracked(
+        self, resources: Sequence[ResourceVersion], *, now: datetime | None = None, current: bool = False
+    ) -> list[Upserted]:
         """:meth:`upsert_many`, also naming, per resource written, the patient a live stored version was filed on
         when that is another patient (a result moved to another subject: the first patient lost an input too).
         One more statement per batch: the stored patients of the batch's resources, read (and on PostgreSQL
-        locked) in the same transaction before the upsert."""
-        return self._upsert_many(resources, now=now, track=True)
+        locked) in the same transaction before the upsert.
 
-    def _upsert_many(self, resources: Sequence[ResourceVersion], *, now: datetime | None, track: bool) -> list[Upserted]:
+        ``current``: the versions were just read from the FHIR server (its current state), so a tombstone of the
+        same version is replaced too (a deletion the server does not confirm)."""
+        return self._upsert_many(resources, now=now, track=True, current=current)
+
+    def _upsert_many(
+        self, resources: Sequence[ResourceVersion], *, now: datetime | None, track: bool, current: bool = False
+    ) -> list[Upserted]:
         if not resources:
             return []
         ts = _now(now)
@@ -637,8 +658,12 @@ class PatientResourceRepository(_Repository):
             waves[k].append(i)
         dialect = self.session.get_bind().dialect
         postgres = dialect.name == "postgresql"
-        if postgres:
+        if postgres and current:
+            upsert = _prepared(self.session, "resource_upsert_batch_current", _build_resource_upsert_batch_current)
+        elif postgres:
             upsert = _prepared(self.session, "resource_upsert_batch", _build_resource_upsert_batch)
+        elif current:
+            upsert = _prepared(self.session, "resource_upsert_current", _build_resource_upsert_current)
         else:
             upsert = _prepared(self.session, "resource_upsert", _build_resource_upsert)
         results = [Upserted(False, None)] * len(resources)
@@ -675,14 +700,21 @@ class PatientResourceRepository(_Repository):
         patient_ref: str | None = None,
         version_id: str | None = None,
         last_updated: datetime | None = None,
+        exact: bool = False,
         now: datetime | None = None,
     ) -> bool:
         """Turn the resource into a tombstone (content cleared); returns whether a row was written.
 
         With a version or lastUpdated, the deletion applies unless the stored version is newer (a deletion of
         the current version applies). Without either it applies to a live row and keeps the stored version, so
-        a late older update still cannot revive it. An unknown resource gets a tombstone row, which guards
-        against an older version arriving after the deletion.
+        a late version older than the stored one cannot revive it (one made between the stored version and the
+        deletion can: confirm such a deletion with the FHIR server, then record it ``exact``). An unknown
+        resource gets a tombstone row, which guards against an older version arriving after the deletion.
+
+        ``exact``: the tombstone takes exactly the given version fields, a missing one cleared, rather than
+        keeping the stored ones. A deletion whose version is unknown but which happened no later than an instant
+        is recorded as ``last_updated=<that instant>, exact=True``: then only a version updated after it (a
+        re-creation) revives the resource, whatever its versionId.
         """
         has_version = version_id is not None or last_updated is not None
         stmt = _insert(self.session, PatientResource).values(
@@ -705,10 +737,10 @@ class PatientResourceRepository(_Repository):
         }
         where: ColumnElement[bool]
         if has_version:
-            if version_id is not None:
+            if version_id is not None or exact:
                 set_["version_id"] = ex.version_id
                 set_["version_num"] = ex.version_num
-            if last_updated is not None:
+            if last_updated is not None or exact:
                 set_["last_updated"] = ex.last_updated
             where = and_(
                 _newer(_cols(ex, _VERSION_COLS), _cols(PatientResource, _VERSION_COLS), strict=False),

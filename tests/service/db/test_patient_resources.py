@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.repositories import PatientResourceRepository, version_number
+from service.db.repositories import PatientResourceRepository, ResourceVersion, version_number
 from service.db.session import session_scope
 
 PATIENT = "Patient/p1"
@@ -127,6 +127,57 @@ def test_unversioned_deletion_keeps_the_version_guard(db_session_factory: sessio
         assert (row.version_id, row.deleted, row.content, row.patient_ref) == ("7", True, None, PATIENT)
     assert not _upsert(db_session_factory, "nv", "6")
     assert _upsert(db_session_factory, "nv", "8")
+
+
+def _delete_exact(factory: sessionmaker[Session], rid: str, version: str | None, deleted_by: datetime) -> bool:
+    with session_scope(factory) as session:
+        return PatientResourceRepository(session).mark_deleted(
+            resource_type="Observation", resource_id=rid, version_id=version, last_updated=deleted_by, exact=True
+        )
+
+
+def test_an_exact_tombstone_at_the_deleted_version_refuses_versions_made_before_the_deletion(
+    db_session_factory: sessionmaker[Session], t0: datetime
+) -> None:
+    """v1 stored, v2 made, deleted as v3 (the server's history): a late v2 stays out, a re-created v4 gets in."""
+    _upsert(db_session_factory, "x", "1", last_updated=t0)
+    with session_scope(db_session_factory) as session:
+        assert PatientResourceRepository(session).mark_deleted(resource_type="Observation", resource_id="x")  # on receipt
+    assert _delete_exact(db_session_factory, "x", "3", t0 + timedelta(minutes=5))
+    assert not _delete_exact(db_session_factory, "x", "3", t0 + timedelta(minutes=5))  # repeated
+    assert _stored(db_session_factory, "x") == ("3", True, None)
+    assert not _upsert(db_session_factory, "x", "2", last_updated=t0 + timedelta(minutes=1))
+    assert _upsert(db_session_factory, "x", "4", last_updated=t0 + timedelta(minutes=9))
+    assert not _delete_exact(db_session_factory, "x", "3", t0 + timedelta(minutes=5))  # older than the re-creation
+    assert _stored(db_session_factory, "x")[:2] == ("4", False)
+
+
+def test_an_exact_tombstone_without_a_version_is_bounded_by_its_instant(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
+    """The deleted version unknown, only that the deletion happened no later than an instant: a version updated before
+    it stays out whatever its versionId; one updated after it (a re-creation) gets in."""
+    _upsert(db_session_factory, "y", "1", last_updated=t0)
+    assert _delete_exact(db_session_factory, "y", None, t0 + timedelta(minutes=5))
+    assert _stored(db_session_factory, "y") == (None, True, None)
+    assert not _upsert(db_session_factory, "y", "2", last_updated=t0 + timedelta(minutes=1))
+    assert _upsert(db_session_factory, "y", "4", last_updated=t0 + timedelta(minutes=6))
+    assert _stored(db_session_factory, "y")[:2] == ("4", False)
+
+
+def test_a_current_version_replaces_a_tombstone_of_its_own_version(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
+    """What the server answered to a read (``current``) undoes a deletion it does not confirm; never a newer tombstone."""
+    _upsert(db_session_factory, "z", "1", last_updated=t0)
+    version = ResourceVersion("Observation", "z", PATIENT, _obs("z", "1"), "1", t0)
+    with session_scope(db_session_factory) as session:
+        repo = PatientResourceRepository(session)
+        assert repo.mark_deleted(resource_type="Observation", resource_id="z")  # keeps v1
+        assert repo.upsert_many_tracked([version]) == [(False, None)]  # an ordinary delivery of v1 does not revive it
+        assert repo.upsert_many_tracked([version], current=True) == [(True, None)]
+        assert repo.upsert_many_tracked([version], current=True) == [(False, None)]  # live: only a newer version
+    assert _stored(db_session_factory, "z")[:2] == ("1", False)
+    assert _delete_exact(db_session_factory, "z", "2", t0 + timedelta(minutes=1))
+    with session_scope(db_session_factory) as session:
+        assert PatientResourceRepository(session).upsert_many_tracked([version], current=True) == [(False, None)]
+    assert _stored(db_session_factory, "z")[:2] == ("2", True)
 
 
 def test_deleting_an_unknown_resource_leaves_a_guarding_tombstone(db_session_factory: sessionmaker[Session]) -> None:
