@@ -14,6 +14,7 @@ Tasks take ids and re-read state, so running any of them twice changes nothing.
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,14 +26,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.cds.cards import basis_hash
 from service.cds.discovery import observation_code_tokens
 from service.cds.engine import evaluate_patient
-from service.cds.fhirutil import last_updated_of, resource_ref, subject_reference, version_of
+from service.cds.fhirutil import last_updated_of, parse_datetime, resource_ref, subject_reference, version_of
 from service.cds.thresholds import Thresholds
 from service.config import Settings
 from service.db.models import DEDUP_KEY_LEN, EventKind, EventStatus, WritebackStatus
 from service.db.repositories import LedgerEntry, Repositories, ResourceVersion
 from service.db.session import make_engine, make_session_factory, session_scope
 from service.fhir.client import FhirClient, client_from_settings, entry_resources, next_link
-from service.fhir.errors import FhirNotFound, FhirPermanentError
+from service.fhir.errors import FhirError, FhirNotFound, FhirPermanentError
 from service.fhir.notifications import (
     BackportNotification,
     EmptyPing,
@@ -132,12 +133,17 @@ def apply_resource(repos: Repositories, jobs: Jobs, resource: dict[str, Any], se
     return apply_resources(repos, jobs, [resource], settings)[0]
 
 
-def apply_resources(repos: Repositories, jobs: Jobs, resources: list[dict[str, Any]], settings: Settings) -> list[bool]:
+def apply_resources(
+    repos: Repositories, jobs: Jobs, resources: list[dict[str, Any]], settings: Settings, *, current: bool = False
+) -> list[bool]:
     """:func:`apply_resource` for many resources in one transaction: one multi-row version-guarded upsert (the
     same outcome as applying them one by one, in order), then one mark per changed patient counting its
     changes (the same as one mark per change: nobody sees the transaction in between). A version that moves
     a resource to another patient (a result filed on the wrong subject, corrected) marks the patient it left
-    too: that patient lost an input. Returns, per resource, whether it was stored."""
+    too: that patient lost an input. Returns, per resource, whether it was stored.
+
+    ``current``: the resources were just read from the FHIR server, so they also replace a tombstone of their own
+    version (a deletion the server does not confirm)."""
     versions: list[ResourceVersion] = []
     targets: list[tuple[int, str | None]] = []
     for i, resource in enumerate(resources):
@@ -149,7 +155,7 @@ def apply_resources(repos: Repositories, jobs: Jobs, resources: list[dict[str, A
         targets.append((i, patient))
     changed = [False] * len(resources)
     marks: dict[str, int] = {}
-    for (i, patient), (written, moved_from) in zip(targets, repos.resources.upsert_many_tracked(versions), strict=True):
+    for (i, patient), (written, moved_from) in zip(targets, repos.resources.upsert_many_tracked(versions, current=current), strict=True):
         changed[i] = written
         for ref in (patient, moved_from) if written else ():
             if ref:
@@ -160,11 +166,31 @@ def apply_resources(repos: Repositories, jobs: Jobs, resources: list[dict[str, A
     return changed
 
 
-def apply_deletion(repos: Repositories, jobs: Jobs, resource_type: str, resource_id: str, settings: Settings) -> bool:
+def apply_deletion(
+    repos: Repositories,
+    jobs: Jobs,
+    resource_type: str,
+    resource_id: str,
+    settings: Settings,
+    *,
+    version_id: str | None = None,
+    deleted_by: datetime | None = None,
+) -> bool:
+    """Tombstone a resource; marks its patient dirty when a live version was deleted. Returns whether a row changed.
+
+    Without ``deleted_by`` (a deletion notification, which names no version): the tombstone keeps the stored
+    version (see ``mark_deleted``), until :func:`_confirm_deletion` records the deleted version. With it (the FHIR
+    server says the resource is gone): the tombstone is exactly at the deleted ``version_id`` (None: unknown) and
+    at ``deleted_by``, an instant no earlier than the deletion, so only a newer version (a re-creation) revives it.
+    """
     stored = repos.resources.get(resource_type, resource_id)
     patient = stored.patient_ref if stored is not None else None
-    changed = repos.resources.mark_deleted(resource_type=resource_type, resource_id=resource_id, patient_ref=patient)
-    if changed and patient:
+    was_live = stored is not None and not stored.deleted
+    changed = repos.resources.mark_deleted(
+        resource_type=resource_type, resource_id=resource_id, patient_ref=patient,
+        version_id=version_id, last_updated=deleted_by, exact=deleted_by is not None,
+    )
+    if changed and was_live and patient:
         mark_dirty(repos, jobs, patient, settings)
     return changed
 
@@ -298,7 +324,8 @@ def _receive_transaction(ctx: MonitorContext, batch: list[_Receipt]) -> None:
                 pending.write(repos, jobs, ctx.settings)
                 if isinstance(n, ResourceDeleted):
                     # Keyed by the version it deletes, so delete → recreate → delete is two events, a redelivery one.
-                    # "?" when there is none: processing leaves the version as it was, so a redelivery gets the same key.
+                    # "?" when there is none. Processing may record the deleted version the FHIR server names; a
+                    # redelivery after that is another event, and processing it again changes nothing.
                     deletes = repos.resources.stored_version(n.resource_type, n.id) or "?"
                     _record(repos, jobs, summary, requeue, dedup_key=f"{dedup_key(n)}/{deletes}", kind="deletion",
                             resource_type=n.resource_type, resource_id=n.id, subscription=n.subscription_id)
@@ -443,6 +470,11 @@ def process_event(ctx: MonitorContext, event_id: int) -> str:
         if not repos.ledger.claim_for_processing(event_id, stale_after=timedelta(seconds=ctx.settings.sweeper_stale_after_s)):
             event = repos.ledger.get(event_id)
             return event.status if event is not None else "missing"
+        event = repos.ledger.get(event_id)
+        if event is not None and event.kind == "deletion":
+            # At once, committed with the claim: the deleted version stops counting even while the FHIR server
+            # cannot be asked (the event then stays queued or failed, and the confirmation below is retried).
+            apply_deletion(repos, jobs, str(event.resource_type), str(event.resource_id), ctx.settings)
     with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
         repos = Repositories(session)
         event = repos.ledger.get(event_id)
@@ -451,7 +483,8 @@ def process_event(ctx: MonitorContext, event_id: int) -> str:
         # Events recorded before subscription keys were normalised name the subscription as the server sent it.
         subscription = subscription_key(event.subscription or POLL_SUBSCRIPTION, ctx.settings.fhir_base_url)
         if event.kind == "deletion":
-            apply_deletion(repos, jobs, str(event.resource_type), str(event.resource_id), ctx.settings)
+            if ctx.fhir_client is not None:
+                _confirm_deletion(ctx, repos, jobs, str(event.resource_type), str(event.resource_id))
         elif event.kind == "backport-event" and event.resource_type and event.resource_id:
             _fetch_focus(ctx, repos, jobs, event.resource_type, event.resource_id)
         elif event.kind == "backport-event":  # an ``empty`` payload only says "event n happened": find out what
@@ -484,14 +517,69 @@ def _fetch_focus(ctx: MonitorContext, repos: Repositories, jobs: Jobs, rtype: st
         raise PermanentEventError("event has no usable focus reference")
     if rtype not in MONITORED_TYPES:
         return
+    asked_at = _now()
     try:
         resource = ctx.shared_client().read(rtype, rid)
     except FhirNotFound:
-        apply_deletion(repos, jobs, rtype, rid, ctx.settings)
+        _apply_gone(ctx, repos, jobs, rtype, rid, asked_at)
         return
     except FhirPermanentError as exc:
         raise PermanentEventError(str(exc)) from exc
     apply_resource(repos, jobs, resource, ctx.settings)
+
+
+def _confirm_deletion(ctx: MonitorContext, repos: Repositories, jobs: Jobs, rtype: str, rid: str) -> None:
+    """A deletion notification names no version, and a late update made before the deletion (a retried delivery)
+    would be newer than the version it kept: ask the FHIR server. Gone: the tombstone is recorded at the deleted
+    version (:func:`_apply_gone`). Still there (re-created, or the notification was stale): its current version is
+    applied, over the tombstone of its own version too. The server unreachable: the error propagates (the task
+    retries; then the event is failed and replayable) and the tombstone applied on receipt stays meanwhile."""
+    if rtype not in MONITORED_TYPES:
+        return
+    asked_at = _now()
+    try:
+        current = ctx.shared_client().read(rtype, rid)
+    except FhirNotFound:
+        _apply_gone(ctx, repos, jobs, rtype, rid, asked_at)
+        return
+    except FhirPermanentError as exc:
+        raise PermanentEventError(str(exc)) from exc
+    if current.get("id") != rid:
+        raise PermanentEventError(f"reading {rtype}/{rid} returned another resource")
+    apply_resources(repos, jobs, [current], ctx.settings, current=True)
+
+
+def _apply_gone(ctx: MonitorContext, repos: Repositories, jobs: Jobs, rtype: str, rid: str, asked_at: datetime) -> None:
+    """The FHIR server answered 404/410 to a read sent at ``asked_at``: the deletion happened before then. Tombstone at
+    the deleted version its history names, and at the deletion's time (else ``asked_at``): a version updated later
+    (or with a higher versionId) is a re-creation and revives the resource; any other is older than the deletion."""
+    version_id, deleted_at = _deleted_version(ctx, rtype, rid)
+    apply_deletion(repos, jobs, rtype, rid, ctx.settings, version_id=version_id, deleted_by=deleted_at or asked_at)
+
+
+_ETAG_VERSION = re.compile(r'^(?:W/)?"?([A-Za-z0-9\-.]{1,64})"?$')
+_HISTORY_VERSION = re.compile(r"/_history/([A-Za-z0-9\-.]{1,64})$")
+
+
+def _deleted_version(ctx: MonitorContext, rtype: str, rid: str) -> tuple[str | None, datetime | None]:
+    """The versionId and time of a deleted resource's deletion, from the newest entry of its ``_history`` (a
+    ``DELETE`` entry: ``response.etag`` or ``.location``, ``response.lastModified``); (None, None) when the server
+    cannot say. Without them the caller's bound is still safe, only coarser."""
+    try:
+        bundle = ctx.shared_client().history(rtype, rid, count=1)
+    except FhirError as exc:
+        log.info("deleted_version_unavailable", resource_type=rtype, error=type(exc).__name__)
+        return None, None
+    entries = bundle.get("entry")
+    newest = entries[0] if isinstance(entries, list) and entries and isinstance(entries[0], dict) else {}
+    request, response = newest.get("request"), newest.get("response")
+    if not isinstance(request, dict) or request.get("method") != "DELETE" or not isinstance(response, dict):
+        return None, None
+    etag, location = response.get("etag"), response.get("location")
+    match = _ETAG_VERSION.match(etag.strip()) if isinstance(etag, str) else None
+    if match is None and isinstance(location, str):
+        match = _HISTORY_VERSION.search(location.strip())
+    return (match.group(1) if match else None), parse_datetime(response.get("lastModified"))
 
 
 def _search_params(ctx: MonitorContext, rtype: str) -> list[tuple[str, str]]:
