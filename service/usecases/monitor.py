@@ -512,20 +512,25 @@ def _describe(error: BaseException | str) -> str:
     return f"{type(error).__name__}: {text}"[:300]
 
 
+def _read_or_gone(ctx: MonitorContext, repos: Repositories, jobs: Jobs, rtype: str, rid: str) -> dict[str, Any] | None:
+    """The resource's current version read from the FHIR server; None when the server says it is gone (then its
+    tombstone is recorded: :func:`_apply_gone`). A refused read is a permanent event error; an unreachable server
+    propagates (the task retries)."""
+    asked_at = _now()
+    try:
+        return ctx.shared_client().read(rtype, rid)
+    except FhirNotFound:
+        _apply_gone(ctx, repos, jobs, rtype, rid, asked_at)
+        return None
+    except FhirPermanentError as exc:
+        raise PermanentEventError(str(exc)) from exc
+
+
 def _fetch_focus(ctx: MonitorContext, repos: Repositories, jobs: Jobs, rtype: str | None, rid: str | None) -> None:
     if not rtype or not rid:
         raise PermanentEventError("event has no usable focus reference")
-    if rtype not in MONITORED_TYPES:
-        return
-    asked_at = _now()
-    try:
-        resource = ctx.shared_client().read(rtype, rid)
-    except FhirNotFound:
-        _apply_gone(ctx, repos, jobs, rtype, rid, asked_at)
-        return
-    except FhirPermanentError as exc:
-        raise PermanentEventError(str(exc)) from exc
-    apply_resource(repos, jobs, resource, ctx.settings)
+    if rtype in MONITORED_TYPES and (resource := _read_or_gone(ctx, repos, jobs, rtype, rid)) is not None:
+        apply_resource(repos, jobs, resource, ctx.settings)
 
 
 def _confirm_deletion(ctx: MonitorContext, repos: Repositories, jobs: Jobs, rtype: str, rid: str) -> None:
@@ -534,16 +539,8 @@ def _confirm_deletion(ctx: MonitorContext, repos: Repositories, jobs: Jobs, rtyp
     version (:func:`_apply_gone`). Still there (re-created, or the notification was stale): its current version is
     applied, over the tombstone of its own version too. The server unreachable: the error propagates (the task
     retries; then the event is failed and replayable) and the tombstone applied on receipt stays meanwhile."""
-    if rtype not in MONITORED_TYPES:
+    if rtype not in MONITORED_TYPES or (current := _read_or_gone(ctx, repos, jobs, rtype, rid)) is None:
         return
-    asked_at = _now()
-    try:
-        current = ctx.shared_client().read(rtype, rid)
-    except FhirNotFound:
-        _apply_gone(ctx, repos, jobs, rtype, rid, asked_at)
-        return
-    except FhirPermanentError as exc:
-        raise PermanentEventError(str(exc)) from exc
     if current.get("id") != rid:
         raise PermanentEventError(f"reading {rtype}/{rid} returned another resource")
     apply_resources(repos, jobs, [current], ctx.settings, current=True)
