@@ -80,6 +80,14 @@ _SUBSCRIPTION_PATH = re.compile(r"^Subscription/([A-Za-z0-9\-.]{1,64})(?:/_histo
 _HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 _PLAIN_BUNDLE_TYPES = frozenset({"transaction", "batch", "collection"})
 _MAX_ENTRIES = 100_000
+#: Event numbers and counts are stored as 64-bit signed integers (the ledger's and subscription state's BIGINT).
+MAX_EVENT_NUMBER = 2**63 - 1
+#: A Backport subscription reference is stored as sent (at most 512 characters) and is the start of ledger keys
+#: that append up to 45 characters ("#gap#{first}-{last}") within their own 512: real references
+#: ("https://host/fhir/Subscription/{id}", ids at most 64 characters) are far shorter.
+MAX_SUBSCRIPTION_REFERENCE = 400
+MAX_TOPIC = 512  # the subscription state's topic column
+MAX_STATUS = 32  # the subscription state's status column (FHIR: requested, active, error, off, entered-in-error)
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -285,6 +293,8 @@ def parse_notification(
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidNotification("body is not valid JSON") from None
+    if b"\\u0000" in raw and _contains_nul(data):  # the escape is the only way a NUL gets into valid JSON
+        raise InvalidNotification("a string contains U+0000 (FHIR strings may not)")
     if not isinstance(data, dict):
         raise InvalidNotification("JSON body is not an object")
     resource_type = data.get("resourceType")
@@ -307,6 +317,22 @@ def parse_notification(
         if path_ref is None:
             raise InvalidNotification("unsupported bundle type")
     return [_resource_changed(data, path_ref, sub_id, interaction)]
+
+
+def _contains_nul(data: Any) -> bool:
+    """Whether any string of the decoded JSON, member names included, holds U+0000 (iterative: no recursion limit)."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _clean(value: str | None) -> str | None:
@@ -490,10 +516,10 @@ def _count_value(param: Mapping[str, Any] | None, what: str) -> int | None:
         if not (isinstance(value, int) or integral_float or digit_string):
             break
         number = int(value)
-        if number < 0:
+        if not 0 <= number <= MAX_EVENT_NUMBER:
             break
         return number
-    raise InvalidNotification(f"{what} is not a non-negative integer")
+    raise InvalidNotification(f"{what} is not a non-negative 64-bit integer")
 
 
 def _parse_event(param: Mapping[str, Any], subscription: str) -> NotificationEvent:
@@ -530,8 +556,14 @@ def _parse_backport(bundle: dict[str, Any]) -> BackportNotification:
     if subscription is None:
         raise InvalidNotification("subscription status has no subscription")
     subscription = subscription.strip()
+    if not subscription or len(subscription) > MAX_SUBSCRIPTION_REFERENCE:
+        raise InvalidNotification(f"subscription reference is not 1..{MAX_SUBSCRIPTION_REFERENCE} characters")
     topic = _string_value(_single(params, "topic"), ("valueCanonical", "valueUri", "valueString"), "topic")
+    if topic is not None and len(topic) > MAX_TOPIC:
+        raise InvalidNotification(f"topic is over {MAX_TOPIC} characters")
     status = _string_value(_single(params, "status"), ("valueCode", "valueString"), "status")
+    if status is not None and len(status) > MAX_STATUS:
+        raise InvalidNotification(f"status is over {MAX_STATUS} characters")
     ntype = _string_value(_single(params, "type"), ("valueCode", "valueString"), "type")
     if ntype is None:
         raise InvalidNotification("subscription status has no type")
@@ -562,6 +594,9 @@ def _parse_backport(bundle: dict[str, Any]) -> BackportNotification:
             raise InvalidNotification("entry resource is not a resource")
         parsed = _split_reference(full_url)
         rid = resource.get("id")
+        if rid is not None and (not isinstance(rid, str) or not _RESOURCE_ID.match(rid)):
+            raise InvalidNotification("entry resource id is not a valid FHIR id")
+        _meta(resource)  # its versionId and lastUpdated are checked as for a resource delivered alone
         if parsed is not None:
             if parsed[0] != resource["resourceType"] or (rid is not None and rid != parsed[1]):
                 raise InvalidNotification("entry resource does not match its fullUrl")

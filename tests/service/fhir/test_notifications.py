@@ -312,6 +312,84 @@ def test_malformed_status_parameters(replace: dict[str, Any], reason: str) -> No
         parse_notification(_status_bundle(**replace))
 
 
+def _with_event_number(value: object) -> bytes:
+    bundle = json.loads(raw("backport-event-id-only.json"))
+    params = bundle["entry"][0]["resource"]["parameter"]
+    events = [p for p in params if p["name"] == "notification-event"]
+    params[:] = [p for p in params if p["name"] != "notification-event"] + events[:1]
+    events[0]["part"] = [p for p in events[0]["part"] if p["name"] != "event-number"] + [{"name": "event-number", "valueInteger64": value}]
+    return json.dumps(bundle).encode()
+
+
+@pytest.mark.parametrize("value", [1e19, 2**63, 10**30, "9" * 19])
+def test_an_event_number_past_a_64_bit_integer_is_invalid(value: object) -> None:
+    """The ledger stores event numbers as BIGINT: a larger one is a permanent error (400), not a database failure."""
+    with pytest.raises(InvalidNotification, match="non-negative 64-bit integer"):
+        parse_notification(_with_event_number(value))
+
+
+@pytest.mark.parametrize("value", [2**63 - 1, 9.0e18, "999999999999999999"])
+def test_an_event_number_within_a_64_bit_integer_is_accepted(value: object) -> None:
+    (notification,) = parse_notification(_with_event_number(value))
+    assert notification.events[0].event_number == int(value)
+
+
+@pytest.mark.parametrize(
+    ("replace", "reason"),
+    [
+        ({"subscription": {"valueReference": {"reference": SUB + "x" * (n.MAX_SUBSCRIPTION_REFERENCE - len(SUB) + 1)}}}, "subscription reference"),
+        ({"topic": {"valueCanonical": "https://ehr.example.org/topic/" + "t" * 500}}, "topic is over 512"),
+        ({"status": {"valueCode": "a" * 33}}, "status is over 32"),
+    ],
+    ids=["subscription", "topic", "status"],
+)
+def test_references_and_codes_longer_than_their_columns_are_invalid(replace: dict[str, Any], reason: str) -> None:
+    with pytest.raises(InvalidNotification, match=reason):
+        parse_notification(_status_bundle(**replace))
+
+
+def test_the_longest_subscription_reference_still_fits_every_ledger_key() -> None:
+    from service.db.models import DEDUP_KEY_LEN, SUBSCRIPTION_LEN
+
+    longest = SUB + "x" * (n.MAX_SUBSCRIPTION_REFERENCE - len(SUB))
+    (notification,) = parse_notification(_status_bundle(subscription={"valueReference": {"reference": longest}}))
+    assert notification.subscription == longest
+    assert len(longest) <= SUBSCRIPTION_LEN
+    assert len(f"{longest}#gap#{n.MAX_EVENT_NUMBER}-{n.MAX_EVENT_NUMBER}") <= DEDUP_KEY_LEN
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        observation("o1") | {"note": [{"text": "a\u0000b"}]},
+        observation("o1") | {"extension": [{"url": "x", "valueString": "\u0000"}]},
+        observation("o1") | {"a\u0000": 1},
+        json.loads(raw("backport-event-full-resource.json")) | {"id": "b\u0000"},
+    ],
+    ids=["resource", "nested", "member name", "backport"],
+)
+def test_a_nul_character_anywhere_is_invalid(body: dict[str, Any]) -> None:
+    """FHIR strings may not contain U+0000 (PostgreSQL's JSONB cannot store it): refused, never retried."""
+    with pytest.raises(InvalidNotification, match="U\\+0000"):
+        parse_notification(json.dumps(body).encode())
+
+
+def test_an_escaped_backslash_before_u0000_is_not_a_nul() -> None:
+    body = json.dumps(observation("o1") | {"note": [{"text": "C:\\u0000"}]}).encode()
+    assert b"\\\\u0000" in body
+    (changed,) = parse_notification(body)
+    assert changed.resource["note"][0]["text"] == "C:\\u0000"
+
+
+def test_a_backport_entry_with_an_invalid_id_is_invalid() -> None:
+    bundle = json.loads(raw("backport-event-full-resource.json"))
+    entry = bundle["entry"][1]
+    entry["resource"]["id"] = "x" * 65
+    entry.pop("fullUrl", None)
+    with pytest.raises(InvalidNotification, match="entry resource id"):
+        parse_notification(json.dumps(bundle).encode())
+
+
 def test_reasons_never_quote_payload() -> None:
     secret_value = "PATIENT-NAME-JANE-DOE"
     bodies = [
