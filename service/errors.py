@@ -51,6 +51,13 @@ class PrefetchUnavailable(ServiceError):
     code = "incomplete"
 
 
+class InternalError(ServiceError):
+    """internal error"""
+
+    status_code = 500
+    code = "exception"
+
+
 class Unavailable(ServiceError):
     """A dependency (database, broker) is unavailable; the caller should retry."""
 

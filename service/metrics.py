@@ -22,8 +22,9 @@ HOOK_412 = Counter("cds_hook_precondition_failed_total", "CDS Hooks calls answer
 CARDS = Counter("cds_cards_total", "Cards returned, by topic", ["service", "topic"])
 FEEDBACK = Counter("cds_feedback_total", "Card feedback received", ["service", "outcome"])
 AUTH_FAILURES = Counter("cds_auth_failures_total", "Rejected CDS Hooks calls (401)", ["route"])
-#: result: accepted and duplicate count events; unauthorized, too-large, invalid, ledger-unavailable and
-#: broker-unavailable count requests answered 401, 413, 400 and 503 (form "unknown" until the body is parsed).
+#: result: accepted and duplicate count events; unauthorized, too-large, invalid, ledger-unavailable,
+#: broker-unavailable and error count requests answered 401, 413, 400, 503 and 500 (form "unknown" until the body is
+#: parsed). invalid includes values the ledger can never store (a permanent error: never answered 503).
 NOTIFICATIONS = Counter("fhir_notifications_total", "Inbound FHIR notifications", ["form", "result"])
 NOTIFICATION_LATENCY = Histogram(
     "fhir_notification_request_seconds",

@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, DisconnectionError, InterfaceError, OperationalError, StatementError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service.api.cds_hooks import ctx_of, json_response, read_body
 from service.api.models import OperationOutcome
-from service.errors import BadRequest, PayloadTooLarge, Unauthorized, Unavailable
+from service.errors import BadRequest, InternalError, PayloadTooLarge, ServiceError, Unauthorized, Unavailable
 from service.fhir.notifications import (
     BackportNotification,
     EmptyPing,
@@ -31,11 +32,34 @@ from service.fhir.notifications import (
 )
 from service.logging import get_logger
 from service.metrics import NOTIFICATION_LATENCY, NOTIFICATIONS
+from service.queue import NotSent
 from service.usecases import monitor
 
 router = APIRouter(tags=["FHIR subscriptions"])
 log = get_logger("calcinosis-cds.notifications")
-RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": OperationOutcome} for code in (400, 401, 413, 503)}
+RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": OperationOutcome} for code in (400, 401, 413, 500, 503)}
+
+#: The database cannot be reached or dropped the connection: the same notification can succeed later (503, retry).
+_LEDGER_DOWN = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
+#: A value the database (or the ledger's own checks) can never store as sent: retrying cannot help (400).
+_UNSTORABLE = (DataError, ValueError, OverflowError)
+_LOG_EVENTS = {"broker-unavailable": "broker_unavailable", "ledger-unavailable": "ledger_unavailable", "error": "notification_failed"}
+
+
+def _failure(exc: Exception) -> tuple[str, ServiceError]:
+    """The counted result and the typed error of a notification that could not be recorded.
+
+    503 only when a dependency is really unavailable (the FHIR server retries it, and it can succeed later); a
+    value that can never be stored is the sender's 400; anything else is a bug of ours: 500, never "retry"."""
+    if isinstance(exc, NotSent):
+        return "broker-unavailable", Unavailable("the task queue is unavailable; retry")
+    if isinstance(exc, _LEDGER_DOWN) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return "ledger-unavailable", Unavailable("the event ledger is unavailable; retry")
+    cause = exc.orig if isinstance(exc, StatementError) and not isinstance(exc, DBAPIError) else exc  # a bind parameter's own error
+    if isinstance(exc, _UNSTORABLE) or isinstance(cause, _UNSTORABLE):
+        return "invalid", BadRequest("invalid notification: a value cannot be stored (out of range or not allowed)")
+    return "error", InternalError()
+
 
 
 def _authenticate(request: Request, body: bytes) -> str:
@@ -89,14 +113,16 @@ async def _receive(request: Request, path: str | None) -> Response:
     form = _form(notifications, request)
     try:
         summary = await run_in_threadpool(monitor.receive, ctx.monitor, notifications, form)
-    except SQLAlchemyError as exc:
-        answered("ledger-unavailable", form)
-        log.error("ledger_unavailable", error=type(exc).__name__)
-        raise Unavailable("the event ledger is unavailable; retry") from None
     except Exception as exc:
-        answered("broker-unavailable", form)
-        log.error("broker_unavailable", error=type(exc).__name__)
-        raise Unavailable("the task queue is unavailable; retry") from None
+        result, error = _failure(exc)
+        answered(result, form)
+        # The error's type only: a database error's text may quote the values sent.
+        name = type(exc.__cause__ if isinstance(exc, NotSent) else exc).__name__
+        if result == "invalid":
+            log.warning("notification_refused", form=form, error=name)
+        else:
+            log.error(_LOG_EVENTS[result], form=form, error=name)
+        raise error from None
     answered("accepted", form, count=False)  # monitor.receive counts the events: accepted and duplicate
     log.info("notification", form=form, auth=auth, accepted=summary.accepted, duplicates=summary.duplicates)
     return json_response({"accepted": summary.accepted, "duplicates": summary.duplicates})

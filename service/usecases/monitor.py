@@ -210,7 +210,10 @@ def receive(ctx: MonitorContext, notifications: list[Any], form: str) -> Receive
     Group commit: concurrent calls in one process share one transaction (see :class:`_GroupCommit`); if that
     transaction fails, each call is retried in a transaction of its own, so a bad notification fails only its
     own request. Full resources are written in batches: one ledger INSERT, one version-guarded upsert of the
-    new ones and one mark per patient for all the consecutive full resources of the group."""
+    new ones and one mark per patient for all the consecutive full resources of the group.
+
+    :raises NotSent: the events are committed but sending their jobs failed (``__cause__``: the broker's error).
+    Any other exception: nothing of this call was committed."""
     request = _Receipt(notifications, form)
     ctx._group_commit.submit(ctx, request)
     if request.error is not None:
@@ -287,9 +290,9 @@ def _commit_receipts(ctx: MonitorContext, batch: list[_Receipt]) -> None:
                 for receipt in batch:
                     receipt.committed = True
                 return
-            except NotSent as exc:  # committed, but the broker failed: every receipt gets the error
+            except NotSent as exc:  # committed, but the broker failed: every receipt gets the error (its cause the broker's)
                 for receipt in batch:
-                    receipt.error = exc.__cause__
+                    receipt.error = exc
                 return
             except Exception:  # rolled back: retry each receipt on its own
                 for receipt in batch:
@@ -299,8 +302,8 @@ def _commit_receipts(ctx: MonitorContext, batch: list[_Receipt]) -> None:
                 _receive_transaction(ctx, [receipt])
                 receipt.committed = True
             except NotSent as exc:
-                receipt.error = exc.__cause__
-            except Exception as exc:  # answered by the caller (5xx)
+                receipt.error = exc
+            except Exception as exc:  # answered by the caller (400 for a value the ledger refuses, else 5xx)
                 receipt.error = exc
     finally:
         for receipt in batch:

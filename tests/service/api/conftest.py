@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from service.config import Settings, TrustedIssuer
 from service.db.migrate import upgrade_to_head
 from service.main import create_app
+from tests.fakes.databases import create_postgres_database, drop_postgres_database, require_postgres
 from tests.fakes.fhir_server import FakeFhirServer
 from tests.service.api.support import ALLOWED_JKU, Issuer
 
@@ -31,6 +32,20 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     url = f"sqlite:///{directory / 'cds.sqlite'}"
     upgrade_to_head(url)
     return directory, url
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL database at the head revision, shared by one test module (``make_client(database_url=pg_url)``):
+    what only PostgreSQL refuses (U+0000 in text and JSONB, BIGINT and VARCHAR bounds). Skipped when PostgreSQL is
+    unreachable (a failure when ``CI=true``)."""
+    require_postgres()
+    url = create_postgres_database("cds_test_api")
+    try:
+        upgrade_to_head(url)
+        yield url
+    finally:
+        drop_postgres_database(url)
 
 
 @pytest.fixture(scope="module")
