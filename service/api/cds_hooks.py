@@ -207,9 +207,10 @@ def _outcome_timestamp(value: str) -> datetime:
         if _DATE_TIME.fullmatch(text) is None:
             raise ValueError
         ts = datetime.fromisoformat(text)
-    except ValueError:
+        # In UTC here, as it is stored: "0001-01-01T00:00:00+01:00" and "9999-12-31T23:59:59-23:59" have no UTC form.
+        return ts.astimezone(UTC) if ts.tzinfo else ts.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         raise BadRequest("invalid feedback: outcomeTimestamp is not a date-time") from None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 @router.post(

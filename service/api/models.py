@@ -6,9 +6,19 @@ models document the same shapes. Response models mirror the spec (no empty eleme
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("contains U+0000")  # FHIR strings may not hold it, and PostgreSQL cannot store it
+    return value
+
+
+#: A string without U+0000: the members of inbound documents that are stored (feedback).
+Text = Annotated[str, AfterValidator(_no_nul)]
 
 
 class _Open(BaseModel):
@@ -16,9 +26,9 @@ class _Open(BaseModel):
 
 
 class Coding(BaseModel):
-    system: str = Field(min_length=1)
-    code: str = Field(min_length=1)
-    display: str | None = None
+    system: Text = Field(min_length=1)
+    code: Text = Field(min_length=1)
+    display: Text | None = None
 
 
 class FhirAuthorization(_Open):
@@ -89,16 +99,16 @@ class Discovery(BaseModel):
 class OverrideReason(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: Coding | None = None
-    userComment: str | None = None
+    userComment: Text | None = None
 
 
 class AcceptedSuggestion(BaseModel):
-    id: str = Field(min_length=1)
+    id: Text = Field(min_length=1)
 
 
 class FeedbackItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    card: str = Field(min_length=1, max_length=64)
+    card: Text = Field(min_length=1, max_length=64)
     outcome: Literal["accepted", "overridden"]
     outcomeTimestamp: str = Field(min_length=1, json_schema_extra={"format": "date-time"})
     acceptedSuggestions: list[AcceptedSuggestion] | None = Field(None, min_length=1, description="Required when outcome is accepted")

@@ -239,3 +239,56 @@ def test_an_unexpected_error_is_logged_with_the_route_not_the_path_as_sent(
     [line] = [orjson.loads(text) for text in captured.getvalue().splitlines() if text.startswith("{") and '"unhandled_error"' in text]
     assert (line["route"], line["error"]) == ("/cds-services/{service_id}/feedback", "OperationalError")
     assert "Smith" not in captured.getvalue()
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-23:59", "9999-12-31T23:59:59-00:01"],
+    ids=["before-year-1-in-utc", "after-year-9999-in-utc", "one-minute-past"],
+)
+def test_an_outcome_timestamp_with_no_utc_form_is_400(signed_client: TestClient, issuer: Issuer, timestamp: str) -> None:
+    """Valid RFC 3339, but outside what a datetime holds once in UTC (as it is stored): the caller's error, not a 500."""
+    card = str(uuid.uuid4())
+    response = send(signed_client, issuer, {"feedback": [{"card": card, "outcome": "overridden", "outcomeTimestamp": timestamp}]})
+    assert response.status_code == 400, response.text
+    assert response.json()["issue"][0]["diagnostics"] == "invalid feedback: outcomeTimestamp is not a date-time"
+    assert stored(signed_client, card) == []
+
+
+def test_the_extreme_outcome_timestamps_that_have_a_utc_form_are_stored(signed_client: TestClient, issuer: Issuer) -> None:
+    for timestamp, expected in [("0001-01-01T00:00:00-01:00", "0001-01-01T01:00:00+00:00"), ("9999-12-31T23:59:59+01:00", "9999-12-31T22:59:59+00:00")]:
+        card = str(uuid.uuid4())
+        assert send(signed_client, issuer, {"feedback": [{"card": card, "outcome": "overridden", "outcomeTimestamp": timestamp}]}).status_code == 200
+        [row] = stored(signed_client, card)
+        assert datetime.fromisoformat(row["outcomeTimestamp"]).astimezone(UTC).isoformat() == expected
+
+
+def _with_nul(where: str) -> tuple[dict[str, Any], str]:
+    card = str(uuid.uuid4())
+    item: dict[str, Any] = {"card": card, "outcome": "overridden", "outcomeTimestamp": "2026-01-01T00:00:00Z",
+                            "overrideReason": {"reason": {"system": "https://example.org/reasons", "code": "other"}, "userComment": "fine"}}
+    if where == "card":
+        item["card"] = card[:8] + "\u0000"
+    elif where == "userComment":
+        item["overrideReason"]["userComment"] = "patient said\u0000NUL"
+    elif where == "reason.code":
+        item["overrideReason"]["reason"]["code"] = "other\u0000"
+    elif where == "acceptedSuggestions.id":
+        item.update(outcome="accepted", acceptedSuggestions=[{"id": "s\u0000"}])
+    return {"feedback": [item]}, card
+
+
+@pytest.mark.parametrize("where", ["card", "userComment", "reason.code", "acceptedSuggestions.id"])
+def test_a_nul_character_in_feedback_is_400_on_postgresql(make_client: Callable[..., TestClient], pg_url: str, where: str) -> None:
+    """PostgreSQL cannot store U+0000 in text or JSONB (a 500 before): refused as invalid, the field named, no echo."""
+    client = make_client(dev_mode=True, database_url=pg_url)
+    document, card = _with_nul(where)
+    response = client.post(f"/cds-services/{RISK}/feedback", json=document)
+    assert response.status_code == 400, response.text
+    diagnostics = response.json()["issue"][0]["diagnostics"]
+    assert diagnostics.startswith("invalid feedback: feedback.0.") and where.split(".")[0] in diagnostics
+    assert "NUL" not in response.text and "\\u0000" not in response.text
+    assert stored(client, card) == []
+    clean, clean_card = _with_nul("nowhere")
+    assert client.post(f"/cds-services/{RISK}/feedback", json=clean).status_code == 200  # the same client stores feedback
+    assert len(stored(client, clean_card)) == 1
