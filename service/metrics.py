@@ -19,6 +19,9 @@ HOOK_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 HOOK_412 = Counter("cds_hook_precondition_failed_total", "CDS Hooks calls answered 412 (data unobtainable)", ["service"])
+#: Every 4xx/5xx answer of a service call, by service ("unknown" for an id that is not ours) and HTTP status: alert on
+#: status="500" (a bug) and on a rate of 4xx that a working EHR integration does not produce.
+HOOK_ERRORS = Counter("cds_hook_errors_total", "CDS Hooks service calls answered 4xx/5xx, by status", ["service", "status"])
 CARDS = Counter("cds_cards_total", "Cards returned, by topic", ["service", "topic"])
 FEEDBACK = Counter("cds_feedback_total", "Card feedback received", ["service", "outcome"])
 AUTH_FAILURES = Counter("cds_auth_failures_total", "Rejected CDS Hooks calls (401)", ["route"])

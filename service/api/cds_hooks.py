@@ -32,7 +32,7 @@ from service.db.repositories import CardFeedbackRepository
 from service.db.session import session_scope
 from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
 from service.logging import get_logger
-from service.metrics import AUTH_FAILURES, CARDS, FEEDBACK, HOOK_412, HOOK_LATENCY
+from service.metrics import AUTH_FAILURES, CARDS, FEEDBACK, HOOK_412, HOOK_ERRORS, HOOK_LATENCY
 from service.security import AuthenticationError, VerifiedCaller
 
 router = APIRouter()
@@ -177,10 +177,15 @@ async def call_service(service_id: str, request: Request) -> Response:
         if status == 412:
             HOOK_412.labels(service).inc()
         raise
+    except Exception:
+        status = 500  # answered "internal error" by the one handler of unexpected errors
+        raise
     finally:
         elapsed = time.perf_counter() - started
         if status == 200:
             HOOK_LATENCY.labels(service, data_path).observe(elapsed)
+        elif status >= 400:
+            HOOK_ERRORS.labels(service, str(status)).inc()
         log.info(
             "cds_hook",
             request_id=request_id,

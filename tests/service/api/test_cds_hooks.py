@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from service.cds.discovery import MAX_TEMPLATE_LENGTH
 from tests import builders as b
 from tests.fakes.fhir_server import FailureRule, FakeFhirServer
+from tests.integration.support import metric_samples
 from tests.pki import Pki
 from tests.schema import assert_valid
 from tests.service.api.conftest import FHIR_TOKEN, TESTSERVER
@@ -401,6 +402,42 @@ def test_an_unknown_service_id_is_never_echoed_in_the_answer_the_log_or_the_metr
     metrics = signed_client.get("/metrics").text
     for text in (logged, metrics, *(r.text for r in responses)):
         assert "Smith" not in text and "MRN" not in text
+
+
+def hook_errors(client: TestClient, service: str, status: int) -> float:
+    return metric_samples(client.get("/metrics").text).get(("cds_hook_errors_total", (("service", service), ("status", str(status)))), 0.0)
+
+
+def test_a_call_that_ends_in_a_500_is_logged_and_counted_as_one(
+    monkeypatch: pytest.MonkeyPatch, make_client: Callable[..., TestClient]
+) -> None:
+    """An unexpected error is answered 500 by the one handler: the call's ``cds_hook`` line says 500 (not 200), it is
+    counted in ``cds_hook_errors_total{status="500"}``, and it is not timed as a success."""
+    client = make_client(dev_mode=True)
+
+    async def bug(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(client.app.state.ctx.hooks, "answer", bug)  # type: ignore[attr-defined]
+    latency = ("cds_hook_request_seconds_count", (("data_path", "none"), ("service", RISK)))
+    before, timed_before = hook_errors(client, RISK, 500), metric_samples(client.get("/metrics").text).get(latency, 0.0)
+    patient = high_risk_dialysis_patient()
+    [response], [line] = logged_calls(monkeypatch, client, {"body": hook_request(RISK, patient.pid, prefetch=patient.prefetch())})
+    assert_operation_outcome(response, 500)
+    assert (line["service"], line["status"]) == (RISK, 500)
+    assert hook_errors(client, RISK, 500) == before + 1
+    assert metric_samples(client.get("/metrics").text).get(latency, 0.0) == timed_before
+
+
+def test_refused_calls_are_counted_by_status(dev_client: TestClient) -> None:
+    before = {status: hook_errors(dev_client, RISK, status) for status in (400, 412)}
+    assert call(dev_client, RISK, {"hook": "patient-view"}).status_code == 400
+    patient = high_risk_dialysis_patient()
+    assert call(dev_client, RISK, hook_request(RISK, patient.pid)).status_code == 412  # no prefetch, no FHIR server
+    assert {status: hook_errors(dev_client, RISK, status) for status in (400, 412)} == {status: n + 1 for status, n in before.items()}
+    unknown = hook_errors(dev_client, "unknown", 404)
+    assert call(dev_client, "not-a-service", {}).status_code == 404
+    assert hook_errors(dev_client, "unknown", 404) == unknown + 1
 
 
 # --- medicationReference -------------------------------------------------------------------------
