@@ -157,6 +157,11 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     admin_token: SecretStr | None = Field(None, description="Bearer token for audit and assessment reads (feedback, /patients/...)")
     max_hook_request_bytes: int = 20_000_000
+    max_draft_orders: int = Field(
+        100,
+        ge=1,
+        description="Most draft MedicationRequests of one order-select/order-sign call that are checked; an info card says how many more were not",
+    )
     bench_floor_route: bool = Field(False, description="Mount POST /bench/floor for bench/cds_hooks.py (never in production)")
 
     # --- FHIR fetch (prefetch fallback and monitoring) -------------------------------------------

@@ -150,6 +150,7 @@ def build_context(settings: Settings, *, catalog: Catalog | None = None, thresho
         fetcher=fetcher,
         fhir_server_allowlist=settings.fhir_server_allowlist,
         dev_mode=settings.dev_mode,
+        max_draft_orders=settings.max_draft_orders,
     )
     monitor = MonitorContext.from_settings(settings, catalog=catalog, thresholds=thresholds, sessions=sessions)
     return AppContext(

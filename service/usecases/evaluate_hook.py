@@ -19,12 +19,13 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from service.cds.cards import for_call
+from service.cds.cards import for_call, make_card
 from service.cds.discovery import REQUIRED_KEYS, SERVICES_BY_ID, prefetch_templates, render_template
 from service.cds.engine import Evaluation, evaluate_patient
 from service.cds.fhirutil import resource_ref
 from service.cds.grouping import group_by_patient, unresolved_medications
 from service.cds.orders import draft_medication_requests, draft_medications, order_risk_cards
+from service.cds.rules import RULE_IDS
 from service.cds.thresholds import Thresholds
 from service.errors import BadRequest, NotFound, PrefetchUnavailable
 from service.fhir.client import next_link
@@ -81,9 +82,11 @@ class HookService:
         stored: StoredLookup | None = None,
         stored_fresh_s: int = 3600,
         max_medication_reads: int = 50,
+        max_draft_orders: int = 100,
     ) -> None:
         self.stored = stored
         self.max_medication_reads = max_medication_reads
+        self.max_draft_orders = max_draft_orders
         self.stored_fresh_s = stored_fresh_s
         self.catalog = catalog
         self.thresholds = thresholds
@@ -164,9 +167,16 @@ class HookService:
         groups = group_by_patient(resources)  # flattens the Bundles once, resolving their urn:uuid fullUrls
         record = groups.patients.get(patient_ref, [])
         orders: list[dict[str, Any]] = []
+        not_evaluated = 0
         medications = groups.medications
         if hook in ORDER_HOOKS:
             orders = draft_medication_requests(context.get("draftOrders"), context.get("selections") if hook == "order-select" else None)
+            # One card per risky order: bounded, so that a call with thousands of drafts costs neither seconds of CPU
+            # nor a response of tens of megabytes. Those beyond are said to be unchecked (a card and a data gap).
+            not_evaluated = max(0, len(orders) - self.max_draft_orders)
+            del orders[self.max_draft_orders :]
+            if not_evaluated:
+                notes.append(f"{not_evaluated} draft order(s) were not evaluated (more than {self.max_draft_orders} in one call)")
             medications.update(draft_medications(context.get("draftOrders")))  # the call's own groups: updated in place
         wanted, unresolvable = unresolved_medications(chain(record, orders), medications)
         if unresolvable:
@@ -187,7 +197,10 @@ class HookService:
             topic_system=self.topic_system,
             notes=notes,
         )
-        cards = for_call(self.cards_for(hook, orders, evaluation, medications), body["hookInstance"])
+        cards = self.cards_for(hook, orders, evaluation, medications)
+        if not_evaluated:
+            cards = [self._not_evaluated_card(evaluation, len(orders), not_evaluated), *cards]
+        cards = for_call(cards, body["hookInstance"])
         return HookAnswer({"cards": cards}, service_id, patient_ref, data_path, evaluation, cards, notes)
 
     def _allowed_server(self, body: dict[str, Any]) -> tuple[str, str | None]:
@@ -283,6 +296,24 @@ class HookService:
             return None
         cards = for_call(stored.assessment.get("cards") or [], hook_instance)
         return HookAnswer({"cards": cards}, service_id, patient_ref, "stored", None, cards, ["answered from the stored assessment"])
+
+    def _not_evaluated_card(self, evaluation: Evaluation, evaluated: int, not_evaluated: int) -> dict[str, Any]:
+        """The info card of a call with more draft orders than ``max_draft_orders``: the clinician must know that
+        the absence of a warning says nothing about the orders past the limit."""
+        total = evaluated + not_evaluated
+        return make_card(
+            evaluation.context,
+            topic="medication-order-risk",
+            rule_id=RULE_IDS["order"],
+            indicator="info",
+            summary=f"{not_evaluated} of {total} draft medication orders were not checked for calcification risk",
+            body=(
+                f"This request held {total} draft medication orders; this service checks at most {evaluated} in one "
+                f"request, so the last {not_evaluated} were **not evaluated**. No card about them does not mean they "
+                "are safe: sign or select them in smaller groups to have them checked."
+            ),
+            uuid_parts=("draft-orders-not-evaluated", str(total)),
+        )
 
     def cards_for(self, hook: str, orders: list[dict[str, Any]], evaluation: Evaluation, medications: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         """``orders``: the draft MedicationRequests under review (order hooks); ``medications``: what their
