@@ -423,10 +423,11 @@ def _receive_backport(repos: Repositories, jobs: Jobs, n: BackportNotification, 
     else:
         repos.subscriptions.touch_heartbeat(sub)
     gaps: list[range] = []
-    # Every form carries the count of events the server has sent, this notification's included: a handshake's
-    # (normally 0) is the baseline, so an event missed before the first one delivered is still a gap, and a
-    # notification naming no event but a higher count reports the events it did not list.
-    if n.events_since_start is not None:
+    # The count of events the server has generated: a handshake's (normally 0) is the baseline, so an event missed
+    # before the first one delivered is still a gap; a heartbeat's or status's, or that of a notification naming no
+    # event, reports the events not listed. An event-notification that lists events is judged by their numbers:
+    # its count may already include events still on their way in the next notifications.
+    if n.events_since_start is not None and not n.events:
         gaps.append(repos.subscriptions.observe_events_since_start(sub, n.events_since_start))
     for ev in n.events:
         gaps.append(repos.subscriptions.observe_event_number(sub, ev.event_number))

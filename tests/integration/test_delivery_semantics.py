@@ -50,7 +50,7 @@ def test_the_same_event_three_times_is_one_ledger_row_and_one_evaluation(worker_
 
     stack.wait_assessment(pid, lambda a: a["metastatic_calcification"]["tier"] == "high")
     settle(stack, pid)
-    rows = stack.rows("SELECT * FROM inbound_events WHERE subscription LIKE :s", s=f"%/Subscription/{sub}")
+    rows = stack.rows("SELECT * FROM inbound_events WHERE subscription LIKE :s", s=f"%Subscription/{sub}")
     assert sorted(r["event_number"] for r in rows) == [1, 2, 3, 4, 5]
     assert {r["status"] for r in rows} == {"handled"}
     assert stack.evaluations(pid) == 1
@@ -161,7 +161,7 @@ def test_event_number_gap_is_recovered_with_events_operation(worker_alive: Stack
         assert fake_fhir.count(rf"/fhir/{ref}$", "GET") >= 1
         rtype, rid = ref.split("/")
         assert stack.stored(rtype, rid) is not None
-    rows = stack.rows("SELECT * FROM inbound_events WHERE subscription LIKE :s", s=f"%/Subscription/{sub}")
+    rows = stack.rows("SELECT * FROM inbound_events WHERE subscription LIKE :s", s=f"%Subscription/{sub}")
     assert sorted(r["event_number"] for r in rows if r["kind"] == "backport-event") == [1, 2, 3, 4, 5]
     recovery = [r for r in rows if r["kind"] == "recovery"]
     assert len(recovery) == 1 and recovery[0]["payload"] == {"missing": [3, 4]}

@@ -41,7 +41,7 @@ def id_only_patient(fake: FakeFhirServer, pid: str) -> tuple[str, dict[str, obje
 
 def event_for(stack: Stack, sub: str, number: int) -> dict[str, Any]:
     rows = stack.rows("SELECT * FROM inbound_events WHERE subscription LIKE :s AND event_number = :n",
-                      s=f"%/Subscription/{sub}", n=number)
+                      s=f"%Subscription/{sub}", n=number)
     assert len(rows) == 1
     return rows[0]
 

@@ -91,8 +91,8 @@ def test_backport_handshake_and_heartbeat_do_no_work(worker_alive: Stack) -> Non
         resp = stack.notify(bundle)
         assert resp.status_code == 200, resp.text
         assert resp.json() == {"accepted": 0, "duplicates": 0}
-    assert stack.scalar("SELECT count(*) FROM inbound_events WHERE subscription LIKE :s", s=f"%/Subscription/{sub}") == 0
-    state = stack.rows("SELECT * FROM subscription_state WHERE subscription LIKE :s", s=f"%/Subscription/{sub}")
+    assert stack.scalar("SELECT count(*) FROM inbound_events WHERE subscription LIKE :s", s=f"%Subscription/{sub}") == 0
+    state = stack.rows("SELECT * FROM subscription_state WHERE subscription LIKE :s", s=f"%Subscription/{sub}")
     assert state and state[0]["last_heartbeat_at"] is not None
 
 
@@ -114,7 +114,7 @@ def test_backport_event_notification(worker_alive: Stack, fake_fhir: FakeFhirSer
     assert resp.json()["accepted"] == 5
 
     assert_high_and_written(stack, fake_fhir, pid)
-    events = stack.rows("SELECT * FROM inbound_events WHERE subscription LIKE :s ORDER BY event_number", s=f"%/Subscription/{sub}")
+    events = stack.rows("SELECT * FROM inbound_events WHERE subscription LIKE :s ORDER BY event_number", s=f"%Subscription/{sub}")
     assert [e["event_number"] for e in events if e["kind"] == "backport-event"] == [1, 2, 3, 4, 5]
     wait_until(lambda: all(e["status"] == "handled" for e in stack.events(subscription=events[0]["subscription"])),
                what="every event handled")
