@@ -166,8 +166,11 @@ def _stored_anyway(notification: object) -> Callable[..., list[object]]:
     return lambda *args, **kwargs: [notification]
 
 
-@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
-@pytest.mark.parametrize("case", ["U+0000", "event number", "subscription length"])
+@pytest.mark.parametrize(
+    ("case", "dialect"),
+    # SQLite stores U+0000, so that case is PostgreSQL's only (a skip would fail the run under CI=true).
+    [(c, d) for c in ("U+0000", "event number", "subscription length") for d in ("sqlite", "postgresql") if (c, d) != ("U+0000", "sqlite")],
+)
 def test_a_value_the_ledger_refuses_is_a_400_even_past_the_parser(
     make_client: Callable[..., TestClient], request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str], dialect: str, case: str,
@@ -177,8 +180,6 @@ def test_a_value_the_ledger_refuses_is_a_400_even_past_the_parser(
     from service.api import notifications as receiver
     from service.fhir.notifications import BackportNotification, NotificationEvent, ResourceChanged
 
-    if case == "U+0000" and dialect == "sqlite":
-        pytest.skip("SQLite stores U+0000")
     overrides = {"database_url": request.getfixturevalue("pg_url")} if dialect == "postgresql" else {}
     client = make_client(subscription_secret=SECRET, **overrides)
     sub = f"https://ehr.example.org/fhir/Subscription/poison-{uuid.uuid4().hex[:8]}"
