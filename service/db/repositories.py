@@ -28,6 +28,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -333,14 +334,6 @@ def _build_resource_upsert(dialect: str, *, current: bool = False) -> Any:
     return _on_resource_conflict(_insert_for(dialect, _table(PatientResource)), current=current)
 
 
-def _build_resource_upsert_current(dialect: str) -> Any:
-    return _build_resource_upsert(dialect, current=True)
-
-
-def _build_resource_upsert_batch_current(dialect: str) -> Any:
-    return _build_resource_upsert_batch(dialect, current=True)
-
-
 _KEYS_RECORD: dict[str, Any] = {"resource_type": String(), "resource_id": String()}
 
 
@@ -626,7 +619,7 @@ class PatientResourceRepository(_Repository):
         of a resource within ``resources``): whether each was written, in order. The result is that of
         successive ``upsert`` calls in the given order (two versions of one resource: the second is applied
         after the first, so only a newer one wins)."""
-        return [u.written for u in self._upsert_many(resources, now=now, track=False)]
+        return [u.written for u in self.upsert_many_tracked(resources, now=now)]
 
     def upsert_many_tracked(
         self, resources: Sequence[ResourceVersion], *, now: datetime | None = None, current: bool = False
@@ -638,15 +631,10 @@ class PatientResourceRepository(_Repository):
 
         ``current``: the versions were just read from the FHIR server (its current state), so a tombstone of the
         same version is replaced too (a deletion the server does not confirm)."""
-        return self._upsert_many(resources, now=now, track=True, current=current)
-
-    def _upsert_many(
-        self, resources: Sequence[ResourceVersion], *, now: datetime | None, track: bool, current: bool = False
-    ) -> list[Upserted]:
         if not resources:
             return []
         ts = _now(now)
-        owners = self._live_owners(resources) if track else {}
+        owners = self._live_owners(resources)
         waves: list[list[int]] = []  # wave k: the k-th occurrence of each resource (one statement cannot touch a row twice)
         seen: dict[tuple[str, str], int] = {}
         for i, r in enumerate(resources):
@@ -658,14 +646,8 @@ class PatientResourceRepository(_Repository):
             waves[k].append(i)
         dialect = self.session.get_bind().dialect
         postgres = dialect.name == "postgresql"
-        if postgres and current:
-            upsert = _prepared(self.session, "resource_upsert_batch_current", _build_resource_upsert_batch_current)
-        elif postgres:
-            upsert = _prepared(self.session, "resource_upsert_batch", _build_resource_upsert_batch)
-        elif current:
-            upsert = _prepared(self.session, "resource_upsert_current", _build_resource_upsert_current)
-        else:
-            upsert = _prepared(self.session, "resource_upsert", _build_resource_upsert)
+        name, build = ("resource_upsert_batch", _build_resource_upsert_batch) if postgres else ("resource_upsert", _build_resource_upsert)
+        upsert = _prepared(self.session, name + ("_current" if current else ""), partial(build, current=current))
         results = [Upserted(False, None)] * len(resources)
         for wave in waves:
             wave.sort(key=lambda i: (resources[i].resource_type, resources[i].resource_id))  # one lock order for every writer
