@@ -996,41 +996,34 @@ class ReplayResult:
 def replay_failed(ctx: MonitorContext, event_ids: list[int] | None) -> ReplayResult:
     """Put failed events back to queued, then (after commit) on the queue. An unreachable broker does not undo the
     reset: the events stay queued and the sweeper enqueues them once it can, so nothing is lost or hidden."""
-    result = ReplayResult([])
-    try:
-        with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
-            ledger = Repositories(session).ledger
-            result.replayed = ledger.replay_failed(event_ids, all_failed=event_ids is None)
-            for event_id in result.replayed:
-                jobs.add(TASK_PROCESS_EVENT, event_id)
-            if event_ids is not None:
-                others = set(event_ids) - set(result.replayed)
-                statuses = ledger.statuses(others)
-                result.not_failed = {i: statuses.get(i, "") for i in sorted(others)}
-    except NotSent as exc:
-        result.enqueue_error = type(exc.__cause__).__name__
-        log.warning("replay_enqueue_failed", events=len(result.replayed), error=result.enqueue_error)
-    return result
+    return _replay(ctx, event_ids, TASK_PROCESS_EVENT, lambda repos: repos.ledger, "events")
 
 
 def replay_failed_writebacks(ctx: MonitorContext, evaluation_ids: list[int] | None) -> ReplayResult:
     """Put failed write-backs (by evaluation id; None: all) back to pending, then (after commit) on the queue. As
     for events, an unreachable broker does not undo it: they wait, pending, for the sweeper."""
+    return _replay(ctx, evaluation_ids, TASK_WRITEBACK, lambda repos: repos.writeback_requests, "writebacks",
+                   next_sweep_at=_now() + _writeback_lease(ctx))
+
+
+def _replay(ctx: MonitorContext, ids: list[int] | None, task: str, store: Callable[[Repositories], Any], what: str,
+            **reset: Any) -> ReplayResult:
+    """Reset the failed rows of ``store`` (the ledger or the write-back requests: ``replay_failed`` and ``statuses``)
+    named by ``ids`` (None: all), enqueue ``task`` for each after the commit, and say what the others are."""
     result = ReplayResult([])
     try:
         with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
-            requests = Repositories(session).writeback_requests
-            next_sweep_at = _now() + _writeback_lease(ctx)
-            result.replayed = requests.replay_failed(evaluation_ids, all_failed=evaluation_ids is None, next_sweep_at=next_sweep_at)
-            for evaluation_id in result.replayed:
-                jobs.add(TASK_WRITEBACK, evaluation_id)
-            if evaluation_ids is not None:
-                others = set(evaluation_ids) - set(result.replayed)
-                statuses = requests.statuses(others)
+            rows = store(Repositories(session))
+            result.replayed = rows.replay_failed(ids, all_failed=ids is None, **reset)
+            for row_id in result.replayed:
+                jobs.add(task, row_id)
+            if ids is not None:
+                others = set(ids) - set(result.replayed)
+                statuses = rows.statuses(others)
                 result.not_failed = {i: statuses.get(i, "") for i in sorted(others)}
     except NotSent as exc:
         result.enqueue_error = type(exc.__cause__).__name__
-        log.warning("replay_enqueue_failed", writebacks=len(result.replayed), error=result.enqueue_error)
+        log.warning("replay_enqueue_failed", **{what: len(result.replayed)}, error=result.enqueue_error)
     return result
 
 
