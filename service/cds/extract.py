@@ -459,7 +459,7 @@ def recognise_medication(catalog: Catalog, concept: Any, medication: dict[str, A
     if by_name is None:
         return None
     match, names = by_name
-    coding = next((c for c in codings(concept)), {"display": concept_texts(concept)[0]})
+    coding = next(codings(concept), {"display": concept_texts(concept)[0]})
     return RecognisedMedication(match, coding, f"recognised by name ({', '.join(names)}): its code is not in the mappings")
 
 

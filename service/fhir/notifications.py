@@ -40,8 +40,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, cast
+from urllib.parse import urlsplit
 
 import orjson
+
+from service.fhir.client import within_base
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -684,20 +687,14 @@ def _error_codes(params: list[dict[str, Any]]) -> list[str]:
 # --- subscription keys ------------------------------------------------------------------------
 def subscription_key(reference: str, base_url: str | None) -> str:
     """The one form a subscription is known by here (``subscription_state``, ledger keys, logs): ``Subscription/{id}``
-    for a relative reference or an absolute one under ``base_url`` (``CDS_FHIR_BASE_URL``; scheme and host in any
-    case, a version dropped), any other reference as it is. Backport notifications name their subscription by its
-    absolute URL, ``subscriptions create`` by its id: both must reach one row."""
+    for a relative reference or an absolute one on ``base_url`` (``CDS_FHIR_BASE_URL``, as :func:`within_base`
+    judges it; a version dropped), any other reference as it is. Backport notifications name their subscription by
+    its absolute URL, ``subscriptions create`` by its id: both must reach one row."""
     ref = reference.strip()
-    rest: str | None = ref if _SUBSCRIPTION_PATH.match(ref) else None
-    if rest is None and base_url:
-        base = base_url.strip().rstrip("/")
-        scheme_host = base.split("/", 3)[:3]
-        if len(scheme_host) == 3 and ref.lower().startswith("/".join(scheme_host).lower() + "/"):
-            ref_path = ref[len("/".join(scheme_host)):]
-            base_path = base[len("/".join(scheme_host)):]
-            if ref_path.startswith(base_path + "/"):
-                rest = ref_path[len(base_path) + 1 :]
-    match = _SUBSCRIPTION_PATH.match(rest) if rest is not None else None
+    rest = ref
+    if base_url and within_base(ref, base_url.strip()):
+        rest = urlsplit(ref).path[len(urlsplit(base_url.strip()).path.rstrip("/")) + 1 :]
+    match = _SUBSCRIPTION_PATH.match(rest)
     return f"Subscription/{match.group(1)}" if match else ref
 
 
