@@ -69,12 +69,12 @@ class AppContext:
 
     def event_counts(self) -> dict[str, int] | None:
         """Ledger events by status for ``/metrics`` (None when the database cannot say); kept for five seconds."""
-        return self._event_counts.get(self._count_events)
+        return self._event_counts.get(lambda: self._counts("event", InboundEventRepository))
 
     def subscription_counts(self) -> dict[str, int] | None:
         """Subscriptions by the status their FHIR server last reported, for ``/metrics`` (None when the database
         cannot say); kept for five seconds."""
-        return self._subscription_counts.get(self._count_subscriptions)
+        return self._subscription_counts.get(lambda: self._counts("subscription", SubscriptionStateRepository))
 
     def readiness(self) -> dict[str, Any]:
         """Database, broker, mappings and replay-cache checks; kept for one second."""
@@ -82,20 +82,13 @@ class AppContext:
         assert result is not None  # the check always answers
         return result
 
-    def _count_events(self) -> dict[str, int] | None:
+    def _counts(self, what: str, repository: type[InboundEventRepository] | type[SubscriptionStateRepository]) -> dict[str, int] | None:
+        """``repository(session).counts_by_status()``; None, and a line, when the database cannot say."""
         try:
             with session_scope(self.sessions) as session:
-                return InboundEventRepository(session).counts_by_status()
+                return repository(session).counts_by_status()
         except (SQLAlchemyError, OSError) as exc:
-            log.warning("event_counts_unavailable", error=type(exc).__name__)
-            return None
-
-    def _count_subscriptions(self) -> dict[str, int] | None:
-        try:
-            with session_scope(self.sessions) as session:
-                return SubscriptionStateRepository(session).counts_by_status()
-        except (SQLAlchemyError, OSError) as exc:
-            log.warning("subscription_counts_unavailable", error=type(exc).__name__)
+            log.warning(f"{what}_counts_unavailable", error=type(exc).__name__)
             return None
 
     def _check_readiness(self) -> dict[str, Any]:
