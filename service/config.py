@@ -128,6 +128,13 @@ class Settings(BaseSettings):
         "unset: each process keeps its own cache",
     )
     db_pool_size: int = 5
+    db_connect_timeout_s: int = Field(
+        5, ge=1, le=300, description="PostgreSQL: longest wait to open a connection (unless the URL sets connect_timeout)"
+    )
+    db_statement_timeout_s: int = Field(
+        30, ge=0, le=3600,
+        description="PostgreSQL: longest run of one statement, lock waits included, before it is cancelled (0: none; unless the URL sets options)",
+    )
 
     # --- task publishing (bounded: a broker that accepts connections but never answers) ----------
     broker_socket_timeout_s: float = Field(

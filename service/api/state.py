@@ -15,7 +15,7 @@ from service.cds.discovery import discovery_document
 from service.cds.thresholds import Thresholds
 from service.config import Settings
 from service.db.repositories import EvaluationRepository, InboundEventRepository, SubscriptionStateRepository
-from service.db.session import check_database, make_engine, make_session_factory, session_scope
+from service.db.session import check_database, engine_for, make_session_factory, session_scope
 from service.fhir.hook_fetch import HookFetcher
 from service.logging import get_logger
 from service.security import JwtVerifier, build_verifier
@@ -117,7 +117,7 @@ def build_context(settings: Settings, *, catalog: Catalog | None = None, thresho
     catalog = catalog if catalog is not None else load_rule_catalog(settings.mappings_dir)
     thresholds = thresholds if thresholds is not None else settings.effective_thresholds()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.effective_database_url, settings.db_pool_size)
+    engine = engine_for(settings)
     fetcher = HookFetcher(
         timeout_s=settings.fhir_timeout_s,
         max_pages=settings.fhir_max_pages,

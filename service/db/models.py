@@ -190,6 +190,24 @@ class WritebackRequest(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class WritebackLease(Base):
+    """Who is writing one patient's RiskAssessments to the EHR now: one write-back per patient at a time, so an
+    older evaluation's slow PUT can never land after a newer one's.
+
+    ``holder`` is one task run's token. ``expires_at`` bounds the run: an expired lease is taken over (after a
+    killed worker, say). ``resend`` says the EHR may hold an older evaluation's resource (a run whose lease had
+    expired wrote after another): whoever takes the lease next writes every flag again instead of skipping unchanged
+    ones. A row with an empty ``holder`` that has expired only carries that demand."""
+
+    __tablename__ = "writeback_leases"
+
+    patient_ref: Mapped[str] = mapped_column(String(REF_LEN), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64))
+    evaluation_id: Mapped[int | None] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    resend: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
 class CardFeedback(Base):
     """CDS Hooks feedback on a card; the same outcome for the same card is stored once."""
 
@@ -267,6 +285,7 @@ __all__ = [
     "SubscriptionState",
     "SubscriptionWatermark",
     "Writeback",
+    "WritebackLease",
     "WritebackRequest",
     "WritebackStatus",
 ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -74,6 +74,7 @@ from service.db.models import (
     SubscriptionState,
     SubscriptionWatermark,
     Writeback,
+    WritebackLease,
     WritebackRequest,
     WritebackStatus,
 )
@@ -1212,6 +1213,15 @@ class WritebackRepository(_Repository):
 _OPEN_WRITEBACK = (WritebackStatus.PENDING.value, WritebackStatus.FAILED.value)
 
 
+def _sweep_due(ts: datetime) -> tuple[ColumnElement[bool], ...]:
+    """What the sweeper may act on at ``ts``: pending past its time, or failed on a transient error whose wait is over."""
+    r = WritebackRequest
+    return (
+        r.next_sweep_at <= ts,
+        or_(r.status == WritebackStatus.PENDING.value, and_(r.status == WritebackStatus.FAILED.value, r.transient == true())),
+    )
+
+
 class WritebackRequestRepository(_Repository):
     """``writeback_requests``: each evaluation's write-back until it is written (pending, failed, superseded)."""
 
@@ -1304,22 +1314,56 @@ class WritebackRequestRepository(_Repository):
         r = WritebackRequest
         stmt = (
             select(r)
-            .where(
-                r.next_sweep_at <= _now(now),
-                or_(r.status == WritebackStatus.PENDING.value, and_(r.status == WritebackStatus.FAILED.value, r.transient == true())),
-            )
+            .where(*_sweep_due(_now(now)))
             .order_by(r.next_sweep_at, r.evaluation_id)
             .limit(limit)
         )
         return list(self.session.scalars(stmt))
 
-    def swept(self, evaluation_id: int, *, next_sweep_at: datetime, now: datetime | None = None) -> None:
-        """The sweeper sent it again: count that, and not again before ``next_sweep_at``."""
+    def swept(self, evaluation_id: int, *, next_sweep_at: datetime, now: datetime | None = None) -> bool:
+        """The sweeper sends it again: count that, and not again before ``next_sweep_at``. False when it is no longer
+        due (another sweep took it first, or it was written meanwhile): then it must not be sent. The condition is
+        checked again on the row a concurrent sweep's update left, so of two sweeps only one sends it."""
+        ts = _now(now)
+        r = WritebackRequest
+        stmt = (
+            update(r)
+            .where(r.evaluation_id == evaluation_id, *_sweep_due(ts))
+            .values(sweeps=r.sweeps + 1, next_sweep_at=next_sweep_at, updated_at=ts)
+            .returning(r.evaluation_id)
+            .execution_options(synchronize_session="fetch")
+        )
+        return self.session.execute(stmt).first() is not None
+
+    def give_up(self, evaluation_id: int, error: str, *, now: datetime | None = None) -> bool:
+        """The sweeper stops sending it: failed for an operator, unless another sweep or a task settled it first."""
+        ts = _now(now)
+        r = WritebackRequest
+        stmt = (
+            update(r)
+            .where(r.evaluation_id == evaluation_id, *_sweep_due(ts))
+            .values(status=WritebackStatus.FAILED.value, transient=False, last_error=_error_text(error), finished_at=ts, updated_at=ts)
+            .returning(r.evaluation_id)
+            .execution_options(synchronize_session="fetch")
+        )
+        return self.session.execute(stmt).first() is not None
+
+    def newest_pending(self, patient_ref: str) -> int | None:
+        """The patient's newest write-back still waiting to be written, if any."""
+        r = WritebackRequest
+        stmt = select(func.max(r.evaluation_id)).where(r.patient_ref == patient_ref, r.status == WritebackStatus.PENDING.value)
+        found = self.session.execute(stmt).scalar()
+        return int(found) if found is not None else None
+
+    def reopen(self, evaluation_id: int, patient_ref: str, *, next_sweep_at: datetime, now: datetime | None = None) -> None:
+        """Make the write-back pending again (whatever its status): it must be sent once more."""
+        ts = _now(now)
+        self._insert_pending(evaluation_id, patient_ref, next_sweep_at, ts)
         r = WritebackRequest
         self.session.execute(
             update(r)
             .where(r.evaluation_id == evaluation_id)
-            .values(sweeps=r.sweeps + 1, next_sweep_at=next_sweep_at, updated_at=_now(now))
+            .values(status=WritebackStatus.PENDING.value, transient=False, finished_at=None, next_sweep_at=next_sweep_at, updated_at=ts)
             .execution_options(synchronize_session="fetch")
         )
 
@@ -1364,6 +1408,55 @@ class WritebackRequestRepository(_Repository):
         for status, n in self.session.execute(select(WritebackRequest.status, func.count()).group_by(WritebackRequest.status)):
             counts[status] = int(n)
         return counts
+
+
+_EXPIRED = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class WritebackLeaseRepository(_Repository):
+    """``writeback_leases``: one write-back per patient at a time (see :class:`~service.db.models.WritebackLease`).
+
+    Every statement is a single atomic upsert, update or delete whose condition PostgreSQL checks again on the row
+    a concurrent statement left, so two runs never both hold a patient's lease."""
+
+    def acquire(self, patient_ref: str, holder: str, evaluation_id: int, *, until: datetime, now: datetime | None = None) -> tuple[bool, bool]:
+        """Take the patient's lease for ``holder`` until ``until`` when it is free or expired. Returns (taken,
+        resend): ``resend`` is the demand to write every flag again, which the taker now owns (cleared)."""
+        ts = _now(now)
+        lease = WritebackLease
+        insert = _insert(self.session, lease).values(patient_ref=patient_ref, holder=holder, evaluation_id=evaluation_id, expires_at=until, resend=False)
+        ex = insert.excluded
+        stmt = insert.on_conflict_do_update(
+            index_elements=[lease.patient_ref],
+            set_={"holder": ex.holder, "evaluation_id": ex.evaluation_id, "expires_at": ex.expires_at},  # resend is kept: the taker owns it
+            where=lease.expires_at < ts,
+        ).returning(lease.resend)
+        row = self.session.execute(stmt).first()
+        if row is None:
+            return False, False
+        resend = bool(row[0])
+        if resend:
+            self.session.execute(update(lease).where(lease.patient_ref == patient_ref, lease.holder == holder).values(resend=False))
+        return True, resend
+
+    def release(self, patient_ref: str, holder: str) -> bool | None:
+        """Give the lease up. Returns None when ``holder`` no longer held it (it expired and may have been taken),
+        else whether a write-back again was demanded meanwhile."""
+        lease = WritebackLease
+        stmt = delete(lease).where(lease.patient_ref == patient_ref, lease.holder == holder).returning(lease.resend)
+        row = self.session.execute(stmt).first()
+        return None if row is None else bool(row[0])
+
+    def demand_resend(self, patient_ref: str) -> None:
+        """The EHR may hold an older resource of the patient: the lease's current or next holder writes every flag
+        again. With no holder, a row that has expired already carries the demand."""
+        lease = WritebackLease
+        stmt = _insert(self.session, lease).values(patient_ref=patient_ref, holder="", evaluation_id=None, expires_at=_EXPIRED, resend=True)
+        self.session.execute(stmt.on_conflict_do_update(index_elements=[lease.patient_ref], set_={"resend": True}))
+
+    def get(self, patient_ref: str) -> WritebackLease | None:
+        stmt = select(WritebackLease).where(WritebackLease.patient_ref == patient_ref).execution_options(populate_existing=True)
+        return self.session.scalars(stmt).one_or_none()
 
 
 # --------------------------------------------------------------------------- cards and feedback
@@ -1695,6 +1788,7 @@ class Repositories:
         self.evaluations = EvaluationRepository(session)
         self.writebacks = WritebackRepository(session)
         self.writeback_requests = WritebackRequestRepository(session)
+        self.writeback_leases = WritebackLeaseRepository(session)
         self.issued_cards = IssuedCardRepository(session)
         self.feedback = CardFeedbackRepository(session)
         self.subscriptions = SubscriptionStateRepository(session)
@@ -1714,6 +1808,7 @@ __all__ = [
     "ResourceVersion",
     "SubscriptionStateRepository",
     "Upserted",
+    "WritebackLeaseRepository",
     "WritebackRepository",
     "WritebackRequestRepository",
     "version_number",

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import Engine, create_engine, event, text
@@ -26,6 +26,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.base import json_dumps
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,31 @@ def _redact_postgres_error(context: ExceptionContext) -> None:
         context.sqlalchemy_exception.args = (f"({type(orig).__module__}.{type(orig).__name__}) {text_}",)
 
 
-def make_engine(url: str | URL, pool_size: int = 5, *, echo: bool = False) -> Engine:
-    """An engine for ``url``: SQLite with WAL and a busy timeout, or PostgreSQL (psycopg 3) with pre-ping.
+#: TCP keepalives of PostgreSQL connections: a peer gone silent is noticed in about a minute, not hours.
+_PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+
+
+def _postgres_connect_args(url: URL, connect_timeout_s: int | None, statement_timeout_s: int | None) -> dict[str, Any]:
+    """libpq parameters that bound every wait on the server; what the URL sets itself is left to it."""
+    args: dict[str, Any] = {k: v for k, v in _PG_KEEPALIVES.items() if k not in url.query}
+    if connect_timeout_s and "connect_timeout" not in url.query:
+        args["connect_timeout"] = connect_timeout_s
+    if statement_timeout_s and "options" not in url.query:
+        args["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+    return args
+
+
+def make_engine(
+    url: str | URL,
+    pool_size: int = 5,
+    *,
+    echo: bool = False,
+    connect_timeout_s: int | None = None,
+    statement_timeout_s: int | None = None,
+) -> Engine:
+    """An engine for ``url``: SQLite with WAL and a busy timeout, or PostgreSQL (psycopg 3) with pre-ping and TCP
+    keepalives, and, when given, a connect timeout and a statement timeout (the service's engines; migrations run
+    unlimited).
 
     SQL parameters are hidden from exception messages and logs (``hide_parameters``), and PostgreSQL's
     quoting of row values in constraint errors is removed: both would carry patient data.
@@ -108,9 +134,27 @@ def make_engine(url: str | URL, pool_size: int = 5, *, echo: bool = False) -> En
         engine = create_engine(parsed, **common, **kwargs)
         event.listen(engine, "connect", _on_sqlite_connect)
         return engine
-    engine = create_engine(parsed, **common, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=1800)
+    engine = create_engine(
+        parsed,
+        **common,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args=_postgres_connect_args(parsed, connect_timeout_s, statement_timeout_s),
+    )
     event.listen(engine, "handle_error", _redact_postgres_error)
     return engine
+
+
+def engine_for(settings: Settings) -> Engine:
+    """The service's engine (API, workers, CLI) as the settings describe it."""
+    return make_engine(
+        settings.effective_database_url,
+        settings.db_pool_size,
+        connect_timeout_s=settings.db_connect_timeout_s,
+        statement_timeout_s=settings.db_statement_timeout_s,
+    )
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,7 +32,7 @@ from service.cds.thresholds import Thresholds
 from service.config import Settings
 from service.db.models import DEDUP_KEY_LEN, EventKind, EventStatus, WritebackStatus
 from service.db.repositories import LedgerEntry, Repositories, ResourceVersion
-from service.db.session import make_engine, make_session_factory, session_scope
+from service.db.session import engine_for, make_session_factory, session_scope
 from service.fhir.client import FhirClient, client_from_settings, entry_resources, next_link
 from service.fhir.errors import FhirError, FhirNotFound, FhirPermanentError
 from service.fhir.notifications import (
@@ -87,7 +88,7 @@ class MonitorContext:
         """The one way to assemble the monitor's dependencies from settings (API, workers and CLI alike)."""
         if sessions is None:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
-            sessions = make_session_factory(make_engine(settings.effective_database_url, settings.db_pool_size))
+            sessions = make_session_factory(engine_for(settings))
         return cls(
             settings=settings,
             catalog=catalog if catalog is not None else load_rule_catalog(settings.mappings_dir),
@@ -818,12 +819,25 @@ def writeback_sweep_delay(settings: Settings, sweeps: int) -> timedelta:
     return min(timedelta(seconds=settings.sweeper_stale_after_s) * (2 ** min(sweeps, 16)), WRITEBACK_SWEEP_BACKOFF_MAX)
 
 
+def _patient_lease(settings: Settings) -> timedelta:
+    """How long one write-back run may hold its patient's lease: every flag's conditional update at its worst (each
+    attempt's connect, send and read timeouts and every retry delay at its cap) and a minute more; never shorter
+    than the sweeper's lease. A run still writing after that is handled as a lost lease (see :func:`_release`)."""
+    attempt = 3 * settings.fhir_timeout_s
+    update = (settings.fhir_max_retries + 1) * attempt + settings.fhir_max_retries * settings.fhir_retry_after_max_s
+    return max(timedelta(seconds=len(FLAGS) * update + 60), timedelta(seconds=settings.sweeper_stale_after_s))
+
+
 def write_back(ctx: MonitorContext, evaluation_id: int) -> dict[str, str]:
     """Write one RiskAssessment per flag, idempotent by identifier (conditional update), only when the tier or
     its basis changed; a flag that is no longer raised updates the earlier resource (status amended).
 
-    The evaluation's write-back request records the attempt and, once done, the outcome; a failure is recorded by
-    the task (:func:`writeback_failed`, :func:`writeback_retrying`). Running it twice writes nothing twice."""
+    One write-back per patient runs at a time (the patient's lease), so an older evaluation's slow PUT cannot land
+    after a newer one's: a run that finds the lease taken leaves its write-back pending, and the holder sends the
+    patient's newest pending write-back when it ends. The evaluation's write-back request records the attempt and,
+    once done, the outcome; a failure is recorded by the task (:func:`writeback_failed`,
+    :func:`writeback_retrying`). Running it twice writes nothing twice."""
+    holder = uuid.uuid4().hex
     with unit_of_work(ctx.sessions, ctx.queue) as (session, _):
         repos = Repositories(session)
         row = repos.evaluations.get(evaluation_id)
@@ -836,20 +850,44 @@ def write_back(ctx: MonitorContext, evaluation_id: int) -> dict[str, str]:
             repos.writeback_requests.finish(evaluation_id, WritebackStatus.SUPERSEDED)
             return {"skipped": "superseded by a newer evaluation"}
         patient_ref = row.patient_ref
+        now = _now()
+        taken, force = repos.writeback_leases.acquire(patient_ref, holder, evaluation_id, until=now + _patient_lease(ctx.settings), now=now)
+        if not taken:
+            WRITEBACKS.labels("deferred").inc()
+            log.info("writeback_deferred", evaluation_id=evaluation_id)
+            return {"skipped": "another write-back of the patient is in flight; it sends this one when it ends"}
         planned = {_flag_of(r): r for r in row.assessment.get("risk_assessments", [])}
         previous = {flag: repos.writebacks.get(patient_ref, flag) for flag in FLAGS}
+    try:
+        results = _write_flags(ctx, patient_ref, row.evaluated_at, planned, previous, force=force)
+    except BaseException:
+        with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
+            _release(ctx, Repositories(session), jobs, patient_ref, holder, evaluation_id)
+        raise
+    with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
+        repos = Repositories(session)
+        repos.writeback_requests.finish(evaluation_id, WritebackStatus.WRITTEN, results=results)
+        _release(ctx, repos, jobs, patient_ref, holder, evaluation_id)
+    return results
+
+
+def _write_flags(
+    ctx: MonitorContext, patient_ref: str, evaluated_at: datetime, planned: dict[str, dict[str, Any]], previous: dict[str, Any], *, force: bool
+) -> dict[str, str]:
+    """PUT each flag's RiskAssessment that differs from what was last written (every one when ``force``: the EHR
+    may hold an older evaluation's), recording each write as it lands."""
     results: dict[str, str] = {}
     client = ctx.shared_client()
     for flag in FLAGS:
         resource = planned.get(flag)
         prior = previous[flag]
         if resource is None:
-            if prior is None or prior.tier == "none":
+            if prior is None or (prior.tier == "none" and not force):
                 continue
-            resource = _retracted(prior, patient_ref, row.evaluated_at)
+            resource = _retracted(prior, patient_ref, evaluated_at)
         bhash = basis_hash(resource)
         tier = _tier_of(resource)
-        if prior is not None and prior.basis_hash == bhash and prior.tier == tier:
+        if not force and prior is not None and prior.basis_hash == bhash and prior.tier == tier:
             results[flag] = "unchanged"
             WRITEBACKS.labels("unchanged").inc()
             continue
@@ -862,9 +900,28 @@ def write_back(ctx: MonitorContext, evaluation_id: int) -> dict[str, str]:
             )
         results[flag] = "written"
         WRITEBACKS.labels("written").inc()
-    with unit_of_work(ctx.sessions, ctx.queue) as (session, _):
-        Repositories(session).writeback_requests.finish(evaluation_id, WritebackStatus.WRITTEN, results=results)
     return results
+
+
+def _release(ctx: MonitorContext, repos: Repositories, jobs: Jobs, patient_ref: str, holder: str, evaluation_id: int) -> None:
+    """Give the patient's lease up and send what waits: the newest pending write-back of the patient.
+
+    When this run's lease had expired before it ended (another run may have written meanwhile, and this run's
+    PUTs may have landed after it), or a run whose lease had expired wrote while this one held it, the EHR may
+    hold an older evaluation's resources: the newest evaluation is written again, every flag, whatever the
+    record of the last write says."""
+    demanded = repos.writeback_leases.release(patient_ref, holder)
+    if demanded is None or demanded:
+        log.warning("writeback_resend", evaluation_id=evaluation_id, reason="lease expired" if demanded is None else "demanded")
+        repos.writeback_leases.demand_resend(patient_ref)
+        latest = repos.evaluations.latest_summary_for(patient_ref)
+        if latest is not None:
+            repos.writeback_requests.reopen(latest.id, patient_ref, next_sweep_at=_now() + _writeback_lease(ctx))
+            jobs.add(TASK_WRITEBACK, latest.id)
+        return
+    waiting = repos.writeback_requests.newest_pending(patient_ref)
+    if waiting is not None and waiting != evaluation_id:
+        jobs.add(TASK_WRITEBACK, waiting)
 
 
 def writeback_error(error: BaseException) -> str:
@@ -961,15 +1018,16 @@ def _sweep_writebacks(ctx: MonitorContext, repos: Repositories, jobs: Jobs, coun
     now = _now()
     requests = repos.writeback_requests
     for request in requests.due(now, limit=500):
+        # Each sending and giving-up is claimed by a conditional update: of two sweeps at once, one acts.
         if request.sweeps >= ctx.settings.writeback_sweeper_retries:
             last = request.last_error or "not written"
-            requests.finish(request.evaluation_id, WritebackStatus.FAILED, error=f"{last} (sweeper gave up after {request.sweeps} retries)")
-            counts["writebacks_given_up"] += 1
-            log.warning("writeback_given_up", evaluation_id=request.evaluation_id, sweeps=request.sweeps)
+            if requests.give_up(request.evaluation_id, f"{last} (sweeper gave up after {request.sweeps} retries)", now=now):
+                counts["writebacks_given_up"] += 1
+                log.warning("writeback_given_up", evaluation_id=request.evaluation_id, sweeps=request.sweeps)
             continue
-        requests.swept(request.evaluation_id, next_sweep_at=now + writeback_sweep_delay(ctx.settings, request.sweeps + 1))
-        jobs.add(TASK_WRITEBACK, request.evaluation_id)
-        counts["writebacks"] += 1
+        if requests.swept(request.evaluation_id, next_sweep_at=now + writeback_sweep_delay(ctx.settings, request.sweeps + 1), now=now):
+            jobs.add(TASK_WRITEBACK, request.evaluation_id)
+            counts["writebacks"] += 1
 
 
 def reconcile(ctx: MonitorContext) -> int | None:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import multiprocessing
+import socket
+import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select, text
-from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.config import Settings
 from service.db.models import InboundEvent
 from service.db.repositories import InboundEventRepository
-from service.db.session import check_database, is_sqlite, make_engine, make_session_factory, normalize_url, session_scope
+from service.db.session import check_database, engine_for, is_sqlite, make_engine, make_session_factory, normalize_url, session_scope
 
 
 def test_normalize_url_selects_psycopg3_for_bare_postgres_urls() -> None:
@@ -45,6 +48,50 @@ def test_postgres_engine_pre_pings_and_sizes_its_pool() -> None:
     try:
         assert engine.pool._pre_ping
         assert engine.pool.size() == 7  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+
+
+def test_a_postgres_server_that_accepts_but_never_answers_fails_the_connect_within_its_timeout() -> None:
+    """Before, the receiver waited for good on such a server (no connect_timeout by default)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the TCP handshake; nothing ever answers the startup message
+    port = silent.getsockname()[1]
+    settings = Settings(database_url=f"postgresql://nobody@127.0.0.1:{port}/none", db_connect_timeout_s=1)
+    engine = engine_for(settings)
+    started = time.monotonic()
+    try:
+        assert check_database(engine) is False
+        assert time.monotonic() - started < 10
+    finally:
+        engine.dispose()
+        silent.close()
+
+
+def test_postgres_statements_are_bounded_and_the_url_keeps_the_last_word(pg_database: str) -> None:
+    engine = engine_for(Settings(database_url=pg_database, db_statement_timeout_s=1))
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SHOW statement_timeout")).scalar() == "1s"
+            params = connection.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+            assert (params["keepalives"], params["keepalives_idle"], params["connect_timeout"]) == ("1", "30", "5")
+            with pytest.raises(OperationalError, match=r"QueryCanceled|statement timeout"):
+                connection.execute(text("SELECT pg_sleep(5)"))
+    finally:
+        engine.dispose()
+    separator = "&" if "?" in pg_database else "?"
+    own = f"{pg_database}{separator}options=-c%20statement_timeout%3D7000"
+    engine = engine_for(Settings(database_url=own, db_statement_timeout_s=1))
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SHOW statement_timeout")).scalar() == "7s"
+    finally:
+        engine.dispose()
+    engine = make_engine(pg_database, pool_size=1)  # migrations: unlimited
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SHOW statement_timeout")).scalar() == "0"
     finally:
         engine.dispose()
 

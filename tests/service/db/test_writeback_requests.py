@@ -75,3 +75,53 @@ def test_failed_write_backs_are_listed_and_replayed(db_session_factory: sessionm
         row = repo.get(1)
         assert row is not None and (row.status, row.sweeps, row.transient, row.last_error) == ("pending", 0, False, "FhirTransientError")
         assert repo.replay_failed([], next_sweep_at=t0) == []
+
+
+def test_of_two_sweeps_that_read_the_same_due_write_back_only_one_sends_it(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
+    """Both sweeps read it as due before either wrote; the second one's claim finds it no longer due."""
+    later = t0 + timedelta(minutes=5)
+    with session_scope(db_session_factory) as session:
+        WritebackRequestRepository(session).add(1, P, next_sweep_at=t0, now=t0)
+        WritebackRequestRepository(session).add(2, "Patient/given-up", next_sweep_at=t0, now=t0)
+    with session_scope(db_session_factory) as first, session_scope(db_session_factory) as second:
+        a, b = WritebackRequestRepository(first), WritebackRequestRepository(second)
+        assert [r.evaluation_id for r in a.due(later)] == [r.evaluation_id for r in b.due(later)] == [1, 2]
+        assert a.swept(1, next_sweep_at=later + timedelta(minutes=2), now=later)
+        assert a.give_up(2, "FhirTransientError (sweeper gave up after 10 retries)", now=later)
+        first.commit()
+        assert not b.swept(1, next_sweep_at=later + timedelta(minutes=2), now=later), "taken by the other sweep"
+        assert not b.give_up(2, "FhirTransientError (sweeper gave up after 10 retries)", now=later)
+    with session_scope(db_session_factory) as session:
+        repo = WritebackRequestRepository(session)
+        row = repo.get(1)
+        assert row is not None and row.sweeps == 1
+        assert repo.statuses([1, 2]) == {1: "pending", 2: "failed"}
+
+
+def test_a_write_back_written_meanwhile_is_not_swept(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
+    later = t0 + timedelta(minutes=5)
+    with session_scope(db_session_factory) as session:
+        repo = WritebackRequestRepository(session)
+        repo.add(1, P, next_sweep_at=t0, now=t0)
+        assert [r.evaluation_id for r in repo.due(later)] == [1]
+        repo.finish(1, WritebackStatus.WRITTEN, now=later)  # the late task ended between the sweep's read and its claim
+        assert not repo.swept(1, next_sweep_at=later + timedelta(minutes=2), now=later)
+        assert not repo.give_up(1, "not written", now=later)
+        assert repo.statuses([1]) == {1: "written"}
+
+
+def test_newest_pending_and_reopen(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
+    with session_scope(db_session_factory) as session:
+        repo = WritebackRequestRepository(session)
+        assert repo.newest_pending(P) is None
+        repo.add(1, P, next_sweep_at=t0, now=t0)
+        repo.add(5, "Patient/other", next_sweep_at=t0, now=t0)
+        assert repo.newest_pending(P) == 1
+        repo.finish(1, WritebackStatus.WRITTEN, results={"calciphylaxis": "written"}, now=t0)
+        assert repo.newest_pending(P) is None
+        repo.reopen(1, P, next_sweep_at=t0 + timedelta(minutes=2), now=t0)
+        row = repo.get(1)
+        assert row is not None and (row.status, row.finished_at, row.next_sweep_at) == ("pending", None, t0 + timedelta(minutes=2))
+        assert repo.newest_pending(P) == 1
+        repo.reopen(7, P, next_sweep_at=t0, now=t0)  # an evaluation from before the register gets its row
+        assert repo.newest_pending(P) == 7

@@ -5,6 +5,8 @@ mode), against the FHIR server double over real HTTP."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -252,3 +254,119 @@ def test_a_newer_evaluation_supersedes_a_failed_write_back(ctx: MonitorContext, 
     assert failed_ids(ctx) == []
     assert monitor.replay_failed_writebacks(ctx, [first]).not_failed == {first: "superseded"}
     assert all_written(run_task(second))
+
+
+# --------------------------------------------------------------------------- one write-back per patient at a time
+
+
+DEFERRED = {"skipped": "another write-back of the patient is in flight; it sends this one when it ends"}
+
+
+def metastatic_tier(fhir: FakeFhirServer, pid: str) -> str:
+    """The metastatic calcification tier the EHR holds ("none" once retracted)."""
+    (resource,) = [r for r in risk_assessments(fhir, pid) if r["identifier"][0]["value"].endswith("-metastatic-calcification")]
+    return monitor._tier_of(resource)
+
+
+def phosphate_falls(ctx: MonitorContext, pid: str) -> int:
+    """A new phosphate of 3.5 mg/dL (Ca x P 35): no longer HIGH. Returns the new evaluation's id."""
+    monitor.backfill(ctx, [b.obs(b.P, 3.5, subject=f"Patient/{pid}", when=b.ago(hours=1, now=datetime.now(UTC)), rid=f"p2-{pid}")])
+    evaluation_id = monitor.evaluate_patient_state(ctx, f"Patient/{pid}")
+    assert evaluation_id is not None
+    return evaluation_id
+
+
+def in_flight(ctx: MonitorContext, fhir: FakeFhirServer, evaluation_id: int, status: int | None = None) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start the evaluation's write-back in a worker thread; return once its first PUT reached the EHR, which
+    answers it (stores it, or refuses it with ``status``) only 1.5 s later. Later PUTs are answered at once."""
+    slow = fhir.add_rule(FailureRule(status=status, times=None, latency_s=1.5, path=RISK_PUT, method="PUT"))
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome.update(monitor.write_back(ctx, evaluation_id))
+        except Exception as exc:  # the test reads it
+            outcome["raised"] = type(exc).__name__
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while fhir.count(RISK_PUT, "PUT") == 0:
+        assert time.monotonic() < deadline, "the write-back never sent its PUT"
+        time.sleep(0.01)
+    slow.times = slow.hits
+    return thread, outcome
+
+
+def test_an_older_write_back_in_flight_never_lands_after_a_newer_one(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
+    """The older evaluation's slow PUT used to land last: the EHR kept a HIGH tier the newest data no longer had,
+    and nothing wrote the newer one again."""
+    pid, first = evaluated(ctx)
+    thread, outcome = in_flight(ctx, fhir, first)
+    second = phosphate_falls(ctx, pid)
+
+    assert run_task(second) == DEFERRED
+    assert request_of(ctx, second).status == WritebackStatus.PENDING
+
+    thread.join(10)
+    assert all_written(outcome)
+    assert sent(ctx)[-1] == (TASK_WRITEBACK, [second], None), "the holder sends the waiting write-back when it ends"
+    assert metastatic_tier(fhir, pid) == "high"
+    assert run_task(second)["metastatic-calcification"] == "written"
+    assert metastatic_tier(fhir, pid) != "high", "the newest evaluation is what the EHR shows"
+    assert request_of(ctx, second).status == WritebackStatus.WRITTEN
+
+
+def test_a_write_back_that_outlived_its_lease_has_the_newest_evaluation_written_again(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
+    """A run slower than its lease (a worker paused, a server far slower than its timeouts) can still land after the
+    newer evaluation that took the lease over: the newest one is then written again."""
+    pid, first = evaluated(ctx)
+    thread, outcome = in_flight(ctx, fhir, first)
+    clock.advance(monitor._patient_lease(ctx.settings) + timedelta(seconds=1))
+    second = phosphate_falls(ctx, pid)
+
+    assert run_task(second)["metastatic-calcification"] == "written"  # the lease had expired: taken over
+    thread.join(10)
+    assert all_written(outcome)
+    assert metastatic_tier(fhir, pid) == "high", "the older PUT landed last"
+    assert sent(ctx)[-1] == (TASK_WRITEBACK, [second], None)
+    assert request_of(ctx, second).status == WritebackStatus.PENDING
+
+    assert run_task(second)["metastatic-calcification"] == "written"
+    assert metastatic_tier(fhir, pid) != "high"
+    assert run_task(second) == {"skipped": "already written or superseded"}
+
+
+def test_a_demanded_resend_writes_every_flag_again_once(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
+    """The record of the last write may name the newest evaluation while the EHR holds an older one's resource
+    (the late PUT's record was written first): a demanded resend writes every flag, unchanged or not."""
+    pid, evaluation_id = evaluated(ctx)
+    first = run_task(evaluation_id)
+    assert all_written(first)
+    puts = fhir.count(RISK_PUT, "PUT")
+
+    def reopened() -> None:
+        with session_scope(ctx.sessions) as session:
+            Repositories(session).writeback_requests.reopen(evaluation_id, f"Patient/{pid}", next_sweep_at=datetime.now(UTC))
+
+    reopened()
+    assert set(run_task(evaluation_id).values()) == {"unchanged"}
+    with session_scope(ctx.sessions) as session:
+        Repositories(session).writeback_leases.demand_resend(f"Patient/{pid}")
+    reopened()
+    assert run_task(evaluation_id) == first
+    assert fhir.count(RISK_PUT, "PUT") == 2 * puts
+    reopened()
+    assert set(run_task(evaluation_id).values()) == {"unchanged"}, "the demand is used once"
+
+
+def test_a_failed_write_back_frees_its_patient_for_the_waiting_one(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
+    pid, first = evaluated(ctx)
+    thread, outcome = in_flight(ctx, fhir, first, status=422)
+    second = phosphate_falls(ctx, pid)
+    assert run_task(second) == DEFERRED
+
+    thread.join(10)
+    assert outcome == {"raised": "FhirPermanentError"}
+    assert sent(ctx)[-1] == (TASK_WRITEBACK, [second], None), "the failed run sends the waiting write-back"
+    assert run_task(second)["metastatic-calcification"] == "written"
