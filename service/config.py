@@ -209,6 +209,10 @@ class Settings(BaseSettings):
 
     # --- background evaluation -------------------------------------------------------------------
     writeback_enabled: bool = False
+    writeback_confirm_basis: bool = Field(
+        True,
+        description="Before flags are written, read the results they rest on again from the FHIR server (R4 servers notify no deletion)",
+    )
     coalesce_window_s: float = 1.0
     task_max_retries: int = 5
     task_retry_backoff_max_s: int = 300

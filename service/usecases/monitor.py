@@ -859,16 +859,77 @@ def write_back(ctx: MonitorContext, evaluation_id: int) -> dict[str, str]:
         planned = {_flag_of(r): r for r in row.assessment.get("risk_assessments", [])}
         previous = {flag: repos.writebacks.get(patient_ref, flag) for flag in FLAGS}
     try:
-        results = _write_flags(ctx, patient_ref, row.evaluated_at, planned, previous, force=force)
+        stale = ctx.settings.writeback_confirm_basis and _basis_changed(ctx, planned)
+        results = {} if stale else _write_flags(ctx, patient_ref, row.evaluated_at, planned, previous, force=force)
     except BaseException:
         with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
             _release(ctx, Repositories(session), jobs, patient_ref, holder, evaluation_id)
         raise
     with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
         repos = Repositories(session)
-        repos.writeback_requests.finish(evaluation_id, WritebackStatus.WRITTEN, results=results)
+        if not stale:
+            repos.writeback_requests.finish(evaluation_id, WritebackStatus.WRITTEN, results=results)
         _release(ctx, repos, jobs, patient_ref, holder, evaluation_id)
+    if stale:
+        WRITEBACKS.labels("basis-changed").inc()
+        log.info("writeback_basis_changed", evaluation_id=evaluation_id)
+        return {"skipped": "results it rests on changed on the FHIR server; the patient is evaluated again"}
     return results
+
+
+#: Most ids in one ``_id`` search when confirming a write-back's basis.
+_BASIS_IDS_PER_SEARCH = 50
+
+
+def _basis_changed(ctx: MonitorContext, planned: dict[str, dict[str, Any]]) -> bool:
+    """Before flags are written, the resources they rest on (each RiskAssessment's ``basis``) are read again from
+    the FHIR server: R4 servers notify no deletion, and the catch-up search never returns a deleted result nor one
+    re-coded out of the mapped codes, so the stored record can hold a result the EHR no longer has. A basis
+    resource that is gone, or whose current version differs and is newer, is applied to the stored record (which
+    marks the patient to be evaluated again) and True is returned: the write-back then stays pending, superseded
+    by the newer evaluation, or sent again by the sweeper once the record is current. One ``_id`` search per type
+    (and a read for each id it does not return); an unreachable server propagates (the task retries)."""
+    wanted: dict[str, list[str]] = {}
+    refs = {b.get("reference") for r in planned.values() for b in r.get("basis", []) if isinstance(b, dict)}
+    for ref in sorted(r for r in refs if isinstance(r, str)):
+        rtype, _, rid = ref.partition("/")
+        if rtype in MONITORED_TYPES and rid and "/" not in rid:
+            wanted.setdefault(rtype, []).append(rid)
+    if not wanted:
+        return False
+    client = ctx.shared_client()
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for rtype, ids in wanted.items():
+        for start in range(0, len(ids), _BASIS_IDS_PER_SEARCH):
+            chunk = ids[start : start + _BASIS_IDS_PER_SEARCH]
+            try:
+                for resource in client.search(rtype, [("_id", ",".join(chunk)), ("_count", str(len(chunk)))], max_pages=1):
+                    if resource.get("resourceType") == rtype and resource.get("id") in chunk:
+                        found[(rtype, resource["id"])] = resource
+            except FhirPermanentError as exc:  # no _id search here: each one is read instead
+                log.info("writeback_basis_search_refused", resource_type=rtype, error=type(exc).__name__)
+    changed = False
+    with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
+        repos = Repositories(session)
+        for rtype, ids in wanted.items():
+            for rid in ids:
+                if (current := found.get((rtype, rid))) is not None:
+                    if version_of(current) != repos.resources.stored_version(rtype, rid):
+                        changed |= apply_resources(repos, jobs, [current], ctx.settings, current=True)[0]
+                    continue
+                asked_at = _now()
+                try:
+                    current = client.read(rtype, rid)  # not returned by the search: gone, or not searchable by _id
+                except FhirNotFound:
+                    version_id, deleted_at = _deleted_version(ctx, rtype, rid)
+                    changed |= apply_deletion(repos, jobs, rtype, rid, ctx.settings, version_id=version_id, deleted_by=deleted_at or asked_at)
+                    continue
+                except FhirPermanentError as exc:  # cannot be confirmed (not allowed to read it): written as evaluated
+                    log.info("writeback_basis_unconfirmed", resource_type=rtype, error=type(exc).__name__)
+                    continue
+                if current.get("id") == rid and version_of(current) != repos.resources.stored_version(rtype, rid):
+                    changed |= apply_resources(repos, jobs, [current], ctx.settings, current=True)[0]
+    return changed
 
 
 def _write_flags(

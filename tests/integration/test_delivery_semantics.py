@@ -22,7 +22,6 @@ from tests.integration.support import (
     risk_of,
     tier_of,
     wait_until,
-    with_meta,
 )
 
 pytestmark = pytest.mark.integration
@@ -59,15 +58,18 @@ def test_the_same_event_three_times_is_one_ledger_row_and_one_evaluation(worker_
     assert len(fake_fhir.versions("RiskAssessment", written[0]["id"])) == 1, "written once"
 
 
-def test_versions_out_of_order_the_newest_wins(worker_alive: Stack) -> None:
+def test_versions_out_of_order_the_newest_wins(worker_alive: Stack, fake_fhir: FakeFhirServer) -> None:
     stack, pid = worker_alive, new_pid("ooo")
-    base = [b.patient(pid), esrd(pid), lab(pid, b.CA, 10.0), lab(pid, b.ALB, 4.1, "g/dL")]
+    # The server holds what it notifies: the write-back reads its basis again.
+    base = fake_fhir.put_all([b.patient(pid), esrd(pid), lab(pid, b.CA, 10.0), lab(pid, b.ALB, 4.1, "g/dL")])
     assert stack.notify(collection(*base)).status_code == 200
     phosphate = lab(pid, b.P, 7.5)
     t0 = datetime.now(UTC) - timedelta(minutes=10)
-    v1 = with_meta(phosphate, 1, t0)
-    v2 = with_meta({**phosphate, "valueQuantity": {**phosphate["valueQuantity"], "value": 7.2}}, 2, t0 + timedelta(minutes=1))
-    v3 = with_meta({**phosphate, "valueQuantity": {**phosphate["valueQuantity"], "value": 4.0}}, 3, t0 + timedelta(minutes=2))
+    v1, v2, v3 = (
+        fake_fhir.put({**phosphate, "valueQuantity": {**phosphate["valueQuantity"], "value": value}}, last_updated=t0 + timedelta(minutes=i))
+        for i, value in enumerate((7.5, 7.2, 4.0))
+    )
+    assert [v["meta"]["versionId"] for v in (v1, v2, v3)] == ["1", "2", "3"]
 
     for version in (v3, v1, v2):
         resp = stack.notify(version, path=f"Observation/{phosphate['id']}", method="PUT")
@@ -90,7 +92,7 @@ def test_versions_out_of_order_the_newest_wins(worker_alive: Stack) -> None:
 
 def test_entered_in_error_retracts_the_fact_and_updates_the_risk_assessment(worker_alive: Stack, fake_fhir: FakeFhirServer) -> None:
     stack, pid = worker_alive, new_pid("eie")
-    resources = [with_meta(r, 1) for r in high_risk(pid)]
+    resources = fake_fhir.put_all(high_risk(pid))  # the server notifies what it holds (version 1)
     phosphate = resources[3]
     assert phosphate["code"]["coding"][0]["code"] == b.P
     for r in resources:
@@ -99,7 +101,7 @@ def test_entered_in_error_retracts_the_fact_and_updates_the_risk_assessment(work
     first = wait_until(lambda: [r for r in risk_of(fake_fhir, pid, "metastatic-calcification") if tier_of(r) == "high"])
     evaluations_before = stack.evaluations(pid)
 
-    corrected = with_meta({**phosphate, "status": "entered-in-error"}, 2)
+    corrected = fake_fhir.put({**phosphate, "status": "entered-in-error"})  # version 2
     assert stack.notify(corrected, path=f"Observation/{phosphate['id']}", method="PUT").status_code == 200
 
     after = stack.wait_assessment(pid, lambda a: a["metastatic_calcification"]["tier"] != "high")

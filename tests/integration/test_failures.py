@@ -155,7 +155,7 @@ def test_a_write_back_failing_longer_than_its_retries_is_visible_then_written_by
     stack, pid = worker_alive, new_pid("wb-outage")
     rule = fake_fhir.add_rule(FailureRule(status=503, times=None, path=r"/fhir/RiskAssessment$", method="PUT"))
     try:
-        assert stack.notify(collection(*high_risk(pid))).status_code == 200
+        assert stack.notify(collection(*fake_fhir.put_all(high_risk(pid)))).status_code == 200
 
         def failed() -> dict[str, Any] | None:
             rows = stack.rows("SELECT * FROM writeback_requests WHERE patient_ref = :p AND status = 'failed'", p=f"Patient/{pid}")

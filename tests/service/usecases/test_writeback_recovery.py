@@ -22,7 +22,7 @@ from service.db.models import WritebackStatus
 from service.db.repositories import Repositories, WritebackRequest
 from service.db.session import session_scope
 from service.fhir.errors import FhirTransientError
-from service.queue import TASK_WRITEBACK, MemoryQueue
+from service.queue import TASK_EVALUATE, TASK_WRITEBACK, MemoryQueue
 from service.terminology.catalog import Catalog
 from service.usecases import monitor
 from service.usecases.monitor import MonitorContext
@@ -75,7 +75,7 @@ def ctx(fhir: FakeFhirServer, db_session_factory: sessionmaker[Session], catalog
     return c
 
 
-def evaluated(ctx: MonitorContext) -> tuple[str, int]:
+def evaluated(ctx: MonitorContext, fhir: FakeFhirServer) -> tuple[str, int]:
     """A high-risk patient (metastatic calcification: Ca x P 75) evaluated: returns its id and the evaluation id."""
     pid = f"wb-{uuid.uuid4().hex[:8]}"
     when = (datetime.now(UTC) - timedelta(days=1)).isoformat().replace("+00:00", "Z")
@@ -86,7 +86,7 @@ def evaluated(ctx: MonitorContext) -> tuple[str, int]:
         b.obs(b.P, 7.5, subject=f"Patient/{pid}", when=when, rid=f"p-{pid}"),
         b.obs(b.ALB, 4.1, "g/dL", subject=f"Patient/{pid}", when=when, rid=f"alb-{pid}"),
     ]
-    monitor.backfill(ctx, resources)
+    monitor.backfill(ctx, fhir.put_all(resources))  # the EHR's copies: a write-back reads its basis again
     evaluation_id = monitor.evaluate_patient_state(ctx, f"Patient/{pid}")
     assert evaluation_id is not None
     assert (TASK_WRITEBACK, [evaluation_id], None) in sent(ctx)
@@ -142,7 +142,7 @@ def resent_by_sweep(ctx: MonitorContext) -> list[int]:
 
 
 def test_a_permanent_error_fails_the_write_back_counted_listed_and_replayable(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
-    pid, evaluation_id = evaluated(ctx)
+    pid, evaluation_id = evaluated(ctx, fhir)
     assert request_of(ctx, evaluation_id).status == WritebackStatus.PENDING
     rule = fhir.add_rule(FailureRule(status=422, times=None, path=RISK_PUT, method="PUT"))
     failures = task_failures()
@@ -170,7 +170,7 @@ def test_a_permanent_error_fails_the_write_back_counted_listed_and_replayable(ct
 
 def test_a_write_back_whose_retries_ran_out_is_sent_again_by_the_sweeper_with_backoff(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
     """About a minute of EHR outage used to leave the stale tier in the EHR for good."""
-    pid, evaluation_id = evaluated(ctx)
+    pid, evaluation_id = evaluated(ctx, fhir)
     rule = fhir.add_rule(FailureRule(status=503, times=None, path=RISK_PUT, method="PUT"))
     failures = task_failures()
 
@@ -209,7 +209,7 @@ def test_a_write_back_whose_retries_ran_out_is_sent_again_by_the_sweeper_with_ba
 
 
 def test_the_sweeper_gives_up_after_its_retries_and_leaves_it_failed_for_an_operator(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
-    _, evaluation_id = evaluated(ctx)
+    _, evaluation_id = evaluated(ctx, fhir)
     fhir.add_rule(FailureRule(status=503, times=None, path=RISK_PUT, method="PUT"))
     for _ in range(ctx.settings.writeback_sweeper_retries):
         assert run_task(evaluation_id, retries=ctx.settings.task_max_retries) == {"failed": "FhirTransientError"}
@@ -232,7 +232,7 @@ def test_the_sweeper_gives_up_after_its_retries_and_leaves_it_failed_for_an_oper
 
 def test_a_write_back_whose_job_was_lost_is_sent_by_the_sweeper(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
     """The broker lost the job (or a worker died with it): the write-back is pending in the database."""
-    pid, evaluation_id = evaluated(ctx)
+    pid, evaluation_id = evaluated(ctx, fhir)
     assert resent_by_sweep(ctx) == []
     clock.advance(timedelta(seconds=STALE_S + 1))
     assert resent_by_sweep(ctx) == [evaluation_id]
@@ -242,10 +242,10 @@ def test_a_write_back_whose_job_was_lost_is_sent_by_the_sweeper(ctx: MonitorCont
 
 
 def test_a_newer_evaluation_supersedes_a_failed_write_back(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
-    pid, first = evaluated(ctx)
+    pid, first = evaluated(ctx, fhir)
     fhir.add_rule(FailureRule(status=422, times=1, path=RISK_PUT, method="PUT"))
     assert run_task(first) == {"failed": "FhirPermanentError"}
-    monitor.backfill(ctx, [b.obs(b.P, 8.0, subject=f"Patient/{pid}", when=b.ago(hours=1, now=datetime.now(UTC)), rid=f"p2-{pid}")])
+    monitor.backfill(ctx, fhir.put_all([b.obs(b.P, 8.0, subject=f"Patient/{pid}", when=b.ago(hours=1, now=datetime.now(UTC)), rid=f"p2-{pid}")]))
 
     second = monitor.evaluate_patient_state(ctx, f"Patient/{pid}")
 
@@ -268,9 +268,9 @@ def metastatic_tier(fhir: FakeFhirServer, pid: str) -> str:
     return monitor._tier_of(resource)
 
 
-def phosphate_falls(ctx: MonitorContext, pid: str) -> int:
+def phosphate_falls(ctx: MonitorContext, fhir: FakeFhirServer, pid: str) -> int:
     """A new phosphate of 3.5 mg/dL (Ca x P 35): no longer HIGH. Returns the new evaluation's id."""
-    monitor.backfill(ctx, [b.obs(b.P, 3.5, subject=f"Patient/{pid}", when=b.ago(hours=1, now=datetime.now(UTC)), rid=f"p2-{pid}")])
+    monitor.backfill(ctx, fhir.put_all([b.obs(b.P, 3.5, subject=f"Patient/{pid}", when=b.ago(hours=1, now=datetime.now(UTC)), rid=f"p2-{pid}")]))
     evaluation_id = monitor.evaluate_patient_state(ctx, f"Patient/{pid}")
     assert evaluation_id is not None
     return evaluation_id
@@ -301,9 +301,9 @@ def in_flight(ctx: MonitorContext, fhir: FakeFhirServer, evaluation_id: int, sta
 def test_an_older_write_back_in_flight_never_lands_after_a_newer_one(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
     """The older evaluation's slow PUT used to land last: the EHR kept a HIGH tier the newest data no longer had,
     and nothing wrote the newer one again."""
-    pid, first = evaluated(ctx)
+    pid, first = evaluated(ctx, fhir)
     thread, outcome = in_flight(ctx, fhir, first)
-    second = phosphate_falls(ctx, pid)
+    second = phosphate_falls(ctx, fhir, pid)
 
     assert run_task(second) == DEFERRED
     assert request_of(ctx, second).status == WritebackStatus.PENDING
@@ -320,10 +320,10 @@ def test_an_older_write_back_in_flight_never_lands_after_a_newer_one(ctx: Monito
 def test_a_write_back_that_outlived_its_lease_has_the_newest_evaluation_written_again(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
     """A run slower than its lease (a worker paused, a server far slower than its timeouts) can still land after the
     newer evaluation that took the lease over: the newest one is then written again."""
-    pid, first = evaluated(ctx)
+    pid, first = evaluated(ctx, fhir)
     thread, outcome = in_flight(ctx, fhir, first)
     clock.advance(monitor._patient_lease(ctx.settings) + timedelta(seconds=1))
-    second = phosphate_falls(ctx, pid)
+    second = phosphate_falls(ctx, fhir, pid)
 
     assert run_task(second)["metastatic-calcification"] == "written"  # the lease had expired: taken over
     thread.join(10)
@@ -340,7 +340,7 @@ def test_a_write_back_that_outlived_its_lease_has_the_newest_evaluation_written_
 def test_a_demanded_resend_writes_every_flag_again_once(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
     """The record of the last write may name the newest evaluation while the EHR holds an older one's resource
     (the late PUT's record was written first): a demanded resend writes every flag, unchanged or not."""
-    pid, evaluation_id = evaluated(ctx)
+    pid, evaluation_id = evaluated(ctx, fhir)
     first = run_task(evaluation_id)
     assert all_written(first)
     puts = fhir.count(RISK_PUT, "PUT")
@@ -361,12 +361,77 @@ def test_a_demanded_resend_writes_every_flag_again_once(ctx: MonitorContext, fhi
 
 
 def test_a_failed_write_back_frees_its_patient_for_the_waiting_one(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
-    pid, first = evaluated(ctx)
+    pid, first = evaluated(ctx, fhir)
     thread, outcome = in_flight(ctx, fhir, first, status=422)
-    second = phosphate_falls(ctx, pid)
+    second = phosphate_falls(ctx, fhir, pid)
     assert run_task(second) == DEFERRED
 
     thread.join(10)
     assert outcome == {"raised": "FhirPermanentError"}
     assert sent(ctx)[-1] == (TASK_WRITEBACK, [second], None), "the failed run sends the waiting write-back"
     assert run_task(second)["metastatic-calcification"] == "written"
+
+
+# --------------------------------------------------------------------------- the basis is read again before a write
+
+
+BASIS_CHANGED = {"skipped": "results it rests on changed on the FHIR server; the patient is evaluated again"}
+
+
+def metastatic_tiers(fhir: FakeFhirServer, pid: str) -> list[str]:
+    return [monitor._tier_of(r) for r in risk_assessments(fhir, pid) if r["identifier"][0]["value"].endswith("-metastatic-calcification")]
+
+
+def evaluated_again(ctx: MonitorContext, pid: str) -> int:
+    assert any(name == TASK_EVALUATE and args == [f"Patient/{pid}"] for name, args, _ in sent(ctx)), "the change marked the patient"
+    evaluation_id = monitor.evaluate_patient_state(ctx, f"Patient/{pid}")
+    assert evaluation_id is not None
+    return evaluation_id
+
+
+@pytest.mark.parametrize("change", ["deleted", "re-coded"])
+def test_a_result_deleted_or_re_coded_on_an_r4_server_never_raises_a_flag(ctx: MonitorContext, fhir: FakeFhirServer, change: str) -> None:
+    """R4 servers notify no deletion, and the catch-up search (filtered by the mapped codes) never sees a result
+    re-coded out of them: the stored phosphate of 7.5 used to be written as a HIGH metastatic calcification flag
+    after the EHR had removed it."""
+    pid, evaluation_id = evaluated(ctx, fhir)
+    if change == "deleted":
+        assert fhir.delete("Observation", f"p-{pid}")
+    else:
+        fhir.put(b.obs("8867-4", 72, "/min", subject=f"Patient/{pid}", rid=f"p-{pid}"))  # corrected: it was a heart rate
+
+    assert run_task(evaluation_id) == BASIS_CHANGED
+    assert risk_assessments(fhir, pid) == []
+    assert request_of(ctx, evaluation_id).status == WritebackStatus.PENDING, "kept until a newer evaluation supersedes it"
+
+    newer = evaluated_again(ctx, pid)
+    assert request_of(ctx, evaluation_id).status == WritebackStatus.SUPERSEDED
+    run_task(newer)
+    assert "high" not in metastatic_tiers(fhir, pid)
+    assert request_of(ctx, newer).status == WritebackStatus.WRITTEN
+
+
+def test_the_basis_is_read_one_search_per_type_and_an_unchanged_one_is_written(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
+    _, evaluation_id = evaluated(ctx, fhir)
+    fhir.clear_requests()
+    assert all_written(run_task(evaluation_id))
+    searches = [r for r in fhir.requests if r.method == "GET"]
+    assert searches and all(r.param("_id") for r in searches), "only _id searches"
+    assert len({r.path for r in searches}) == len(searches), "one per resource type"
+
+
+def test_a_server_without_id_search_has_the_basis_read_one_by_one(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
+    pid, evaluation_id = evaluated(ctx, fhir)
+    fhir.add_rule(FailureRule(status=400, times=None, path=r"/fhir/(Observation|Condition)$", method="GET"))
+    fhir.clear_requests()
+    assert all_written(run_task(evaluation_id))
+    assert any(r.method == "GET" and r.path == f"/fhir/Observation/p-{pid}" for r in fhir.requests)
+
+
+def test_confirming_the_basis_can_be_turned_off(ctx: MonitorContext, fhir: FakeFhirServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    pid, evaluation_id = evaluated(ctx, fhir)
+    monkeypatch.setattr(ctx, "settings", ctx.settings.model_copy(update={"writeback_confirm_basis": False}))
+    assert fhir.delete("Observation", f"p-{pid}")
+    fhir.clear_requests()
+    assert all_written(run_task(evaluation_id)), "written as evaluated"
+    assert fhir.requests and {r.method for r in fhir.requests} == {"PUT"}, "nothing read"
