@@ -213,6 +213,9 @@ class Settings(BaseSettings):
         True,
         description="Before flags are written, read the results they rest on again from the FHIR server (R4 servers notify no deletion)",
     )
+    writeback_recheck_h: int = Field(
+        24, ge=0, le=24 * 90, description="Read the basis of each written flag again this often, changed or not (0: never; needs CDS_WRITEBACK_CONFIRM_BASIS)"
+    )
     coalesce_window_s: float = 1.0
     task_max_retries: int = 5
     task_retry_backoff_max_s: int = 300

@@ -163,6 +163,7 @@ class Writeback(Base):
     fhir_id: Mapped[str | None] = mapped_column(String(128))
     fhir_version: Mapped[str | None] = mapped_column(String(64))
     written_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # its basis last read again from the FHIR server
 
 
 class WritebackRequest(Base):

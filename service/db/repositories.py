@@ -1190,6 +1190,7 @@ class WritebackRepository(_Repository):
             fhir_id=fhir_id,
             fhir_version=fhir_version,
             written_at=_now(written_at),
+            checked_at=_now(written_at),
         )
         ex = stmt.excluded
         stmt = stmt.on_conflict_do_update(
@@ -1202,12 +1203,39 @@ class WritebackRepository(_Repository):
                 "fhir_id": ex.fhir_id,
                 "fhir_version": ex.fhir_version,
                 "written_at": ex.written_at,
+                "checked_at": ex.checked_at,
             },
         )
         self.session.execute(stmt)
         written = self.get(patient_ref, flag)
         assert written is not None  # just written in this transaction
         return written
+
+    def due_for_recheck(self, checked_before: datetime, limit: int = 100) -> list[str]:
+        """Patients with a flag written (any tier but none) whose basis was last read before ``checked_before``,
+        the longest unchecked first."""
+        w = Writeback
+        last = func.min(func.coalesce(w.checked_at, w.written_at))
+        stmt = (
+            select(w.patient_ref)
+            .where(w.tier != "none", func.coalesce(w.checked_at, w.written_at) < checked_before)
+            .group_by(w.patient_ref)
+            .order_by(last, w.patient_ref)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
+    def claim_recheck(self, patient_ref: str, checked_before: datetime, *, now: datetime | None = None) -> bool:
+        """Record that the patient's basis is being read again now; False when another sweep claimed it first."""
+        w = Writeback
+        stmt = (
+            update(w)
+            .where(w.patient_ref == patient_ref, func.coalesce(w.checked_at, w.written_at) < checked_before)
+            .values(checked_at=_now(now))
+            .returning(w.id)
+            .execution_options(synchronize_session="fetch")
+        )
+        return bool(self.session.execute(stmt).all())
 
 
 _OPEN_WRITEBACK = (WritebackStatus.PENDING.value, WritebackStatus.FAILED.value)

@@ -1044,7 +1044,7 @@ def _retracted(prior: Any, patient_ref: str, when: datetime) -> dict[str, Any]:
 def sweep(ctx: MonitorContext) -> dict[str, int]:
     """Re-enqueue what was accepted but not finished; detect silent subscriptions."""
     stale = timedelta(seconds=ctx.settings.sweeper_stale_after_s)
-    counts = {"events": 0, "patients": 0, "silent_subscriptions": 0, "writebacks": 0, "writebacks_given_up": 0}
+    counts = {"events": 0, "patients": 0, "silent_subscriptions": 0, "writebacks": 0, "writebacks_given_up": 0, "writebacks_rechecked": 0}
     with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
         repos = Repositories(session)
         for event in repos.ledger.stale_unhandled(stale, limit=500):
@@ -1069,7 +1069,28 @@ def sweep(ctx: MonitorContext) -> dict[str, int]:
                 log.warning("subscription_silent", subscription=state.subscription)
         if ctx.settings.writeback_enabled:
             _sweep_writebacks(ctx, repos, jobs, counts)
+            _recheck_written_flags(ctx, repos, jobs, counts)
     return counts
+
+
+def _recheck_written_flags(ctx: MonitorContext, repos: Repositories, jobs: Jobs, counts: dict[str, int]) -> None:
+    """Send the newest write-back of each patient whose written flag's basis was last read more than
+    ``CDS_WRITEBACK_RECHECK_H`` ago again: its run reads the basis again (:func:`_basis_changed`), so a result
+    deleted since (which an R4 server never notifies) corrects the flag; an unchanged one writes nothing."""
+    hours = ctx.settings.writeback_recheck_h
+    if not hours or not ctx.settings.writeback_confirm_basis or ctx.fhir_client is None:
+        return
+    now = _now()
+    checked_before = now - timedelta(hours=hours)
+    for patient_ref in repos.writebacks.due_for_recheck(checked_before, limit=100):
+        latest = repos.evaluations.latest_summary_for(patient_ref)
+        request = repos.writeback_requests.get(latest.id) if latest is not None else None
+        if latest is None or (request is not None and request.status != WritebackStatus.WRITTEN):
+            continue  # on its way (pending), or failed and listed for an operator: not sent from here
+        if repos.writebacks.claim_recheck(patient_ref, checked_before, now=now):
+            repos.writeback_requests.reopen(latest.id, patient_ref, next_sweep_at=now + _writeback_lease(ctx))
+            jobs.add(TASK_WRITEBACK, latest.id)
+            counts["writebacks_rechecked"] += 1
 
 
 def _sweep_writebacks(ctx: MonitorContext, repos: Repositories, jobs: Jobs, counts: dict[str, int]) -> None:

@@ -71,6 +71,6 @@ def test_a_sweep_that_works_is_counted_ok(
     ctx = MonitorContext.from_settings(Settings(data_dir=tmp_path), catalog=catalog, sessions=db_session_factory, queue=MemoryQueue())
     monkeypatch.setattr(context, "get", lambda: ctx)
     ok, runs = sample("worker_tasks_total", task=TASK_SWEEP, result="ok"), sample("worker_task_seconds_count", task=TASK_SWEEP)
-    assert tasks.sweep() == {"events": 0, "patients": 0, "silent_subscriptions": 0, "writebacks": 0, "writebacks_given_up": 0}
+    assert tasks.sweep() == {"events": 0, "patients": 0, "silent_subscriptions": 0, "writebacks": 0, "writebacks_given_up": 0, "writebacks_rechecked": 0}
     assert sample("worker_tasks_total", task=TASK_SWEEP, result="ok") == ok + 1
     assert sample("worker_task_seconds_count", task=TASK_SWEEP) == runs + 1

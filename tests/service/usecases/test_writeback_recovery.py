@@ -204,7 +204,7 @@ def test_a_write_back_whose_retries_ran_out_is_sent_again_by_the_sweeper_with_ba
     assert (row.status, row.sweeps) == ("written", 2) and all_written(row.results)
     metastatic = [r for r in risk_assessments(fhir, pid) if r["identifier"][0]["value"].endswith("-metastatic-calcification")]
     assert [r["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] for r in metastatic] == ["high"]
-    clock.advance(timedelta(days=1))
+    clock.advance(timedelta(hours=ctx.settings.writeback_recheck_h - 1))  # (its daily recheck aside)
     assert resent_by_sweep(ctx) == []
 
 
@@ -435,3 +435,44 @@ def test_confirming_the_basis_can_be_turned_off(ctx: MonitorContext, fhir: FakeF
     fhir.clear_requests()
     assert all_written(run_task(evaluation_id)), "written as evaluated"
     assert fhir.requests and {r.method for r in fhir.requests} == {"PUT"}, "nothing read"
+
+
+def rechecked_by_sweep(ctx: MonitorContext) -> list[int]:
+    before = len(sent(ctx))
+    counts = monitor.sweep(ctx)
+    ids = [args[0] for name, args, _ in sent(ctx)[before:] if name == TASK_WRITEBACK]
+    assert counts["writebacks_rechecked"] == len(ids)
+    return ids
+
+
+def test_a_written_flag_is_checked_again_daily_and_corrected_when_its_basis_was_deleted(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
+    """Nothing else would ever look again: the patient's data did not change, and the R4 server notifies no deletion."""
+    pid, evaluation_id = evaluated(ctx, fhir)
+    assert all_written(run_task(evaluation_id))
+    clock.advance(timedelta(hours=ctx.settings.writeback_recheck_h - 1))
+    assert rechecked_by_sweep(ctx) == []
+
+    clock.advance(timedelta(hours=2))
+    assert rechecked_by_sweep(ctx) == [evaluation_id]
+    assert rechecked_by_sweep(ctx) == [], "claimed: once per period"
+    fhir.clear_requests()
+    assert set(run_task(evaluation_id).values()) == {"unchanged"}, "nothing changed: nothing written"
+    assert {r.method for r in fhir.requests} == {"GET"}
+
+    assert fhir.delete("Observation", f"p-{pid}")
+    clock.advance(timedelta(hours=ctx.settings.writeback_recheck_h + 1))
+    assert rechecked_by_sweep(ctx) == [evaluation_id]
+    assert run_task(evaluation_id) == BASIS_CHANGED
+    run_task(evaluated_again(ctx, pid))
+    assert metastatic_tiers(fhir, pid) != ["high"], "the flag the deleted result raised is corrected"
+
+
+def test_no_recheck_for_a_write_back_on_its_way_or_failed(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
+    pid, first = evaluated(ctx, fhir)
+    assert all_written(run_task(first))
+    fhir.add_rule(FailureRule(status=422, times=None, path=RISK_PUT, method="PUT"))
+    second = phosphate_falls(ctx, fhir, pid)
+    assert run_task(second) == {"failed": "FhirPermanentError"}
+    clock.advance(timedelta(hours=ctx.settings.writeback_recheck_h + 1))
+    assert rechecked_by_sweep(ctx) == [], "failed: it waits for an operator, not for the sweeper"
+    assert request_of(ctx, second).status == WritebackStatus.FAILED
