@@ -331,8 +331,8 @@ class _Extractor:
 
     # ------------------------------------------------------------------ Procedure
     def procedure(self, res: dict[str, Any]) -> None:
-        entry, coding = first_match(res.get("code"), self.catalog.procedure)
-        if entry is None or coding is None:
+        matches = all_matches(res.get("code"), self.catalog.procedure)
+        if not matches:
             self.ignore("Procedure")
             return
         ref = self.note_input(res)
@@ -351,13 +351,18 @@ class _Extractor:
             self.exclude(ref, "performed time in the future")
             return
         self.unvalidated[ref] = res  # validated when a rule consults the fact
-        self.procedures.append(
-            ProcedureFact(
-                feature=entry.feature,
-                source=Source(ref, version_of(res), coding.get("system", ""), coding["code"], coding.get("display") or entry.display),
-                performed=performed,
+        seen: set[str] = set()
+        for entry, coding in matches:  # every mapped coding counts: one fact per feature, from its first coding
+            if entry.feature in seen:
+                continue
+            seen.add(entry.feature)
+            self.procedures.append(
+                ProcedureFact(
+                    feature=entry.feature,
+                    source=Source(ref, version_of(res), coding.get("system", ""), coding["code"], coding.get("display") or entry.display),
+                    performed=performed,
+                )
             )
-        )
 
 
 @dataclass(slots=True)

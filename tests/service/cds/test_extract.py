@@ -188,6 +188,15 @@ def test_intravenous_route_by_text(catalog) -> None:
     assert f.medications[0].intravenous is False
 
 
+def test_every_mapped_coding_of_a_procedure_counts(catalog) -> None:
+    """A procedure coded for dialysis first and kidney transplant second was read as dialysis only."""
+    both = procedure("302497006")
+    both["code"]["coding"] += [{"system": "http://example.org/local", "code": "X1"}, {"system": "http://snomed.info/sct", "code": "70536003"}]
+    both["code"]["coding"].append({"system": "http://snomed.info/sct", "code": "71192002"})  # dialysis again: one fact
+    f = facts(catalog, both)
+    assert sorted((p.feature, p.source.code) for p in f.procedures) == [("dialysis", "302497006"), ("kidney_transplant_procedure", "70536003")]
+
+
 def test_procedure_status_and_time(catalog) -> None:
     ok = procedure("302497006", days=5)
     not_done = procedure("302497006", status="not-done")
