@@ -1467,6 +1467,18 @@ class WritebackLeaseRepository(_Repository):
             self.session.execute(update(lease).where(lease.patient_ref == patient_ref, lease.holder == holder).values(resend=False))
         return True, resend
 
+    def renew(self, patient_ref: str, holder: str, *, until: datetime) -> bool:
+        """Extend ``holder``'s lease to ``until``; False when it no longer holds it."""
+        lease = WritebackLease
+        stmt = (
+            update(lease)
+            .where(lease.patient_ref == patient_ref, lease.holder == holder)
+            .values(expires_at=until)
+            .returning(lease.patient_ref)
+            .execution_options(synchronize_session="fetch")
+        )
+        return self.session.execute(stmt).first() is not None
+
     def release(self, patient_ref: str, holder: str) -> bool | None:
         """Give the lease up. Returns None when ``holder`` no longer held it (it expired and may have been taken),
         else whether a write-back again was demanded meanwhile."""

@@ -820,9 +820,11 @@ def writeback_sweep_delay(settings: Settings, sweeps: int) -> timedelta:
 
 
 def _patient_lease(settings: Settings) -> timedelta:
-    """How long one write-back run may hold its patient's lease: every flag's conditional update at its worst (each
-    attempt's connect, send and read timeouts and every retry delay at its cap) and a minute more; never shorter
-    than the sweeper's lease. A run still writing after that is handled as a lost lease (see :func:`_release`)."""
+    """How long one write-back run may hold its patient's lease to write: every flag's conditional update at its
+    worst (each attempt's connect, send and read timeouts and every retry delay at its cap) and a minute more;
+    never shorter than the sweeper's lease. The lease is taken for this long, and renewed for as long again once
+    the basis has been read (:func:`_renew_lease`), just before the first PUT. A run still writing after that is
+    handled as a lost lease (see :func:`_release`)."""
     attempt = 3 * settings.fhir_timeout_s
     update = (settings.fhir_max_retries + 1) * attempt + settings.fhir_max_retries * settings.fhir_retry_after_max_s
     return max(timedelta(seconds=len(FLAGS) * update + 60), timedelta(seconds=settings.sweeper_stale_after_s))
@@ -860,21 +862,34 @@ def write_back(ctx: MonitorContext, evaluation_id: int) -> dict[str, str]:
         previous = {flag: repos.writebacks.get(patient_ref, flag) for flag in FLAGS}
     try:
         stale = ctx.settings.writeback_confirm_basis and _basis_changed(ctx, planned)
-        results = {} if stale else _write_flags(ctx, patient_ref, row.evaluated_at, planned, previous, force=force)
+        kept = stale or _renew_lease(ctx, patient_ref, holder)
+        results = {} if stale or not kept else _write_flags(ctx, patient_ref, row.evaluated_at, planned, previous, force=force)
     except BaseException:
         with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
-            _release(ctx, Repositories(session), jobs, patient_ref, holder, evaluation_id)
+            _release(ctx, Repositories(session), jobs, patient_ref, holder, evaluation_id, handing_back=force)
         raise
     with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
         repos = Repositories(session)
-        if not stale:
+        if not stale and kept:
             repos.writeback_requests.finish(evaluation_id, WritebackStatus.WRITTEN, results=results)
-        _release(ctx, repos, jobs, patient_ref, holder, evaluation_id)
+        _release(ctx, repos, jobs, patient_ref, holder, evaluation_id, handing_back=force and (stale or not kept))
     if stale:
         WRITEBACKS.labels("basis-changed").inc()
         log.info("writeback_basis_changed", evaluation_id=evaluation_id)
         return {"skipped": "results it rests on changed on the FHIR server; the patient is evaluated again"}
+    if not kept:  # reading the basis outlasted the lease, and another run took it: nothing was written
+        WRITEBACKS.labels("deferred").inc()
+        log.info("writeback_deferred", evaluation_id=evaluation_id, reason="lease expired before writing")
+        return {"skipped": "another write-back of the patient took over before this one wrote; it stays pending"}
     return results
+
+
+def _renew_lease(ctx: MonitorContext, patient_ref: str, holder: str) -> bool:
+    """Before the first PUT, the lease is extended by a whole write's bound (reading the basis took some of it):
+    False when it was lost meanwhile (then nothing may be written)."""
+    with unit_of_work(ctx.sessions, ctx.queue) as (session, _):
+        now = _now()
+        return Repositories(session).writeback_leases.renew(patient_ref, holder, until=now + _patient_lease(ctx.settings))
 
 
 #: Most ids in one ``_id`` search when confirming a write-back's basis.
@@ -964,14 +979,19 @@ def _write_flags(
     return results
 
 
-def _release(ctx: MonitorContext, repos: Repositories, jobs: Jobs, patient_ref: str, holder: str, evaluation_id: int) -> None:
+def _release(
+    ctx: MonitorContext, repos: Repositories, jobs: Jobs, patient_ref: str, holder: str, evaluation_id: int, *, handing_back: bool = False
+) -> None:
     """Give the patient's lease up and send what waits: the newest pending write-back of the patient.
 
     When this run's lease had expired before it ended (another run may have written meanwhile, and this run's
     PUTs may have landed after it), or a run whose lease had expired wrote while this one held it, the EHR may
     hold an older evaluation's resources: the newest evaluation is written again, every flag, whatever the
-    record of the last write says."""
+    record of the last write says. ``handing_back``: this run took such a demand with the lease and did not
+    write (it failed, or its basis changed): the demand goes back to the next run."""
     demanded = repos.writeback_leases.release(patient_ref, holder)
+    if handing_back:
+        repos.writeback_leases.demand_resend(patient_ref)  # no job: the retry, the re-evaluation or the sweeper runs next
     if demanded is None or demanded:
         log.warning("writeback_resend", evaluation_id=evaluation_id, reason="lease expired" if demanded is None else "demanded")
         repos.writeback_leases.demand_resend(patient_ref)
@@ -1073,6 +1093,10 @@ def sweep(ctx: MonitorContext) -> dict[str, int]:
     return counts
 
 
+#: Most patients whose written flags one sweep has checked again.
+RECHECK_BATCH = 100
+
+
 def _recheck_written_flags(ctx: MonitorContext, repos: Repositories, jobs: Jobs, counts: dict[str, int]) -> None:
     """Send the newest write-back of each patient whose written flag's basis was last read more than
     ``CDS_WRITEBACK_RECHECK_H`` ago again: its run reads the basis again (:func:`_basis_changed`), so a result
@@ -1082,15 +1106,17 @@ def _recheck_written_flags(ctx: MonitorContext, repos: Repositories, jobs: Jobs,
         return
     now = _now()
     checked_before = now - timedelta(hours=hours)
-    for patient_ref in repos.writebacks.due_for_recheck(checked_before, limit=100):
+    for patient_ref in repos.writebacks.due_for_recheck(checked_before, limit=RECHECK_BATCH):
+        # Claimed first, whatever follows: a patient skipped here must not stay at the head of the list for good.
+        if not repos.writebacks.claim_recheck(patient_ref, checked_before, now=now):
+            continue  # another sweep took it
         latest = repos.evaluations.latest_summary_for(patient_ref)
         request = repos.writeback_requests.get(latest.id) if latest is not None else None
         if latest is None or (request is not None and request.status != WritebackStatus.WRITTEN):
-            continue  # on its way (pending), or failed and listed for an operator: not sent from here
-        if repos.writebacks.claim_recheck(patient_ref, checked_before, now=now):
-            repos.writeback_requests.reopen(latest.id, patient_ref, next_sweep_at=now + _writeback_lease(ctx))
-            jobs.add(TASK_WRITEBACK, latest.id)
-            counts["writebacks_rechecked"] += 1
+            continue  # on its way (pending: it reads the basis anyway), or failed and listed for an operator
+        repos.writeback_requests.reopen(latest.id, patient_ref, next_sweep_at=now + _writeback_lease(ctx))
+        jobs.add(TASK_WRITEBACK, latest.id)
+        counts["writebacks_rechecked"] += 1
 
 
 def _sweep_writebacks(ctx: MonitorContext, repos: Repositories, jobs: Jobs, counts: dict[str, int]) -> None:

@@ -51,3 +51,14 @@ def test_two_sessions_never_both_take_a_lease(db_session_factory: sessionmaker[S
         assert WritebackLeaseRepository(first).acquire(P, "run-a", 2, until=t0 + MINUTE, now=t0 + MINUTE) == (True, False)
     with session_scope(db_session_factory) as second:
         assert WritebackLeaseRepository(second).acquire(P, "run-b", 2, until=t0 + MINUTE, now=t0 + MINUTE) == (False, False)
+
+
+def test_only_the_holder_renews_its_lease(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
+    with session_scope(db_session_factory) as session:
+        leases = WritebackLeaseRepository(session)
+        assert leases.acquire(P, "run-a", 1, until=t0 + MINUTE, now=t0) == (True, False)
+        assert leases.renew(P, "run-a", until=t0 + 5 * MINUTE)
+        assert leases.acquire(P, "run-b", 2, until=t0 + 6 * MINUTE, now=t0 + 2 * MINUTE) == (False, False), "renewed: still held"
+        assert not leases.renew(P, "run-b", until=t0 + 9 * MINUTE)
+        assert leases.acquire(P, "run-b", 2, until=t0 + 9 * MINUTE, now=t0 + 6 * MINUTE) == (True, False)
+        assert not leases.renew(P, "run-a", until=t0 + 9 * MINUTE), "lost: may not write"

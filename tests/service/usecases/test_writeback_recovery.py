@@ -476,3 +476,96 @@ def test_no_recheck_for_a_write_back_on_its_way_or_failed(ctx: MonitorContext, f
     clock.advance(timedelta(hours=ctx.settings.writeback_recheck_h + 1))
     assert rechecked_by_sweep(ctx) == [], "failed: it waits for an operator, not for the sweeper"
     assert request_of(ctx, second).status == WritebackStatus.FAILED
+
+
+# --------------------------------------------------------------------------- review findings (session 11)
+
+
+def older_landed_last(ctx: MonitorContext, fhir: FakeFhirServer) -> tuple[str, int]:
+    """The case a demanded resend exists for: the record of the last write names the newest evaluation, while the
+    EHR holds the older evaluation's HIGH resource (its PUT landed last, its record was written first); then what
+    :func:`monitor._release` does about it."""
+    pid, first = evaluated(ctx, fhir)
+    assert all_written(run_task(first))
+    second = phosphate_falls(ctx, fhir, pid)
+    assert run_task(second)["metastatic-calcification"] == "written"
+    with session_scope(ctx.sessions) as session:
+        row = Repositories(session).evaluations.get(first)
+        assert row is not None
+        older = row.assessment["risk_assessments"]
+    for resource in older:
+        ident = resource["identifier"][0]
+        ctx.shared_client().conditional_update("RiskAssessment", ident["system"], ident["value"], resource)
+    assert metastatic_tier(fhir, pid) == "high"
+    with session_scope(ctx.sessions) as session:
+        repos = Repositories(session)
+        repos.writeback_leases.demand_resend(f"Patient/{pid}")
+        repos.writeback_requests.reopen(second, f"Patient/{pid}", next_sweep_at=datetime.now(UTC))
+    return pid, second
+
+
+def test_a_forced_resend_that_meets_a_transient_error_is_forced_again_on_its_retry(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
+    """The demand was used up when the lease was taken: the retry found every flag 'unchanged' and the EHR kept
+    the older HIGH for good (found by the session 11 review)."""
+    pid, second = older_landed_last(ctx, fhir)
+    fhir.add_rule(FailureRule(status=503, times=1, path=RISK_PUT, method="PUT"))
+    with pytest.raises(FhirTransientError):
+        run_task(second, retries=0)
+    assert run_task(second, retries=1)["metastatic-calcification"] == "written"
+    assert metastatic_tier(fhir, pid) != "high"
+
+
+def test_a_forced_resend_whose_basis_changed_passes_the_demand_to_the_newer_evaluation(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
+    pid, second = older_landed_last(ctx, fhir)
+    when = (datetime.now(UTC) - timedelta(days=1)).isoformat().replace("+00:00", "Z")
+    fhir.put(b.obs(b.CA, 10.0, subject=f"Patient/{pid}", when=when, rid=f"ca-{pid}"))  # a new version, same value
+    assert run_task(second) == BASIS_CHANGED
+    newer = evaluated_again(ctx, pid)
+    assert run_task(newer)["metastatic-calcification"] == "written"
+    assert metastatic_tier(fhir, pid) != "high"
+
+
+def test_patients_whose_newest_write_back_failed_do_not_starve_the_recheck(
+    ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Skipped without being claimed, they stayed at the head of the list, and no other flag was checked again."""
+    monkeypatch.setattr(monitor, "RECHECK_BATCH", 2)
+    rule = fhir.add_rule(FailureRule(status=422, times=0, path=RISK_PUT, method="PUT"))
+    for _ in range(2):
+        pid, first = evaluated(ctx, fhir)
+        assert all_written(run_task(first))
+        second = phosphate_falls(ctx, fhir, pid)
+        rule.times, rule.hits = None, 0
+        assert run_task(second) == {"failed": "FhirPermanentError"}
+        rule.times = 0
+    clock.advance(timedelta(minutes=1))
+    pid, healthy = evaluated(ctx, fhir)
+    assert all_written(run_task(healthy))
+    rechecked: list[int] = []
+    for _ in range(2):
+        clock.advance(timedelta(hours=ctx.settings.writeback_recheck_h + 1))
+        rechecked += rechecked_by_sweep(ctx)
+    assert healthy in rechecked
+
+
+def test_a_run_whose_basis_read_outlasted_its_lease_writes_nothing_once_another_took_over(
+    ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock
+) -> None:
+    """The lease covered the PUTs but not the reads before them: the older run went on to PUT after the newer one."""
+    pid, first = evaluated(ctx, fhir)
+    slow = fhir.add_rule(FailureRule(status=None, times=None, latency_s=1.5, path=r"/fhir/Observation$", method="GET"))
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.update(monitor.write_back(ctx, first)))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while slow.hits == 0:
+        assert time.monotonic() < deadline, "the basis was never read"
+        time.sleep(0.01)
+    slow.times = slow.hits
+    clock.advance(monitor._patient_lease(ctx.settings) + timedelta(seconds=1))
+    second = phosphate_falls(ctx, fhir, pid)
+    assert run_task(second)["metastatic-calcification"] == "written"
+    thread.join(10)
+    assert outcome == {"skipped": "another write-back of the patient took over before this one wrote; it stays pending"}
+    assert metastatic_tier(fhir, pid) != "high"
+    assert fhir.count(RISK_PUT, "PUT") == 2, "the newer evaluation's flags only"
