@@ -900,7 +900,8 @@ def _basis_changed(ctx: MonitorContext, planned: dict[str, dict[str, Any]]) -> b
     """Before flags are written, the resources they rest on (each RiskAssessment's ``basis``) are read again from
     the FHIR server: R4 servers notify no deletion, and the catch-up search never returns a deleted result nor one
     re-coded out of the mapped codes, so the stored record can hold a result the EHR no longer has. A basis
-    resource that is gone, or whose current version differs and is newer, is applied to the stored record (which
+    resource that is gone (410, or 404 with a deletion in its history), or whose current version differs and is
+    newer, is applied to the stored record (which
     marks the patient to be evaluated again) and True is returned: the write-back then stays pending, superseded
     by the newer evaluation, or sent again by the sweeper once the record is current. One ``_id`` search per type
     (and a read for each id it does not return); an unreachable server propagates (the task retries)."""
@@ -935,8 +936,13 @@ def _basis_changed(ctx: MonitorContext, planned: dict[str, dict[str, Any]]) -> b
                 asked_at = _now()
                 try:
                     current = client.read(rtype, rid)  # not returned by the search: gone, or not searchable by _id
-                except FhirNotFound:
+                except FhirNotFound as exc:
                     version_id, deleted_at = _deleted_version(ctx, rtype, rid)
+                    if not exc.gone and version_id is None and deleted_at is None:
+                        # 404 and no deletion in its history: the server never had it (a record loaded from files)
+                        # or cannot say. Left in the record, and the flag written as evaluated.
+                        log.info("writeback_basis_unconfirmed", resource_type=rtype, error="not found")
+                        continue
                     changed |= apply_deletion(repos, jobs, rtype, rid, ctx.settings, version_id=version_id, deleted_by=deleted_at or asked_at)
                     continue
                 except FhirPermanentError as exc:  # cannot be confirmed (not allowed to read it): written as evaluated

@@ -569,3 +569,18 @@ def test_a_run_whose_basis_read_outlasted_its_lease_writes_nothing_once_another_
     assert outcome == {"skipped": "another write-back of the patient took over before this one wrote; it stays pending"}
     assert metastatic_tier(fhir, pid) != "high"
     assert fhir.count(RISK_PUT, "PUT") == 2, "the newer evaluation's flags only"
+
+
+def test_a_basis_result_the_server_never_had_is_left_in_the_record_and_the_flag_written(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
+    """A record loaded by a backfill of files the server does not hold: 404 with no deletion in its history is not
+    a deletion (the integration backfill's cohort lost its data to the first version of the check)."""
+    pid, _ = evaluated(ctx, fhir)
+    extra = b.obs(b.P, 7.9, subject=f"Patient/{pid}", when=b.ago(hours=2, now=datetime.now(UTC)), rid=f"file-{pid}")
+    monitor.backfill(ctx, [extra])  # from a file: never on the server
+    newer = monitor.evaluate_patient_state(ctx, f"Patient/{pid}")
+    assert newer is not None
+    assert all_written(run_task(newer))
+    with session_scope(ctx.sessions) as session:
+        row = Repositories(session).resources.get("Observation", f"file-{pid}")
+        assert row is not None and not row.deleted
+    assert metastatic_tier(fhir, pid) == "high"
