@@ -133,11 +133,12 @@ def all_written(results: dict[str, str] | None) -> bool:
     return results is not None and results.get("metastatic-calcification") == "written" and set(results.values()) == {"written"}
 
 
-def resent_by_sweep(ctx: MonitorContext) -> list[int]:
+def resent_by_sweep(ctx: MonitorContext, counted_as: str = "writebacks") -> list[int]:
+    """The write-backs one sweep sends; all of them counted under ``counted_as`` (a resend, or a daily recheck)."""
     before = len(sent(ctx))
     counts = monitor.sweep(ctx)
     ids = [args[0] for name, args, _ in sent(ctx)[before:] if name == TASK_WRITEBACK]
-    assert counts["writebacks"] == len(ids)
+    assert counts[counted_as] == len(ids)
     return ids
 
 
@@ -438,11 +439,7 @@ def test_confirming_the_basis_can_be_turned_off(ctx: MonitorContext, fhir: FakeF
 
 
 def rechecked_by_sweep(ctx: MonitorContext) -> list[int]:
-    before = len(sent(ctx))
-    counts = monitor.sweep(ctx)
-    ids = [args[0] for name, args, _ in sent(ctx)[before:] if name == TASK_WRITEBACK]
-    assert counts["writebacks_rechecked"] == len(ids)
-    return ids
+    return resent_by_sweep(ctx, "writebacks_rechecked")
 
 
 def test_a_written_flag_is_checked_again_daily_and_corrected_when_its_basis_was_deleted(ctx: MonitorContext, fhir: FakeFhirServer, clock: Clock) -> None:
