@@ -901,10 +901,10 @@ def _basis_changed(ctx: MonitorContext, planned: dict[str, dict[str, Any]]) -> b
     the FHIR server: R4 servers notify no deletion, and the catch-up search never returns a deleted result nor one
     re-coded out of the mapped codes, so the stored record can hold a result the EHR no longer has. A basis
     resource that is gone (410, or 404 with a deletion in its history), or whose current version differs and is
-    newer, is applied to the stored record (which
-    marks the patient to be evaluated again) and True is returned: the write-back then stays pending, superseded
-    by the newer evaluation, or sent again by the sweeper once the record is current. One ``_id`` search per type
-    (and a read for each id it does not return); an unreachable server propagates (the task retries)."""
+    newer, is applied to the stored record (which marks the patient to be evaluated again) and True is returned:
+    the write-back then stays pending, superseded by the newer evaluation, or sent again by the sweeper once the
+    record is current. One ``_id`` search per type (and a read for each id it does not return); an unreachable
+    server propagates (the task retries)."""
     wanted: dict[str, list[str]] = {}
     refs = {b.get("reference") for r in planned.values() for b in r.get("basis", []) if isinstance(b, dict)}
     for ref in sorted(r for r in refs if isinstance(r, str)):
@@ -1104,9 +1104,9 @@ RECHECK_BATCH = 100
 
 
 def _recheck_written_flags(ctx: MonitorContext, repos: Repositories, jobs: Jobs, counts: dict[str, int]) -> None:
-    """Send the newest write-back of each patient whose written flag's basis was last read more than
-    ``CDS_WRITEBACK_RECHECK_H`` ago again: its run reads the basis again (:func:`_basis_changed`), so a result
-    deleted since (which an R4 server never notifies) corrects the flag; an unchanged one writes nothing."""
+    """Send again the newest write-back of each patient whose written flags' basis was last read more than
+    ``CDS_WRITEBACK_RECHECK_H`` ago: its run reads the basis again (:func:`_basis_changed`), so a result deleted
+    since (which an R4 server never notifies) corrects the flag; an unchanged basis writes nothing."""
     hours = ctx.settings.writeback_recheck_h
     if not hours or not ctx.settings.writeback_confirm_basis or ctx.fhir_client is None:
         return
