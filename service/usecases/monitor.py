@@ -860,28 +860,38 @@ def write_back(ctx: MonitorContext, evaluation_id: int) -> dict[str, str]:
             return {"skipped": "another write-back of the patient is in flight; it sends this one when it ends"}
         planned = {_flag_of(r): r for r in row.assessment.get("risk_assessments", [])}
         previous = {flag: repos.writebacks.get(patient_ref, flag) for flag in FLAGS}
+    skipped: str | None = None  # why nothing was written
+    results: dict[str, str] = {}
     try:
-        stale = ctx.settings.writeback_confirm_basis and _basis_changed(ctx, planned)
-        kept = stale or _renew_lease(ctx, patient_ref, holder)
-        results = {} if stale or not kept else _write_flags(ctx, patient_ref, row.evaluated_at, planned, previous, force=force)
+        if ctx.settings.writeback_confirm_basis and _basis_changed(ctx, planned):
+            skipped = "basis-changed"
+        elif not _renew_lease(ctx, patient_ref, holder):  # reading the basis outlasted the lease, and another run took it
+            skipped = "lease-lost"
+        else:
+            results = _write_flags(ctx, patient_ref, row.evaluated_at, planned, previous, force=force)
     except BaseException:
         with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
             _release(ctx, Repositories(session), jobs, patient_ref, holder, evaluation_id, handing_back=force)
         raise
     with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
         repos = Repositories(session)
-        if not stale and kept:
+        if skipped is None:
             repos.writeback_requests.finish(evaluation_id, WritebackStatus.WRITTEN, results=results)
-        _release(ctx, repos, jobs, patient_ref, holder, evaluation_id, handing_back=force and (stale or not kept))
-    if stale:
-        WRITEBACKS.labels("basis-changed").inc()
-        log.info("writeback_basis_changed", evaluation_id=evaluation_id)
-        return {"skipped": "results it rests on changed on the FHIR server; the patient is evaluated again"}
-    if not kept:  # reading the basis outlasted the lease, and another run took it: nothing was written
-        WRITEBACKS.labels("deferred").inc()
-        log.info("writeback_deferred", evaluation_id=evaluation_id, reason="lease expired before writing")
-        return {"skipped": "another write-back of the patient took over before this one wrote; it stays pending"}
-    return results
+        _release(ctx, repos, jobs, patient_ref, holder, evaluation_id, handing_back=force and skipped is not None)
+    if skipped is None:
+        return results
+    result, event, reason = _NOT_WRITTEN[skipped]
+    WRITEBACKS.labels(result).inc()
+    log.info(event, evaluation_id=evaluation_id)
+    return {"skipped": reason}
+
+
+#: Why a write-back that held the lease wrote nothing: its metric result, its log event and its answer. It stays
+#: pending either way: superseded by the patient's new evaluation, or sent again by the sweeper.
+_NOT_WRITTEN = {
+    "basis-changed": ("basis-changed", "writeback_basis_changed", "results it rests on changed on the FHIR server; the patient is evaluated again"),
+    "lease-lost": ("deferred", "writeback_deferred", "another write-back of the patient took over before this one wrote; it stays pending"),
+}
 
 
 def _renew_lease(ctx: MonitorContext, patient_ref: str, holder: str) -> bool:
@@ -903,8 +913,8 @@ def _basis_changed(ctx: MonitorContext, planned: dict[str, dict[str, Any]]) -> b
     resource that is gone (410, or 404 with a deletion in its history), or whose current version differs and is
     newer, is applied to the stored record (which marks the patient to be evaluated again) and True is returned:
     the write-back then stays pending, superseded by the newer evaluation, or sent again by the sweeper once the
-    record is current. One ``_id`` search per type (and a read for each id it does not return); an unreachable
-    server propagates (the task retries)."""
+    record is current. The server is asked first (:func:`_read_basis`), the record changed after, in one short
+    transaction; an unreachable server propagates (the task retries)."""
     wanted: dict[str, list[str]] = {}
     refs = {b.get("reference") for r in planned.values() for b in r.get("basis", []) if isinstance(b, dict)}
     for ref in sorted(r for r in refs if isinstance(r, str)):
@@ -913,8 +923,27 @@ def _basis_changed(ctx: MonitorContext, planned: dict[str, dict[str, Any]]) -> b
             wanted.setdefault(rtype, []).append(rid)
     if not wanted:
         return False
+    current, gone = _read_basis(ctx, wanted)
+    with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
+        repos = Repositories(session)
+        # Only another version than the stored one: a server that keeps no version would otherwise "change" every time.
+        newer = [r for r in current if version_of(r) != repos.resources.stored_version(r["resourceType"], r["id"])]
+        changed = any(apply_resources(repos, jobs, newer, ctx.settings, current=True))
+        for rtype, rid, version_id, deleted_by in gone:
+            changed |= apply_deletion(repos, jobs, rtype, rid, ctx.settings, version_id=version_id, deleted_by=deleted_by)
+    return changed
+
+
+def _read_basis(
+    ctx: MonitorContext, wanted: dict[str, list[str]]
+) -> tuple[list[dict[str, Any]], list[tuple[str, str, str | None, datetime]]]:
+    """The current versions of the ``wanted`` resources (one ``_id`` search per type and up to
+    ``_BASIS_IDS_PER_SEARCH`` ids, then a read for each id the search did not return), and those gone: (type, id,
+    deleted version, deleted no later than). A 404 with no deletion in its history (the server never had it: a
+    record loaded from files), or a read the service may not make, leaves the resource out of both."""
     client = ctx.shared_client()
     found: dict[tuple[str, str], dict[str, Any]] = {}
+    gone: list[tuple[str, str, str | None, datetime]] = []
     for rtype, ids in wanted.items():
         for start in range(0, len(ids), _BASIS_IDS_PER_SEARCH):
             chunk = ids[start : start + _BASIS_IDS_PER_SEARCH]
@@ -924,33 +953,23 @@ def _basis_changed(ctx: MonitorContext, planned: dict[str, dict[str, Any]]) -> b
                         found[(rtype, resource["id"])] = resource
             except FhirPermanentError as exc:  # no _id search here: each one is read instead
                 log.info("writeback_basis_search_refused", resource_type=rtype, error=type(exc).__name__)
-    changed = False
-    with unit_of_work(ctx.sessions, ctx.queue) as (session, jobs):
-        repos = Repositories(session)
-        for rtype, ids in wanted.items():
-            for rid in ids:
-                if (current := found.get((rtype, rid))) is not None:
-                    if version_of(current) != repos.resources.stored_version(rtype, rid):
-                        changed |= apply_resources(repos, jobs, [current], ctx.settings, current=True)[0]
-                    continue
-                asked_at = _now()
-                try:
-                    current = client.read(rtype, rid)  # not returned by the search: gone, or not searchable by _id
-                except FhirNotFound as exc:
-                    version_id, deleted_at = _deleted_version(ctx, rtype, rid)
-                    if not exc.gone and version_id is None and deleted_at is None:
-                        # 404 and no deletion in its history: the server never had it (a record loaded from files)
-                        # or cannot say. Left in the record, and the flag written as evaluated.
-                        log.info("writeback_basis_unconfirmed", resource_type=rtype, error="not found")
-                        continue
-                    changed |= apply_deletion(repos, jobs, rtype, rid, ctx.settings, version_id=version_id, deleted_by=deleted_at or asked_at)
-                    continue
-                except FhirPermanentError as exc:  # cannot be confirmed (not allowed to read it): written as evaluated
-                    log.info("writeback_basis_unconfirmed", resource_type=rtype, error=type(exc).__name__)
-                    continue
-                if current.get("id") == rid and version_of(current) != repos.resources.stored_version(rtype, rid):
-                    changed |= apply_resources(repos, jobs, [current], ctx.settings, current=True)[0]
-    return changed
+        for rid in (i for i in ids if (rtype, i) not in found):
+            asked_at = _now()
+            try:
+                resource = client.read(rtype, rid)  # gone, or not searchable by _id
+            except FhirNotFound as exc:
+                version_id, deleted_at = _deleted_version(ctx, rtype, rid)
+                if exc.gone or version_id is not None or deleted_at is not None:
+                    gone.append((rtype, rid, version_id, deleted_at or asked_at))
+                else:
+                    log.info("writeback_basis_unconfirmed", resource_type=rtype, error="not found")
+                continue
+            except FhirPermanentError as exc:  # not allowed to read it: written as evaluated
+                log.info("writeback_basis_unconfirmed", resource_type=rtype, error=type(exc).__name__)
+                continue
+            if resource.get("id") == rid:
+                found[(rtype, rid)] = resource
+    return list(found.values()), gone
 
 
 def _write_flags(
@@ -996,19 +1015,24 @@ def _release(
     record of the last write says. ``handing_back``: this run took such a demand with the lease and did not
     write (it failed, or its basis changed): the demand goes back to the next run."""
     demanded = repos.writeback_leases.release(patient_ref, holder)
-    if handing_back:
-        repos.writeback_leases.demand_resend(patient_ref)  # no job: the retry, the re-evaluation or the sweeper runs next
-    if demanded is None or demanded:
+    resend = demanded is None or demanded  # lost while writing, or another wrote while this run held it
+    if handing_back or resend:
+        repos.writeback_leases.demand_resend(patient_ref)  # handed back only: the retry, the re-evaluation or the sweeper runs next
+    if resend:
         log.warning("writeback_resend", evaluation_id=evaluation_id, reason="lease expired" if demanded is None else "demanded")
-        repos.writeback_leases.demand_resend(patient_ref)
         latest = repos.evaluations.latest_summary_for(patient_ref)
         if latest is not None:
-            repos.writeback_requests.reopen(latest.id, patient_ref, next_sweep_at=_now() + _writeback_lease(ctx))
-            jobs.add(TASK_WRITEBACK, latest.id)
+            _send_again(ctx, repos, jobs, latest.id, patient_ref)
         return
     waiting = repos.writeback_requests.newest_pending(patient_ref)
     if waiting is not None and waiting != evaluation_id:
         jobs.add(TASK_WRITEBACK, waiting)
+
+
+def _send_again(ctx: MonitorContext, repos: Repositories, jobs: Jobs, evaluation_id: int, patient_ref: str) -> None:
+    """An evaluation's write-back, pending again and on the queue after the commit."""
+    repos.writeback_requests.reopen(evaluation_id, patient_ref, next_sweep_at=_now() + _writeback_lease(ctx))
+    jobs.add(TASK_WRITEBACK, evaluation_id)
 
 
 def writeback_error(error: BaseException) -> str:
@@ -1120,8 +1144,7 @@ def _recheck_written_flags(ctx: MonitorContext, repos: Repositories, jobs: Jobs,
         request = repos.writeback_requests.get(latest.id) if latest is not None else None
         if latest is None or (request is not None and request.status != WritebackStatus.WRITTEN):
             continue  # on its way (pending: it reads the basis anyway), or failed and listed for an operator
-        repos.writeback_requests.reopen(latest.id, patient_ref, next_sweep_at=now + _writeback_lease(ctx))
-        jobs.add(TASK_WRITEBACK, latest.id)
+        _send_again(ctx, repos, jobs, latest.id, patient_ref)
         counts["writebacks_rechecked"] += 1
 
 
