@@ -1,15 +1,16 @@
-"""Fixtures of the service tests that run the CLI."""
+"""Fixtures of the service tests: the CLI run in process, and the FHIR server double."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from typer.testing import CliRunner
 
 from service import cli
 from service.config import get_settings
+from tests.fakes.fhir_server import FakeFhirServer
 
 #: ``run_cli(args, **env)``: exit code and non-blank output lines of ``calcinosis-cds *args`` with ``CDS_*`` ``env``.
 RunCli = Callable[..., tuple[int, list[str]]]
@@ -40,3 +41,11 @@ def run_cli(monkeypatch: pytest.MonkeyPatch) -> RunCli:
         return result.exit_code, [line for line in result.output.splitlines() if line.strip()]
 
     return run
+
+
+@pytest.fixture
+def fhir() -> Iterator[FakeFhirServer]:
+    """The FHIR server double over real HTTP; a test fails if the double itself raised."""
+    with FakeFhirServer() as srv:
+        yield srv
+        assert not srv.errors, srv.errors

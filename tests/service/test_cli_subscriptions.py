@@ -4,10 +4,7 @@ HTTP."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from service.config import Settings
 from service.usecases.monitor import MONITORED_TYPES
@@ -15,13 +12,6 @@ from tests.fakes.fhir_server import FakeFhirServer
 from tests.service.conftest import RunCli
 
 SECRET = "cli-subscription-secret"
-
-
-@pytest.fixture
-def fhir() -> Iterator[FakeFhirServer]:
-    with FakeFhirServer() as srv:
-        yield srv
-        assert not srv.errors, srv.errors
 
 
 def test_r4_subscriptions_cover_every_resource_type_the_engine_reads(tmp_path: Path, run_cli: RunCli, fhir: FakeFhirServer) -> None:

@@ -5,12 +5,10 @@ one ``$events`` call asks for is also searched by ``_lastUpdated``; every notifi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,22 +17,16 @@ from service.db.models import EventStatus, InboundEvent, SubscriptionState
 from service.db.repositories import Repositories
 from service.db.session import session_scope
 from service.fhir.notifications import parse_notification
-from service.queue import TASK_PROCESS_EVENT, MemoryQueue
+from service.queue import MemoryQueue
 from service.terminology.catalog import Catalog
 from service.usecases import monitor
 from service.usecases.monitor import MonitorContext
 from tests.builders import CA, P, obs, patient
 from tests.fakes.fhir_server import FakeFhirServer
 from tests.fakes.notifications import EventSpec, make_notification_bundle
+from tests.service.usecases.support import drain
 
 SUB_ID = "calc"
-
-
-@pytest.fixture
-def fhir() -> Iterator[FakeFhirServer]:
-    with FakeFhirServer() as srv:
-        yield srv
-        assert not srv.errors, srv.errors
 
 
 def context(fhir: FakeFhirServer, sessions: sessionmaker[Session], catalog: Catalog, tmp_path: Path) -> MonitorContext:
@@ -44,19 +36,6 @@ def context(fhir: FakeFhirServer, sessions: sessionmaker[Session], catalog: Cata
 
 def receive(ctx: MonitorContext, bundle: dict[str, Any]) -> monitor.ReceiveSummary:
     return monitor.receive(ctx, parse_notification(json.dumps(bundle).encode(), {}), "backport")
-
-
-def drain(ctx: MonitorContext) -> list[tuple[int, str]]:
-    """Run every queued ledger event (and the ones they queue) as a worker would; returns (event id, status)."""
-    queue = ctx.queue
-    assert isinstance(queue, MemoryQueue)
-    done: list[tuple[int, str]] = []
-    while True:
-        pending = [args[0] for name, args, _ in queue.sent if name == TASK_PROCESS_EVENT and args[0] not in {e for e, _ in done}]
-        if not pending:
-            return done
-        for event_id in pending:
-            done.append((event_id, monitor.process_event(ctx, event_id)))
 
 
 def stored(ctx: MonitorContext) -> set[str]:
@@ -79,7 +58,7 @@ def test_a_gap_longer_than_one_events_call_is_searched_too(
     fhir.add_subscription(SUB_ID, content="id-only")
     fhir.record_event(SUB_ID, fhir.put(patient()))  # 1
     assert receive(ctx, fhir.notification_bundle(SUB_ID, [1])).accepted == 1
-    drain(ctx)
+    assert all(status == EventStatus.HANDLED for _, status in drain(ctx))
     for _ in range(10_000):  # 2 .. 10,001: other events (the fake records them without a resource)
         fhir.record_event(SUB_ID, "Encounter/e1")
     fhir.record_event(SUB_ID, fhir.put(obs(CA, 11.5, rid="ca1", subject="Patient/p1")))  # 10,002

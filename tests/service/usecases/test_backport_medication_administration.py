@@ -4,10 +4,8 @@ one is fetched from the FHIR server (over real HTTP) and stored for its patient.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
@@ -19,13 +17,6 @@ from service.terminology.catalog import Catalog
 from service.usecases.monitor import MonitorContext, process_event, receive
 from tests.fakes.fhir_server import FakeFhirServer
 from tests.fakes.notifications import EventSpec, make_notification_bundle
-
-
-@pytest.fixture
-def fhir() -> Iterator[FakeFhirServer]:
-    with FakeFhirServer() as srv:
-        yield srv
-        assert not srv.errors, srv.errors
 
 
 def test_an_id_only_medication_administration_event_is_fetched_and_stored(

@@ -26,6 +26,7 @@ from service.usecases import monitor
 from service.usecases.monitor import MonitorContext
 from tests.builders import P, condition, obs, patient
 from tests.fakes.fhir_server import FakeFhirServer
+from tests.service.usecases.support import drain
 
 SUB = "Subscription/s1"
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)  # within the first search's look-back
@@ -54,24 +55,6 @@ def a_condition() -> dict[str, Any]:
 
 def at(seconds: float) -> str:
     return (T0 + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
-
-
-def drain(ctx: MonitorContext) -> list[tuple[int, str]]:
-    """Run every queued ledger event (and the ones they queue) as a worker would; returns (event id, status)."""
-    queue = ctx.queue
-    assert isinstance(queue, MemoryQueue)
-    done: list[tuple[int, str]] = []
-    while True:
-        pending = [args[0] for name, args, _ in queue.sent if name == TASK_PROCESS_EVENT and args[0] not in {e for e, _ in done}]
-        if not pending:
-            return done
-        for event_id in pending:
-            try:
-                status = monitor.process_event(ctx, event_id)
-            except monitor.PermanentEventError as exc:
-                monitor.mark_failed(ctx, event_id, exc)
-                status = EventStatus.FAILED
-            done.append((event_id, status))
 
 
 def stored(ctx: MonitorContext, rtype: str) -> set[str]:

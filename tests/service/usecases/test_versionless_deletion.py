@@ -30,13 +30,6 @@ PH = "ph1"
 
 
 @pytest.fixture
-def fhir() -> Iterator[FakeFhirServer]:
-    with FakeFhirServer() as srv:
-        yield srv
-        assert not srv.errors, srv.errors
-
-
-@pytest.fixture
 def ctx(fhir: FakeFhirServer, db_session_factory: sessionmaker[Session], catalog: Catalog, tmp_path: Path) -> Iterator[MonitorContext]:
     settings = Settings(data_dir=tmp_path, fhir_base_url=fhir.base_url, fhir_max_retries=0)
     context = MonitorContext.from_settings(settings, catalog=catalog, sessions=db_session_factory, queue=MemoryQueue())

@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,13 +42,6 @@ class Clock:
 
     def advance(self, delta: timedelta) -> None:
         self.now += delta
-
-
-@pytest.fixture
-def fhir() -> Iterator[FakeFhirServer]:
-    with FakeFhirServer() as srv:
-        yield srv
-        assert not srv.errors, srv.errors
 
 
 @pytest.fixture
