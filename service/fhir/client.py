@@ -42,6 +42,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -50,6 +51,7 @@ from urllib.parse import quote, unquote, urlencode, urljoin, urlsplit
 import httpx
 import orjson
 
+from service.cds.fhirutil import parse_datetime
 from service.fhir.errors import (
     FhirAuthError,
     FhirError,
@@ -370,11 +372,31 @@ class FhirClient:
             url = self.url(_check_type(resource_type))
             resp = self._send("GET", url, params=query, idempotent=True)
         self._raise_for_status(resp, method, url)
+        yield from self._pages(resp, url, resource_type, limit, "search")
+
+    def history_type_pages(
+        self, resource_type: str, since: datetime | str, *, count: int | None = None, max_pages: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """``GET [base]/[type]/_history?_since=…``: the history Bundles of every version of the type made after
+        ``since``, deletions included (entries with ``request.method = DELETE`` and no resource), newest first,
+        page by page (``count`` is sent as ``_count``). The last page yielded has a ``next`` link when ``max_pages``
+        cut it. Servers that do not offer type-level history answer 4xx (:class:`FhirPermanentError`)."""
+        limit = max(1, max_pages if max_pages is not None else self.max_pages)
+        query = [("_since", _format_value(since))]
+        if count is not None:
+            query.append(("_count", str(max(1, count))))
+        url = self.url(_check_type(resource_type), "_history")
+        resp = self._send("GET", url, params=query, idempotent=True)
+        self._raise_for_status(resp, "GET", url)
+        yield from self._pages(resp, url, resource_type, limit, "history")
+
+    def _pages(self, resp: httpx.Response, url: str, resource_type: str, limit: int, what: str) -> Iterator[dict[str, Any]]:
+        """The Bundle of ``resp`` and those of its ``next`` links (under the base URL only), ``limit`` pages at most."""
         page = 1
         while True:
             bundle = json_object(resp, url)
             if bundle.get("resourceType") != "Bundle":
-                raise FhirPermanentError(f"search {redact_url(url)} did not return a Bundle", url=url)
+                raise FhirPermanentError(f"{what} {redact_url(url)} did not return a Bundle", url=url)
             yield bundle
             next_url = next_link(bundle)
             if next_url is None:
@@ -386,7 +408,7 @@ class FhirClient:
                 )
             if page >= limit:
                 # In the message: the JSON log format keeps no ``extra`` fields. The type and a count, never the query.
-                log.warning("search truncated at max_pages: %s after %d page(s)", resource_type, limit)
+                log.warning("%s truncated at max_pages: %s after %d page(s)", what, resource_type, limit)
                 return
             url = next_url
             resp = self._send("GET", url, idempotent=True)
@@ -861,6 +883,57 @@ def entry_resources(bundle: Mapping[str, Any], *, include_included: bool) -> Ite
         if mode is None and resource.get("resourceType") == "OperationOutcome":
             continue
         yield resource
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One entry of a history Bundle: a version of a resource, or its deletion (``deleted``). ``version_id`` and
+    ``modified`` are None when the entry does not say."""
+
+    resource_id: str
+    version_id: str | None
+    modified: datetime | None
+    deleted: bool
+
+
+_ENTRY_URL = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/([A-Za-z0-9\-.]{1,64}))?/?$")
+_ETAG_VERSION = re.compile(r'^(?:W/)?"?([A-Za-z0-9\-.]{1,64})"?$')
+
+
+def history_entries(bundle: Mapping[str, Any], resource_type: str) -> Iterator[HistoryEntry]:
+    """The entries of a history Bundle that are versions or deletions of ``resource_type``, in Bundle order.
+
+    A deletion has no resource: its id comes from ``request.url`` (``Type/id``, HAPI adds ``/_history/n``), else
+    ``response.location`` or ``fullUrl``; its version from ``response.etag``, else one of those URLs; its time from
+    ``response.lastModified``. Entries that name no id of the type are skipped."""
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        return
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        request, response = entry.get("request"), entry.get("response")
+        request = request if isinstance(request, dict) else {}
+        response = response if isinstance(response, dict) else {}
+        resource = entry.get("resource")
+        if request.get("method") != "DELETE":
+            if isinstance(resource, dict) and resource.get("resourceType") == resource_type and isinstance(resource.get("id"), str):
+                meta = resource.get("meta")
+                meta = meta if isinstance(meta, dict) else {}
+                version = meta.get("versionId")
+                yield HistoryEntry(resource["id"], version if isinstance(version, str) else None, parse_datetime(meta.get("lastUpdated")), False)
+            continue
+        rid, version = None, None
+        etag = response.get("etag")
+        if isinstance(etag, str) and (tag := _ETAG_VERSION.match(etag.strip())):
+            version = tag.group(1)
+        for url in (request.get("url"), response.get("location"), entry.get("fullUrl")):
+            found = _ENTRY_URL.search(url.split("?", 1)[0].strip()) if isinstance(url, str) else None
+            if found is None or found.group(1) != resource_type or (rid is not None and found.group(2) != rid):
+                continue
+            rid, version = found.group(2), version or found.group(3)
+        if rid is not None:
+            yield HistoryEntry(rid, version, parse_datetime(response.get("lastModified")), True)
 
 
 def _checked_body(resource_type: str, resource: Mapping[str, Any], resource_id: str | None) -> dict[str, Any]:

@@ -14,7 +14,6 @@ Tasks take ids and re-read state, so running any of them twice changes nothing.
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -27,13 +26,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.cds.cards import basis_hash
 from service.cds.discovery import observation_code_tokens
 from service.cds.engine import evaluate_patient
-from service.cds.fhirutil import last_updated_of, parse_datetime, resource_ref, subject_reference, version_of
+from service.cds.fhirutil import last_updated_of, resource_ref, subject_reference, version_of
 from service.cds.thresholds import Thresholds
 from service.config import Settings
 from service.db.models import DEDUP_KEY_LEN, EventKind, EventStatus, WritebackStatus
 from service.db.repositories import LedgerEntry, Repositories, ResourceVersion
 from service.db.session import engine_for, make_session_factory, session_scope
-from service.fhir.client import FhirClient, client_from_settings, entry_resources, next_link
+from service.fhir.client import FhirClient, HistoryEntry, client_from_settings, entry_resources, history_entries, next_link
 from service.fhir.errors import FhirError, FhirNotFound, FhirPermanentError
 from service.fhir.notifications import (
     BackportNotification,
@@ -47,7 +46,7 @@ from service.fhir.notifications import (
     with_subscription_key,
 )
 from service.logging import get_logger
-from service.metrics import CATCH_UP_TRUNCATED, EVALUATIONS, NOTIFICATIONS, WRITEBACKS
+from service.metrics import CATCH_UP_DELETIONS, CATCH_UP_TRUNCATED, EVALUATIONS, NOTIFICATIONS, WRITEBACKS
 from service.queue import TASK_EVALUATE, TASK_PROCESS_EVENT, TASK_WRITEBACK, CeleryQueue, Jobs, NotSent, TaskQueue, unit_of_work
 from service.terminology.catalog import Catalog
 from service.terminology.checks import load_rule_catalog
@@ -74,6 +73,8 @@ class MonitorContext:
     _client: FhirClient | None = field(default=None, init=False, repr=False, compare=False)
     _client_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
     _group_commit: _GroupCommit = field(default_factory=lambda: _GroupCommit(), init=False, repr=False, compare=False)
+    #: Types whose ``_history`` the FHIR server refused (4xx): deletions of them are not followed by this process.
+    no_type_history: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     @classmethod
     def from_settings(
@@ -559,29 +560,19 @@ def _apply_gone(ctx: MonitorContext, repos: Repositories, jobs: Jobs, rtype: str
     apply_deletion(repos, jobs, rtype, rid, ctx.settings, version_id=version_id, deleted_by=deleted_at or asked_at)
 
 
-_ETAG_VERSION = re.compile(r'^(?:W/)?"?([A-Za-z0-9\-.]{1,64})"?$')
-_HISTORY_VERSION = re.compile(r"/_history/([A-Za-z0-9\-.]{1,64})$")
-
-
 def _deleted_version(ctx: MonitorContext, rtype: str, rid: str) -> tuple[str | None, datetime | None]:
     """The versionId and time of a deleted resource's deletion, from the newest entry of its ``_history`` (a
-    ``DELETE`` entry: ``response.etag`` or ``.location``, ``response.lastModified``); (None, None) when the server
-    cannot say. Without them the caller's bound is still safe, only coarser."""
+    deletion: :func:`history_entries`); (None, None) when the server cannot say. Without them the caller's bound is
+    still safe, only coarser."""
     try:
         bundle = ctx.shared_client().history(rtype, rid, count=1)
     except FhirError as exc:
         log.info("deleted_version_unavailable", resource_type=rtype, error=type(exc).__name__)
         return None, None
-    entries = bundle.get("entry")
-    newest = entries[0] if isinstance(entries, list) and entries and isinstance(entries[0], dict) else {}
-    request, response = newest.get("request"), newest.get("response")
-    if not isinstance(request, dict) or request.get("method") != "DELETE" or not isinstance(response, dict):
+    newest = next(history_entries(bundle, rtype), None)
+    if newest is None or not newest.deleted or newest.resource_id != rid:
         return None, None
-    etag, location = response.get("etag"), response.get("location")
-    match = _ETAG_VERSION.match(etag.strip()) if isinstance(etag, str) else None
-    if match is None and isinstance(location, str):
-        match = _HISTORY_VERSION.search(location.strip())
-    return (match.group(1) if match else None), parse_datetime(response.get("lastModified"))
+    return newest.version_id, newest.modified
 
 
 def _search_params(ctx: MonitorContext, rtype: str) -> list[tuple[str, str]]:
@@ -672,6 +663,74 @@ def _catch_up_type(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscri
     )
 
 
+#: Statuses with which a FHIR server answers a type-level ``_history`` it does not offer (or does not let us read).
+_NO_TYPE_HISTORY = frozenset({400, 403, 404, 405, 501})
+
+
+def _newer_entry(entry: HistoryEntry, kept: HistoryEntry) -> bool:
+    """Whether ``entry`` is a later version than ``kept`` of the same resource, by time and else by a numeric
+    versionId; neither comparable: no (history Bundles list the newest first)."""
+    if entry.modified is not None and kept.modified is not None and entry.modified != kept.modified:
+        return entry.modified > kept.modified
+    if entry.version_id and kept.version_id and entry.version_id.isdigit() and kept.version_id.isdigit():
+        return int(entry.version_id) > int(kept.version_id)
+    return False
+
+
+def _catch_up_deletions(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str, rtype: str, since: datetime) -> int:
+    """Apply the deletions of ``rtype`` made since ``since`` (less ``CDS_POLL_OVERLAP_S``), read from the type's
+    ``_history``; returns how many stored live resources they tombstoned.
+
+    R4 servers notify no deletion and no search returns a deleted resource, so without this a result deleted in
+    the EHR (entered in error, say) would stay in the stored record, and if it was the one that lowered a risk,
+    the risk would stay hidden. Run after the type's ``_lastUpdated`` search, with that search's starting mark:
+    the mark it moves to is no later than the search, which is before this read, so every deletion is read by
+    this round or the next. A resource whose newest entry in the window is a version, not a deletion (re-created)
+    is left alone; so is one never stored. A server that answers the first page with a 4xx in
+    ``_NO_TYPE_HISTORY`` offers no type-level history: the type is skipped for the life of the process (logged
+    once); a 401 or any other failure propagates like a failed search. A read cut at ``CATCH_UP_STUCK_FACTOR``
+    times ``CDS_FHIR_MAX_PAGES`` pages misses the oldest deletions of the window (newest come first): logged and
+    counted."""
+    if not ctx.settings.poll_deletions or rtype in ctx.no_type_history:
+        return 0
+    asked_at = _now()
+    window = since - timedelta(seconds=ctx.settings.poll_overlap_s)
+    pages = ctx.shared_client().history_type_pages(
+        rtype, window, count=ctx.settings.fhir_search_count, max_pages=max(1, ctx.settings.fhir_max_pages) * CATCH_UP_STUCK_FACTOR
+    )
+    newest: dict[str, HistoryEntry] = {}
+    read, cut = 0, False
+    try:
+        for bundle in pages:
+            read += 1
+            for entry in history_entries(bundle, rtype):
+                kept = newest.get(entry.resource_id)
+                if kept is None or _newer_entry(entry, kept):
+                    newest[entry.resource_id] = entry
+            cut = next_link(bundle) is not None
+    except FhirPermanentError as exc:
+        if read or exc.status not in _NO_TYPE_HISTORY:  # a 401 is not a refusal of history: it fails the round
+            raise
+        ctx.no_type_history.add(rtype)
+        log.warning("type_history_unavailable", subscription=subscription, resource_type=rtype, status=exc.status)
+        return 0
+    deleted = {rid: entry for rid, entry in newest.items() if entry.deleted}
+    live = repos.resources.live_ids(rtype, sorted(deleted))
+    for rid in live:
+        entry = deleted[rid]
+        apply_deletion(repos, jobs, rtype, rid, ctx.settings, version_id=entry.version_id, deleted_by=entry.modified or asked_at)
+    if live:
+        CATCH_UP_DELETIONS.labels(rtype, "applied").inc(len(live))
+    if len(deleted) > len(live):
+        CATCH_UP_DELETIONS.labels(rtype, "unknown").inc(len(deleted) - len(live))
+    if cut:
+        CATCH_UP_DELETIONS.labels(rtype, "truncated").inc()
+        log.warning("deletions_truncated", subscription=subscription, resource_type=rtype, pages=read)
+    if deleted:
+        log.info("deletions_read", subscription=subscription, resource_type=rtype, deletions=len(deleted), applied=len(live))
+    return len(live)
+
+
 def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str) -> int:
     """``_lastUpdated`` search per monitored type since that type's watermark (R4 empty pings, polling, recovery).
 
@@ -689,7 +748,7 @@ def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs
     for rtype in MONITORED_TYPES:
         since = marks.get(rtype, base)
         fetched = _catch_up_type(ctx, repos, jobs, subscription, rtype, since)
-        count += fetched.resources
+        count += fetched.resources + _catch_up_deletions(ctx, repos, jobs, subscription, rtype, since)
         if fetched.cut_at is not None:
             cuts[rtype] = fetched.cut_at
             CATCH_UP_TRUNCATED.labels(rtype).inc()

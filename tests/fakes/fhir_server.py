@@ -18,6 +18,7 @@ URL layout (``srv.origin`` = ``http://127.0.0.1:PORT``, ``srv.base_url`` = ``ori
 ``GET  {base}/.well-known/smart-configuration``  SMART configuration (public)
 ``POST {origin}/auth/token``                    SMART Backend Services token endpoint (``srv.token_url``)
 ``GET  {base}/{T}/{id}`` / ``_history/{v}``      read / vread (404 unknown, 410 deleted); ``_history`` list
+``GET  {base}/{T}/_history?_since=…``           type history: versions and deletions, newest first, paged
 ``GET  {base}/{T}?…``, ``POST {base}/{T}/_search``  search → searchset Bundle with ``next`` links
 ``POST {base}/{T}``                             create (``If-None-Exist`` honoured)
 ``PUT  {base}/{T}/{id}``                        update / create-with-id (``If-Match`` honoured)
@@ -194,6 +195,7 @@ class _Response:
 @dataclass
 class _Stored:
     versions: list[dict[str, Any] | None] = field(default_factory=list)  # None = deletion tombstone
+    deleted_at: dict[int, str] = field(default_factory=dict)  # version number of a tombstone -> its instant
 
     @property
     def current(self) -> dict[str, Any] | None:
@@ -654,6 +656,7 @@ class FakeFhirServer:
             if stored is None or stored.current is None:
                 return False
             stored.versions.append(None)
+            stored.deleted_at[len(stored.versions)] = self._next_instant()
             return True
 
     def resources(self, resource_type: str | None = None) -> list[dict[str, Any]]:
@@ -889,6 +892,8 @@ class FakeFhirServer:
             return self._bulk_kickoff(req, "patient", None)
         if len(segs) == 2 and second == "$status" and rtype == "Subscription":
             return self._subscription_status(req, None)
+        if len(segs) == 2 and second == "_history" and req.method == "GET":
+            return self._type_history(req, rtype)
         if not _ID.match(second):
             return self._error(404, "not-found", "invalid id or unknown operation")
         if len(segs) == 2:
@@ -1050,22 +1055,66 @@ class FakeFhirServer:
             return self._error(410, "deleted", "resource deleted")
         return self._json(200, resource, self._resource_headers(resource))
 
-    def _history(self, rtype: str, rid: str) -> _Response:
-        stored = self._store.get((rtype, rid))
-        if stored is None:
-            return self._error(404, "not-found", "resource not found")
+    def _history_entries(self, rtype: str, rid: str, stored: _Stored) -> list[tuple[str, dict[str, Any]]]:
+        """(instant, entry) of every version of a resource, newest first."""
         entries = []
         for number, version in reversed(list(enumerate(stored.versions, start=1))):
             entry: dict[str, Any] = {"fullUrl": f"{self.base_url}/{rtype}/{rid}"}
             if version is None:
+                when = stored.deleted_at.get(number, "")
                 entry["request"] = {"method": "DELETE", "url": f"{rtype}/{rid}"}
-                entry["response"] = {"status": "204", "etag": f'W/"{number}"'}  # as HAPI: the deletion is a version
+                # As HAPI: the deletion is a version of its own.
+                entry["response"] = {"status": "204", "etag": f'W/"{number}"', **({"lastModified": when} if when else {})}
             else:
-                entry["resource"] = version
+                when = version["meta"]["lastUpdated"]
+                entry["resource"] = copy.deepcopy(version)
                 entry["request"] = {"method": "POST" if number == 1 else "PUT", "url": rtype if number == 1 else f"{rtype}/{rid}"}
-                entry["response"] = {"status": "201" if number == 1 else "200", "etag": f'W/"{number}"'}
-            entries.append(entry)
+                entry["response"] = {"status": "201" if number == 1 else "200", "etag": f'W/"{number}"', "lastModified": when}
+            entries.append((when, entry))
+        return entries
+
+    def _history(self, rtype: str, rid: str) -> _Response:
+        stored = self._store.get((rtype, rid))
+        if stored is None:
+            return self._error(404, "not-found", "resource not found")
+        entries = [entry for _, entry in self._history_entries(rtype, rid, stored)]
         return self._json(200, {"resourceType": "Bundle", "type": "history", "total": len(entries), "entry": entries})
+
+    def _type_history(self, req: RecordedRequest, rtype: str) -> _Response:
+        """``GET [base]/[type]/_history``: ``_since`` (versions and deletions after it), ``_count``, ``_offset``;
+        newest first, with ``next`` links."""
+        count, offset, since = self.default_page_size, 0, None
+        for name, value in self._query_pairs(req):
+            if name in ("_count", "_offset"):
+                if not value.isdigit():
+                    return self._error(400, "invalid", f"{name} must be a non-negative integer")
+                if name == "_count":
+                    count = min(int(value), self.max_page_size)
+                else:
+                    offset = int(value)
+            elif name == "_since":
+                parsed = _parse_dt(value)
+                if parsed is None:
+                    return self._error(400, "invalid", "invalid _since")
+                since = parsed[0]
+            else:
+                return self._error(400, "not-supported", "unknown history parameter")
+        found = []
+        for (t, rid), stored in self._store.items():
+            if t != rtype:
+                continue
+            for when, entry in self._history_entries(rtype, rid, stored):
+                parsed_when = _parse_dt(when) if when else None
+                if since is None or (parsed_when is not None and parsed_when[0] > since):
+                    found.append((parsed_when[0] if parsed_when else datetime.min.replace(tzinfo=UTC), entry))
+        found.sort(key=lambda pair: pair[0], reverse=True)
+        page = [entry for _, entry in found[offset : offset + count]]
+        kept = [("_since", _instant(since))] if since is not None else []
+        links = [{"relation": "self", "url": f"{self.base_url}/{rtype}/_history?{urlencode([*kept, ('_count', count), ('_offset', offset)])}"}]
+        if count > 0 and offset + count < len(found):
+            links.append({"relation": "next", "url": f"{self.base_url}/{rtype}/_history?{urlencode([*kept, ('_count', count), ('_offset', offset + count)])}"})
+        bundle = {"resourceType": "Bundle", "type": "history", "total": len(found), "link": links, "entry": page}
+        return self._json(200, bundle)
 
     # --- search -------------------------------------------------------------------------------
     def _matches(self, resource: Mapping[str, Any], name: str, value: str) -> bool:

@@ -9,10 +9,20 @@ from email.utils import format_datetime
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from service.config import Settings
-from service.fhir.client import FhirClient, StaticBearer, client_from_settings, entry_resources, escape_search_value, parse_retry_after
+from service.fhir.client import (
+    FhirClient,
+    StaticBearer,
+    client_from_settings,
+    entry_resources,
+    escape_search_value,
+    history_entries,
+    parse_retry_after,
+)
 from service.fhir.errors import FhirAuthError, FhirNotFound, FhirPermanentError, FhirTransientError, redact_url
 from tests.fakes.fhir_server import FailureRule, FakeFhirServer, KeyPair
 from tests.service.fhir.conftest import SleepRecorder, observation
@@ -159,6 +169,83 @@ def test_history_since_pages_sends_count_and_ends_on_a_page_with_a_next_link_whe
     assert fhir_server.requests[0].query["_sort"] == ["_lastUpdated"]
     whole = client.history_since_pages("Observation", t0, count=5, max_pages=5)
     assert [r["id"] for page in whole for r in entry_resources(page, include_included=False)] == [f"o{i}" for i in range(7)]
+
+
+def test_type_history_since_lists_versions_and_deletions_newest_first_page_by_page(fhir_server: FakeFhirServer, make_client: MakeClient) -> None:
+    t0 = datetime(2024, 3, 1, tzinfo=UTC)
+    fhir_server.put(observation("old"), last_updated=t0)
+    fhir_server.put(observation("a"), last_updated=t0 + timedelta(minutes=1))
+    fhir_server.put(observation("b"), last_updated=t0 + timedelta(minutes=2))
+    fhir_server.delete("Observation", "a")  # now: the newest entry
+    fhir_server.put({"resourceType": "Condition", "id": "c"})
+    client = make_client(fhir_server)
+
+    pages = list(client.history_type_pages("Observation", t0, count=2, max_pages=1))
+
+    assert len(pages) == 1 and any(link["relation"] == "next" for link in pages[0]["link"])  # cut: the caller can tell
+    req = fhir_server.requests[-1]
+    assert (req.path, req.param("_since"), req.param("_count")) == ("/fhir/Observation/_history", "2024-03-01T00:00:00Z", "2")
+    whole = [e for page in client.history_type_pages("Observation", t0, count=2) for e in history_entries(page, "Observation")]
+    assert [(e.resource_id, e.version_id, e.deleted) for e in whole] == [("a", "2", True), ("b", "1", False), ("a", "1", False)]
+    assert whole[0].modified is not None and whole[0].modified > t0 + timedelta(minutes=2)
+
+
+def test_history_entries_read_a_deletion_as_each_server_writes_it() -> None:
+    when = "2024-03-01T10:00:00.123Z"
+    bundle = {"resourceType": "Bundle", "type": "history", "entry": [
+        # The specification: request.url Type/id, response.lastModified.
+        {"request": {"method": "DELETE", "url": "Observation/spec"}, "response": {"lastModified": when}},
+        # HAPI: the version in request.url and the etag, no lastModified.
+        {"fullUrl": "https://ehr.example/fhir/Observation/hapi", "request": {"method": "DELETE", "url": "Observation/hapi/_history/3"},
+         "response": {"status": "200 OK", "etag": 'W/"3"'}},
+        # LinuxForHealth: the version in response.location.
+        {"fullUrl": "Observation/lfh", "request": {"method": "DELETE", "url": "Observation/lfh"},
+         "response": {"status": "200 OK", "location": "Observation/lfh/_history/2", "lastModified": when}},
+        # Another type, an id only in fullUrl, a URL naming two different ids, and no id at all.
+        {"request": {"method": "DELETE", "url": "Condition/c1"}},
+        {"fullUrl": "https://ehr.example/fhir/Observation/full", "request": {"method": "DELETE"}},
+        {"fullUrl": "Observation/one", "request": {"method": "DELETE", "url": "Observation/two"}},
+        {"request": {"method": "DELETE", "url": "Observation"}},
+        # A version.
+        {"resource": {"resourceType": "Observation", "id": "kept", "meta": {"versionId": "4", "lastUpdated": when}},
+         "request": {"method": "PUT", "url": "Observation/kept"}},
+    ]}
+
+    got = [(e.resource_id, e.version_id, e.modified is not None, e.deleted) for e in history_entries(bundle, "Observation")]
+
+    assert got == [
+        ("spec", None, True, True),
+        ("hapi", "3", False, True),
+        ("lfh", "2", True, True),
+        ("full", None, False, True),
+        ("two", None, False, True),
+        ("kept", "4", True, False),
+    ]
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+_request = st.fixed_dictionaries(
+    {}, optional={"method": st.sampled_from(["DELETE", "PUT", "POST", None]), "url": st.text(max_size=30) | st.just("Observation/z?x=1")}
+)
+_response = st.fixed_dictionaries({}, optional={"etag": st.text(max_size=10), "location": st.text(max_size=30), "lastModified": st.text(max_size=30)})
+_resource = st.fixed_dictionaries({"resourceType": st.sampled_from(["Observation", "Condition"]), "id": st.text(max_size=8) | st.integers()})
+_entry = st.fixed_dictionaries({}, optional={
+    "fullUrl": st.sampled_from(["Observation/x", "https://e/fhir/Observation/y/_history/2", "Observation", ""]) | st.text(max_size=20),
+    "request": _request | _json,
+    "response": _response | _json,
+    "resource": _resource | _json,
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({"entry": st.lists(_entry, max_size=6) | _json}))
+def test_history_entries_never_raise_on_malformed_bundles(bundle: dict[str, object]) -> None:
+    for entry in history_entries(bundle, "Observation"):
+        assert isinstance(entry.resource_id, str) and (entry.version_id is None or isinstance(entry.version_id, str))
 
 
 # --- writes -------------------------------------------------------------------------------------
