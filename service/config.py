@@ -231,7 +231,10 @@ class Settings(BaseSettings):
     )
     poll_deletions: bool = Field(
         True,
-        description="Catch-up rounds also read each type's _history since its watermark for deletions (a server that refuses type-level history is skipped)",
+        description=(
+            "Catch-up rounds also read each type's _history since its watermark for deletions and re-coded versions of stored resources"
+            " (a server that refuses type-level history is skipped)"
+        ),
     )
     heartbeat_timeout_s: int = 900
     assessment_fresh_s: int = Field(3600, description="CDS Hooks reuses a stored assessment this recent for the same data")

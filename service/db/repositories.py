@@ -739,18 +739,18 @@ class PatientResourceRepository(_Repository):
         ).returning(PatientResource.id)
         return self.session.execute(tombstone).first() is not None
 
-    def live_ids(self, resource_type: str, resource_ids: Sequence[str]) -> list[str]:
-        """Those of ``resource_ids`` stored live (not tombstones), sorted."""
-        found: list[str] = []
+    def live_versions(self, resource_type: str, resource_ids: Sequence[str]) -> dict[str, str | None]:
+        """Those of ``resource_ids`` stored live (not tombstones), each with its stored versionId."""
+        found: dict[str, str | None] = {}
         for start in range(0, len(resource_ids), 500):
             chunk = list(resource_ids[start : start + 500])
-            stmt = select(PatientResource.resource_id).where(
+            stmt = select(PatientResource.resource_id, PatientResource.version_id).where(
                 PatientResource.resource_type == resource_type,
                 PatientResource.resource_id.in_(chunk),
                 PatientResource.deleted == false(),
             )
-            found.extend(self.session.scalars(stmt))
-        return sorted(found)
+            found.update({rid: version for rid, version in self.session.execute(stmt)})
+        return found
 
     def stored_version(self, resource_type: str, resource_id: str) -> str | None:
         """The stored versionId of a resource (live or tombstone); None when unknown or stored without one."""

@@ -42,7 +42,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -887,13 +887,14 @@ def entry_resources(bundle: Mapping[str, Any], *, include_included: bool) -> Ite
 
 @dataclass(frozen=True)
 class HistoryEntry:
-    """One entry of a history Bundle: a version of a resource, or its deletion (``deleted``). ``version_id`` and
-    ``modified`` are None when the entry does not say."""
+    """One entry of a history Bundle: a version of a resource (with its ``resource``), or its deletion
+    (``deleted``). ``version_id`` and ``modified`` are None when the entry does not say."""
 
     resource_id: str
     version_id: str | None
     modified: datetime | None
     deleted: bool
+    resource: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # a version's content
 
 
 _ENTRY_URL = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/([A-Za-z0-9\-.]{1,64}))?/?$")
@@ -921,7 +922,8 @@ def history_entries(bundle: Mapping[str, Any], resource_type: str) -> Iterator[H
                 meta = resource.get("meta")
                 meta = meta if isinstance(meta, dict) else {}
                 version = meta.get("versionId")
-                yield HistoryEntry(resource["id"], version if isinstance(version, str) else None, parse_datetime(meta.get("lastUpdated")), False)
+                modified = parse_datetime(meta.get("lastUpdated"))
+                yield HistoryEntry(resource["id"], version if isinstance(version, str) else None, modified, False, resource)
             continue
         rid, version = None, None
         etag = response.get("etag")

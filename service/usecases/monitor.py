@@ -677,19 +677,20 @@ def _newer_entry(entry: HistoryEntry, kept: HistoryEntry) -> bool:
     return False
 
 
-def _catch_up_deletions(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str, rtype: str, since: datetime) -> int:
-    """Apply the deletions of ``rtype`` made since ``since`` (less ``CDS_POLL_OVERLAP_S``), read from the type's
-    ``_history``; returns how many stored live resources they tombstoned.
+def _catch_up_history(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str, rtype: str, since: datetime) -> int:
+    """Read ``rtype``'s ``_history`` since ``since`` (less ``CDS_POLL_OVERLAP_S``) and bring the stored live
+    resources it names up to their newest entry there: a deletion is tombstoned, a version newer than the stored
+    one applied. Returns how many stored resources changed.
 
-    R4 servers notify no deletion and no search returns a deleted resource, so without this a result deleted in
-    the EHR (entered in error, say) would stay in the stored record, and if it was the one that lowered a risk,
-    the risk would stay hidden. Run after the type's ``_lastUpdated`` search, with that search's starting mark:
-    the mark it moves to is no later than the search, which is before this read, so every deletion is read by
-    this round or the next. A resource whose newest entry in the window is a version, not a deletion (re-created)
-    is left alone; so is one never stored. A server that answers the first page with a 4xx in
+    R4 servers notify no deletion and no search returns a deleted resource; the Observation search is filtered by
+    the mapped codes, so a result re-coded out of them is not returned either. Without this such a result would
+    stay in the stored record, and if it was the one that lowered a risk, the risk would stay hidden. Run after
+    the type's ``_lastUpdated`` search, with that search's starting mark: the mark it moves to is no later than the
+    search, which is before this read, so every entry is read by this round or the next. Resources never stored
+    are left alone (a type's history holds every patient's). A server that answers the first page with a 4xx in
     ``_NO_TYPE_HISTORY`` offers no type-level history: the type is skipped for the life of the process (logged
     once); a 401 or any other failure propagates like a failed search. A read cut at ``CATCH_UP_STUCK_FACTOR``
-    times ``CDS_FHIR_MAX_PAGES`` pages misses the oldest deletions of the window (newest come first): logged and
+    times ``CDS_FHIR_MAX_PAGES`` pages misses the oldest entries of the window (newest come first): logged and
     counted."""
     if not ctx.settings.poll_deletions or rtype in ctx.no_type_history:
         return 0
@@ -714,21 +715,24 @@ def _catch_up_deletions(ctx: MonitorContext, repos: Repositories, jobs: Jobs, su
         ctx.no_type_history.add(rtype)
         log.warning("type_history_unavailable", subscription=subscription, resource_type=rtype, status=exc.status)
         return 0
-    deleted = {rid: entry for rid, entry in newest.items() if entry.deleted}
-    live = repos.resources.live_ids(rtype, sorted(deleted))
-    for rid in live:
-        entry = deleted[rid]
+    stored = repos.resources.live_versions(rtype, sorted(newest))
+    deleted = [rid for rid in stored if newest[rid].deleted]
+    for rid in deleted:
+        entry = newest[rid]
         apply_deletion(repos, jobs, rtype, rid, ctx.settings, version_id=entry.version_id, deleted_by=entry.modified or asked_at)
-    if live:
-        CATCH_UP_DELETIONS.labels(rtype, "applied").inc(len(live))
-    if len(deleted) > len(live):
-        CATCH_UP_DELETIONS.labels(rtype, "unknown").inc(len(deleted) - len(live))
+    # Versions the search did not return (re-coded out of its codes). Version-guarded: an older one writes nothing.
+    versions = [e.resource for rid, e in newest.items() if rid in stored and e.resource is not None and e.version_id != stored[rid]]
+    updated = sum(apply_resources(repos, jobs, versions, ctx.settings))
+    unknown = sum(1 for rid, entry in newest.items() if entry.deleted and rid not in stored)
+    for result, n in (("applied", len(deleted)), ("unknown", unknown)):
+        if n:
+            CATCH_UP_DELETIONS.labels(rtype, result).inc(n)
     if cut:
         CATCH_UP_DELETIONS.labels(rtype, "truncated").inc()
         log.warning("deletions_truncated", subscription=subscription, resource_type=rtype, pages=read)
-    if deleted:
-        log.info("deletions_read", subscription=subscription, resource_type=rtype, deletions=len(deleted), applied=len(live))
-    return len(live)
+    if deleted or updated or unknown:
+        log.info("history_read", subscription=subscription, resource_type=rtype, deletions=len(deleted) + unknown, applied=len(deleted), updated=updated)
+    return len(deleted) + updated
 
 
 def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str) -> int:
@@ -748,7 +752,7 @@ def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs
     for rtype in MONITORED_TYPES:
         since = marks.get(rtype, base)
         fetched = _catch_up_type(ctx, repos, jobs, subscription, rtype, since)
-        count += fetched.resources + _catch_up_deletions(ctx, repos, jobs, subscription, rtype, since)
+        count += fetched.resources + _catch_up_history(ctx, repos, jobs, subscription, rtype, since)
         if fetched.cut_at is not None:
             cuts[rtype] = fetched.cut_at
             CATCH_UP_TRUNCATED.labels(rtype).inc()

@@ -1,7 +1,8 @@
-"""Deletions on a FHIR server that notifies none (R4 rest-hook, polling): each catch-up round reads the type's
-``_history`` since its watermark and tombstones the stored resources deleted there, so a result removed in the EHR
-(entered in error) stops counting. The case that matters most is a deleted result that had *lowered* a risk: it is
-in no flag's basis, so only this brings the higher tier back."""
+"""Deletions and re-codes on a FHIR server that notifies neither (R4 rest-hook, polling): each catch-up round reads
+the type's ``_history`` since its watermark, tombstones the stored resources deleted there and applies versions the
+code-filtered search did not return, so a result removed or re-coded in the EHR stops counting. The case that
+matters most is such a result that had *lowered* a risk: it is in no flag's basis, so only this brings the higher
+tier back."""
 
 from __future__ import annotations
 
@@ -98,18 +99,25 @@ def history_reads(fhir: FakeFhirServer, rtype: str) -> list[Any]:
     return fhir.requests_matching(rf"/fhir/{rtype}/_history$", "GET")
 
 
-def test_a_deleted_result_that_lowered_the_risk_stops_counting_and_the_high_tier_returns(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
+@pytest.mark.parametrize("change", ["deleted", "re-coded"])
+def test_a_result_that_lowered_the_risk_deleted_or_re_coded_stops_counting_and_the_high_tier_returns(
+    ctx: MonitorContext, fhir: FakeFhirServer, change: str
+) -> None:
+    """Neither reaches the store any other way: no notification, and the search is filtered by the mapped codes."""
     kidney_failure_patient(fhir)
     poll_round(ctx)
     assert metastatic_tier(ctx) == "low", "the newer phosphate of 3.5 lowers it"
     before, applied = marked(ctx), deletions("Observation", "applied")
 
-    fhir.delete("Observation", "p2-pd1")  # entered in error: an R4 server notifies nothing
+    if change == "deleted":
+        fhir.delete("Observation", "p2-pd1")  # entered in error
+    else:
+        fhir.put(b.obs("8867-4", 72, "/min", subject=PID, when=day(1), rid="p2-pd1"))  # corrected: it was a heart rate
     poll_round(ctx)
 
-    assert stored(ctx, "p2-pd1") == (True, "2"), "tombstoned at the deleted version the history names"
+    assert stored(ctx, "p2-pd1") == (change == "deleted", "2"), "at the version the history names"
     assert marked(ctx) == before + 1, "the patient is evaluated again"
-    assert deletions("Observation", "applied") == applied + 1
+    assert deletions("Observation", "applied") == applied + (change == "deleted")
     assert metastatic_tier(ctx) == "high"
     reads = history_reads(fhir, "Observation")
     assert reads and all(r.param("_count") == "10" and r.param("_since") for r in reads)
