@@ -102,14 +102,25 @@ def code_text(code: str | None) -> str:
 
 
 def evidence_table(rows: list[tuple[str, Evidence]]) -> str:
+    """The facts as a Markdown table. Facts that differ only in date and source (three times a week of
+    "Hemodialysis, performed", months of the same warfarin order) are one row: the latest date with how many there
+    are since the earliest, and every source, in the order given."""
     if not rows:
         return ""
     lines = ["| Factor | Fact | Code | Value | Date | Source | Threshold |", "|---|---|---|---|---|---|---|"]
+    same: dict[tuple[str, str, str, str, str], list[Evidence]] = {}
     for factor, e in rows:
         value = f"{e.value} {e.unit}" if e.value and e.unit else (e.value or "")
         if e.note:
             value += f" ({e.note})"
-        cells = (factor, e.label, code_text(e.code), value, (e.date or "")[:10], e.reference or "", e.threshold or "")
+        same.setdefault((factor, e.label, code_text(e.code), value, e.threshold or ""), []).append(e)
+    for (factor, label, code, value, threshold), facts in same.items():
+        dates = sorted({e.date[:10] for e in facts if e.date})
+        when = dates[-1] if dates else ""
+        if len(facts) > 1 and dates:
+            when += f" ({len(facts)} since {dates[0]})" if len(dates) > 1 else f" ({len(facts)})"
+        sources = ", ".join(dict.fromkeys(e.reference for e in facts if e.reference))
+        cells = (factor, label, code, value, when, sources, threshold)
         lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
     return "\n".join(lines)
 

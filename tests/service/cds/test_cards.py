@@ -8,7 +8,7 @@ import pytest
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from service.cds.cards import NOT_PROBABILITY
-from tests.builders import ALB, CA, ICD10, P, condition, esrd, med_admin, med_request, obs, renal_panel
+from tests.builders import ALB, CA, ICD10, P, ago, condition, esrd, med_admin, med_request, obs, procedure, renal_panel
 from tests.schema import assert_valid
 
 TOPICS = {
@@ -30,6 +30,7 @@ SCENARIOS = {
     "moderate": lambda: (obs(CA, 12.5), obs(ALB, 4.1, "g/dL"), obs(P, 3.0)),
     "context": lambda: (condition("L94.2", ICD10), condition("89155008"), med_admin("1908", route=("http://snomed.info/sct", "47625008"))),
     "insufficient": lambda: (condition("31541009"),),
+    "dialysis": lambda: (esrd(), *renal_panel(alb=2.8, ca=10.0, p=7.5), *(procedure("302497006", days=d) for d in (2, 4, 7, 9, 11))),
 }
 
 
@@ -51,7 +52,7 @@ def test_cards_valid_and_explained(run, name) -> None:
         for row in card["detail"].splitlines():
             if row.startswith("| ") and not row.startswith("| Factor"):
                 cells = [c.strip() for c in row.strip("|").split("|")]
-                assert re.fullmatch(r"[A-Z][A-Za-z]+/\S+", cells[5]), row
+                assert re.fullmatch(r"[A-Z][A-Za-z]+/[^\s,]+(, [A-Z][A-Za-z]+/[^\s,]+)*", cells[5]), row
                 if cells[1] not in ("Calcium × phosphate product", "Sex"):
                     assert re.fullmatch(r"(LOINC|SNOMED CT|ICD-10-CM|ICD-10-PCS|RxNorm|CPT|HCPCS) \S+", cells[2]), row
 
@@ -80,6 +81,23 @@ def test_high_card_lists_every_fact(run) -> None:
         for e in factor.evidence:
             assert e.reference in card["detail"]
     assert "mg/dL" in card["detail"] and "> 5.5 mg/dL" in card["detail"]
+
+
+def test_facts_that_differ_only_in_date_and_source_are_one_row_with_every_source(run) -> None:
+    """Hemodialysis three times a week is one row, not one per session, and names every session, newest first."""
+    sessions = [procedure("302497006", days=d) for d in (2, 4, 7, 9, 11)]
+
+    def dialysis_row(*procedures: dict[str, object]) -> list[str]:
+        ev = run(esrd(), *renal_panel(alb=2.8, ca=10.0, p=7.5), *procedures)
+        card = next(c for c in ev.assessment.cards if c["source"]["topic"]["code"] == "calciphylaxis-risk")
+        rows = [row for row in card["detail"].splitlines() if "SNOMED CT 302497006" in row]
+        assert len(rows) == 1, rows
+        return [c.strip() for c in rows[0].strip("|").split("|")]
+
+    cells = dialysis_row(*sessions)
+    assert cells[4] == f"{ago(2)[:10]} (5 since {ago(11)[:10]})"
+    assert cells[5] == ", ".join(f"Procedure/{p['id']}" for p in sessions)
+    assert dialysis_row(sessions[0])[4] == ago(2)[:10], "a single fact keeps its plain date"
 
 
 def test_no_card_for_none(run) -> None:
