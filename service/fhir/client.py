@@ -865,14 +865,15 @@ def next_link(bundle: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _entries(bundle: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    entries = bundle.get("entry")
+    if isinstance(entries, list):
+        yield from (entry for entry in entries if isinstance(entry, dict))
+
+
 def entry_resources(bundle: Mapping[str, Any], *, include_included: bool) -> Iterator[dict[str, Any]]:
     """The entries' resources, without search outcomes (and without ``include`` entries unless asked)."""
-    entries = bundle.get("entry")
-    if not isinstance(entries, list):
-        return
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
+    for entry in _entries(bundle):
         resource = entry.get("resource")
         if not isinstance(resource, dict):
             continue
@@ -907,12 +908,7 @@ def history_entries(bundle: Mapping[str, Any], resource_type: str) -> Iterator[H
     A deletion has no resource: its id comes from ``request.url`` (``Type/id``, HAPI adds ``/_history/n``), else
     ``response.location`` or ``fullUrl``; its version from ``response.etag``, else one of those URLs; its time from
     ``response.lastModified``. Entries that name no id of the type are skipped."""
-    entries = bundle.get("entry")
-    if not isinstance(entries, list):
-        return
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
+    for entry in _entries(bundle):
         request, response = entry.get("request"), entry.get("response")
         request = request if isinstance(request, dict) else {}
         response = response if isinstance(response, dict) else {}
