@@ -33,7 +33,7 @@ from service.db.models import DEDUP_KEY_LEN, EventKind, EventStatus, WritebackSt
 from service.db.repositories import LedgerEntry, Repositories, ResourceVersion
 from service.db.session import engine_for, make_session_factory, session_scope
 from service.fhir.client import FhirClient, HistoryEntry, client_from_settings, entry_resources, history_entries, next_link
-from service.fhir.errors import FhirError, FhirNotFound, FhirPermanentError
+from service.fhir.errors import FhirError, FhirNotFound, FhirPermanentError, redact_url
 from service.fhir.notifications import (
     BackportNotification,
     EmptyPing,
@@ -696,7 +696,9 @@ def _catch_up_history(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subs
         return 0
     asked_at = _now()
     window = since - timedelta(seconds=ctx.settings.poll_overlap_s)
-    pages = ctx.shared_client().history_type_pages(
+    client = ctx.shared_client()
+    history_url = redact_url(client.url(rtype, "_history"))
+    pages = client.history_type_pages(
         rtype, window, count=ctx.settings.fhir_search_count, max_pages=max(1, ctx.settings.fhir_max_pages) * CATCH_UP_STUCK_FACTOR
     )
     newest: dict[str, HistoryEntry] = {}
@@ -710,7 +712,9 @@ def _catch_up_history(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subs
                     newest[entry.resource_id] = entry
             cut = next_link(bundle) is not None
     except FhirPermanentError as exc:
-        if read or exc.status not in _NO_TYPE_HISTORY:  # a 401 is not a refusal of history: it fails the round
+        # A 401 is not a refusal of history: it fails the round. Nor is an error about another URL (a SMART token
+        # endpoint refusing the refresh after a 401 answers 400/403/404 too): only the history request's own answer.
+        if read or exc.status not in _NO_TYPE_HISTORY or exc.url != history_url:
             raise
         ctx.no_type_history.add(rtype)
         log.warning("type_history_unavailable", subscription=subscription, resource_type=rtype, status=exc.status)

@@ -19,6 +19,7 @@ from service.config import Settings
 from service.db.models import EventStatus
 from service.db.repositories import Repositories
 from service.db.session import session_scope
+from service.fhir.client import FhirClient
 from service.fhir.errors import FhirAuthError
 from service.fhir.notifications import EmptyPing
 from service.queue import TASK_EVALUATE, MemoryQueue
@@ -219,3 +220,43 @@ def test_the_history_is_not_read_when_turned_off(
         poll_round(ctx)
         assert not fhir.requests_matching(r"/_history$", "GET")
         assert stored(ctx, "p2-pd1") == (False, "1")
+
+
+class _RefusedRefresh:
+    """A refreshable token provider (as SMART backend auth) whose token endpoint refuses the next refresh with a 400
+    (``invalid_grant``: clock skew, a rotated key), as :class:`service.fhir.smart.SmartBackendAuth` raises it."""
+
+    refreshable = True
+
+    def __init__(self) -> None:
+        self.refuse_next = False
+
+    def get_token(self) -> str:
+        if self.refuse_next:
+            self.refuse_next = False
+            raise FhirAuthError("SMART token request refused: POST /auth/token -> 400", status=400, url="https://auth.example/token")
+        return "token"
+
+    def invalidate(self, token: str | None = None) -> None:
+        self.refuse_next = True
+
+
+def test_a_token_refused_during_the_history_read_fails_the_round_and_is_not_taken_for_a_refusal_of_history(
+    ctx: MonitorContext, fhir: FakeFhirServer
+) -> None:
+    """A 401 on the history read makes the client refresh its token; the token endpoint refusing that (a 400, 403 or
+    404 of another URL) is a token problem: the round fails and is retried, the type's history is read again."""
+    auth = _RefusedRefresh()
+    ctx.fhir_client = lambda: FhirClient(fhir.base_url, auth=auth, max_retries=0)
+    kidney_failure_patient(fhir)
+    poll_round(ctx)
+    fhir.delete("Observation", "p2-pd1")
+    fhir.add_rule(FailureRule(status=401, times=1, path=r"/Observation/_history$", method="GET"))  # the token expired
+    ping = monitor.receive(ctx, [EmptyPing(SUB)], "r4-empty")
+    with pytest.raises(FhirAuthError):
+        monitor.process_event(ctx, ping.events[0])
+    assert "Observation" not in ctx.no_type_history
+
+    poll_round(ctx)
+
+    assert stored(ctx, "p2-pd1") == (True, "2")
