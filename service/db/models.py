@@ -270,6 +270,9 @@ class SubscriptionWatermark(Base):
     subscription: Mapped[str] = mapped_column(String(SUBSCRIPTION_LEN), primary_key=True)
     resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
     watermark: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: How far the type's ``_history`` has been read completely for deletions and re-codes (its own mark: a type
+    #: whose only changes are ones its search filters out, vitals, would otherwise read an ever longer window).
+    history_watermark: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

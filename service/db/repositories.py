@@ -1734,6 +1734,8 @@ class SubscriptionStateRepository(_Repository):
         marks = self.type_watermarks(old)
         if marks:
             self.set_type_watermarks(new, marks, now=ts)
+            for rtype, mark in sorted(self.history_watermarks(old).items()):
+                self.set_history_watermark(new, rtype, mark, now=ts)
             self.session.execute(delete(SubscriptionWatermark).where(SubscriptionWatermark.subscription == old))
         self.session.delete(legacy)
         self.session.flush()
@@ -1796,6 +1798,29 @@ class SubscriptionStateRepository(_Repository):
                 )
             )
         self.set_watermark(subscription, min(self.type_watermarks(subscription).values()), now=ts)
+
+    def history_watermarks(self, subscription: str) -> dict[str, datetime]:
+        """Each resource type's ``_history`` mark of the subscription (types whose history was never read are absent)."""
+        stmt = select(SubscriptionWatermark.resource_type, SubscriptionWatermark.history_watermark).where(
+            SubscriptionWatermark.subscription == subscription, SubscriptionWatermark.history_watermark.is_not(None)
+        )
+        return {rtype: mark for rtype, mark in self.session.execute(stmt) if mark is not None}
+
+    def set_history_watermark(self, subscription: str, resource_type: str, mark: datetime, *, now: datetime | None = None) -> None:
+        """Move a type's ``_history`` mark forward (never back). Called after the type's search mark was set, so its row
+        exists; were it absent, the row is made with the same instant as its search mark."""
+        ts = _now(now)
+        stmt = _insert(self.session, SubscriptionWatermark).values(
+            subscription=subscription, resource_type=resource_type, watermark=mark, history_watermark=mark, updated_at=ts
+        )
+        ex = stmt.excluded
+        self.session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[SubscriptionWatermark.subscription, SubscriptionWatermark.resource_type],
+                set_={"history_watermark": ex.history_watermark, "updated_at": ex.updated_at},
+                where=or_(SubscriptionWatermark.history_watermark.is_(None), SubscriptionWatermark.history_watermark < ex.history_watermark),
+            )
+        )
 
     def counts_by_status(self) -> dict[str, int]:
         """Subscriptions per status the FHIR server last reported (every status of ``SUBSCRIPTION_STATUSES``, zero

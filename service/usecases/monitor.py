@@ -677,66 +677,79 @@ def _newer_entry(entry: HistoryEntry, kept: HistoryEntry) -> bool:
     return False
 
 
-def _catch_up_history(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str, rtype: str, since: datetime) -> int:
-    """Read ``rtype``'s ``_history`` since ``since`` (less ``CDS_POLL_OVERLAP_S``) and bring the stored live
-    resources it names up to their newest entry there: a deletion is tombstoned, a version newer than the stored
-    one applied. Returns how many stored resources changed.
+@dataclass
+class _HistoryRead:
+    """One type's ``_history`` read of a catch-up round."""
+
+    changed: int = 0  # stored resources tombstoned or updated
+    reached: datetime | None = None  # read completely up to this entry's time (None: the type's mark stays)
+
+
+def _catch_up_history(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str, rtype: str, since: datetime) -> _HistoryRead:
+    """Read ``rtype``'s ``_history`` since its own mark ``since`` (less ``CDS_POLL_OVERLAP_S``) and bring the stored
+    live resources it names up to their newest entry there: a deletion is tombstoned, a version newer than the
+    stored one applied.
 
     R4 servers notify no deletion and no search returns a deleted resource; the Observation search is filtered by
     the mapped codes, so a result re-coded out of them is not returned either. Without this such a result would
-    stay in the stored record, and if it was the one that lowered a risk, the risk would stay hidden. Run after
-    the type's ``_lastUpdated`` search, with that search's starting mark: the mark it moves to is no later than the
-    search, which is before this read, so every entry is read by this round or the next. Resources never stored
-    are left alone (a type's history holds every patient's). A server that answers the first page with a 4xx in
-    ``_NO_TYPE_HISTORY`` offers no type-level history: the type is skipped for the life of the process (logged
-    once); a 401 or any other failure propagates like a failed search. A read cut at ``CATCH_UP_STUCK_FACTOR``
-    times ``CDS_FHIR_MAX_PAGES`` pages misses the oldest entries of the window (newest come first): logged and
-    counted."""
-    if not ctx.settings.poll_deletions or rtype in ctx.no_type_history:
-        return 0
+    stay in the stored record, and if it was the one that lowered a risk, the risk would stay hidden. Resources
+    never stored are left alone (a type's history holds every patient's).
+
+    The mark moves to the newest entry read, only when the read was complete. Cut at ``CATCH_UP_STUCK_FACTOR``
+    times ``CDS_FHIR_MAX_PAGES`` pages (newest first: the oldest entries of the window were not read), what was
+    read is applied and the mark stays, so nothing is skipped; logged and counted, every round until the page
+    bound is raised. A server that answers the first page with its own 4xx in ``_NO_TYPE_HISTORY`` offers no
+    type-level history: the type is skipped for the life of the process (logged once). Any other failure (a 401, a
+    5xx, a timeout) is logged and counted and leaves the mark where it was, without failing the round: the
+    searches' results still land, and the next round reads the window again."""
+    result = _HistoryRead()
+    if rtype in ctx.no_type_history:
+        return result
     asked_at = _now()
-    window = since - timedelta(seconds=ctx.settings.poll_overlap_s)
     client = ctx.shared_client()
     history_url = redact_url(client.url(rtype, "_history"))
-    pages = client.history_type_pages(
-        rtype, window, count=ctx.settings.fhir_search_count, max_pages=max(1, ctx.settings.fhir_max_pages) * CATCH_UP_STUCK_FACTOR
-    )
+    window = since - timedelta(seconds=ctx.settings.poll_overlap_s)
+    bound = max(1, ctx.settings.fhir_max_pages) * CATCH_UP_STUCK_FACTOR
     newest: dict[str, HistoryEntry] = {}
-    read, cut = 0, False
+    read, cut, latest = 0, False, None
     try:
-        for bundle in pages:
+        for bundle in client.history_type_pages(rtype, window, count=ctx.settings.fhir_search_count, max_pages=bound):
             read += 1
             for entry in history_entries(bundle, rtype):
                 kept = newest.get(entry.resource_id)
                 if kept is None or _newer_entry(entry, kept):
                     newest[entry.resource_id] = entry
+                if entry.modified is not None and (latest is None or entry.modified > latest):
+                    latest = entry.modified
             cut = next_link(bundle) is not None
-    except FhirPermanentError as exc:
-        # A 401 is not a refusal of history: it fails the round. Nor is an error about another URL (a SMART token
-        # endpoint refusing the refresh after a 401 answers 400/403/404 too): only the history request's own answer.
-        if read or exc.status not in _NO_TYPE_HISTORY or exc.url != history_url:
-            raise
-        ctx.no_type_history.add(rtype)
-        log.warning("type_history_unavailable", subscription=subscription, resource_type=rtype, status=exc.status)
-        return 0
+    except FhirError as exc:
+        # Only the history request's own refusal: a SMART token endpoint refusing a refresh answers 400/403/404 too.
+        if not read and isinstance(exc, FhirPermanentError) and exc.status in _NO_TYPE_HISTORY and exc.url == history_url:
+            ctx.no_type_history.add(rtype)
+            log.warning("type_history_unavailable", subscription=subscription, resource_type=rtype, status=exc.status)
+            return result
+        CATCH_UP_DELETIONS.labels(rtype, "failed").inc()
+        log.warning("type_history_failed", subscription=subscription, resource_type=rtype, error=type(exc).__name__, status=exc.status)
+        return result
     stored = repos.resources.live_versions(rtype, sorted(newest))
-    deleted = [rid for rid in stored if newest[rid].deleted]
-    for rid in deleted:
+    tombstoned = 0
+    for rid in (rid for rid in stored if newest[rid].deleted):
         entry = newest[rid]
-        apply_deletion(repos, jobs, rtype, rid, ctx.settings, version_id=entry.version_id, deleted_by=entry.modified or asked_at)
+        tombstoned += apply_deletion(repos, jobs, rtype, rid, ctx.settings, version_id=entry.version_id, deleted_by=entry.modified or asked_at)
     # Versions the search did not return (re-coded out of its codes). Version-guarded: an older one writes nothing.
     versions = [e.resource for rid, e in newest.items() if rid in stored and e.resource is not None and e.version_id != stored[rid]]
     updated = sum(apply_resources(repos, jobs, versions, ctx.settings))
-    unknown = sum(1 for rid, entry in newest.items() if entry.deleted and rid not in stored)
-    for result, n in (("applied", len(deleted)), ("unknown", unknown)):
-        if n:
-            CATCH_UP_DELETIONS.labels(rtype, result).inc(n)
+    if tombstoned:
+        CATCH_UP_DELETIONS.labels(rtype, "applied").inc(tombstoned)
     if cut:
         CATCH_UP_DELETIONS.labels(rtype, "truncated").inc()
-        log.warning("deletions_truncated", subscription=subscription, resource_type=rtype, pages=read)
-    if deleted or updated or unknown:
-        log.info("history_read", subscription=subscription, resource_type=rtype, deletions=len(deleted) + unknown, applied=len(deleted), updated=updated)
-    return len(deleted) + updated
+        log.warning("history_truncated", subscription=subscription, resource_type=rtype, pages=read)
+    else:
+        result.reached = latest
+    if tombstoned or updated:
+        log.info("history_applied", subscription=subscription, resource_type=rtype, tombstoned=tombstoned, updated=updated)
+    result.changed = tombstoned + updated
+    return result
 
 
 def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str) -> int:
@@ -746,24 +759,41 @@ def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs
     when a search was cut at ``CDS_FHIR_MAX_PAGES``, only as far as it was completely fetched, and another round
     (a ``catch-up`` event in the ledger, queued after the commit) fetches the rest. One watermark per type: a
     change to one type made while another was searched is older than that other type's newest ``lastUpdated``.
-    Each round moves the watermark of every type it cut, so the rounds end; running one twice changes nothing."""
+    Each round moves the watermark of every type it cut, so the rounds end; running one twice changes nothing.
+    After each type's search, its ``_history`` is read for deletions and re-codes (:func:`_catch_up_history`),
+    from a mark of its own."""
     repos.subscriptions.ensure(subscription)
-    base = repos.subscriptions.get_watermark(subscription) or (_now() - timedelta(hours=ctx.settings.poll_initial_lookback_h))
+    started = _now()
+    base = repos.subscriptions.get_watermark(subscription) or (started - timedelta(hours=ctx.settings.poll_initial_lookback_h))
     marks = repos.subscriptions.type_watermarks(subscription)
+    history_marks = repos.subscriptions.history_watermarks(subscription) if ctx.settings.poll_deletions else {}
     reached: dict[str, datetime] = {}
+    history_reached: dict[str, datetime] = {}
     count = 0
     cuts: dict[str, datetime] = {}
     for rtype in MONITORED_TYPES:
         since = marks.get(rtype, base)
         fetched = _catch_up_type(ctx, repos, jobs, subscription, rtype, since)
-        count += fetched.resources + _catch_up_history(ctx, repos, jobs, subscription, rtype, since)
+        count += fetched.resources
         if fetched.cut_at is not None:
             cuts[rtype] = fetched.cut_at
             CATCH_UP_TRUNCATED.labels(rtype).inc()
             log.warning("catch_up_truncated", subscription=subscription, resource_type=rtype, resources=fetched.resources, pages=fetched.pages)
         newest = fetched.cut_at or fetched.newest
         reached[rtype] = max(since, newest) if newest is not None else since  # a quiet type keeps its mark
+        if not ctx.settings.poll_deletions:
+            continue
+        if rtype not in history_marks:
+            # Its first round: this round's search returned what is live now; the history is read from here on.
+            history_reached[rtype] = started
+            continue
+        read = _catch_up_history(ctx, repos, jobs, subscription, rtype, history_marks[rtype])
+        count += read.changed
+        if read.reached is not None:
+            history_reached[rtype] = read.reached
     repos.subscriptions.set_type_watermarks(subscription, reached)
+    for rtype, mark in sorted(history_reached.items()):
+        repos.subscriptions.set_history_watermark(subscription, rtype, mark)
     if cuts:
         # Every round moves each cut type's watermark forward, so the key of the next round is a new one.
         where = ",".join(f"{rtype}@{mark.isoformat()}" for rtype, mark in sorted(cuts.items()))

@@ -523,6 +523,9 @@ class FakeFhirServer:
         self.bulk_file_base = bulk_file_base
         self.latency_s = latency_s
         self.strict_search = strict_search
+        #: How a deletion is written in a history Bundle: "spec" (``request.url`` Type/id, ``response.lastModified``)
+        #: or "hapi" (``request.url`` Type/id/_history/n and an etag, no ``lastModified``).
+        self.history_deletion_form: Literal["spec", "hapi"] = "spec"
         self.smart_configuration_overrides = dict(smart_configuration or {})
         self.write_return = write_return
         self._host = host
@@ -1062,9 +1065,13 @@ class FakeFhirServer:
             entry: dict[str, Any] = {"fullUrl": f"{self.base_url}/{rtype}/{rid}"}
             if version is None:
                 when = stored.deleted_at.get(number, "")
-                entry["request"] = {"method": "DELETE", "url": f"{rtype}/{rid}"}
-                # As HAPI: the deletion is a version of its own.
-                entry["response"] = {"status": "204", "etag": f'W/"{number}"', **({"lastModified": when} if when else {})}
+                # The deletion is a version of its own (as HAPI).
+                if self.history_deletion_form == "hapi":
+                    entry["request"] = {"method": "DELETE", "url": f"{rtype}/{rid}/_history/{number}"}
+                    entry["response"] = {"status": "200 OK", "etag": f'W/"{number}"'}
+                else:
+                    entry["request"] = {"method": "DELETE", "url": f"{rtype}/{rid}"}
+                    entry["response"] = {"status": "204", "etag": f'W/"{number}"', **({"lastModified": when} if when else {})}
             else:
                 when = version["meta"]["lastUpdated"]
                 entry["resource"] = copy.deepcopy(version)
@@ -1081,7 +1088,7 @@ class FakeFhirServer:
         return self._json(200, {"resourceType": "Bundle", "type": "history", "total": len(entries), "entry": entries})
 
     def _type_history(self, req: RecordedRequest, rtype: str) -> _Response:
-        """``GET [base]/[type]/_history``: ``_since`` (versions and deletions after it), ``_count``, ``_offset``;
+        """``GET [base]/[type]/_history``: ``_since`` (versions and deletions at or after it), ``_count``, ``_offset``;
         newest first, with ``next`` links."""
         count, offset, since = self.default_page_size, 0, None
         for name, value in self._query_pairs(req):
@@ -1105,7 +1112,7 @@ class FakeFhirServer:
                 continue
             for when, entry in self._history_entries(rtype, rid, stored):
                 parsed_when = _parse_dt(when) if when else None
-                if since is None or (parsed_when is not None and parsed_when[0] > since):
+                if since is None or (parsed_when is not None and parsed_when[0] >= since):  # _since is inclusive
                     found.append((parsed_when[0] if parsed_when else datetime.min.replace(tzinfo=UTC), entry))
         found.sort(key=lambda pair: pair[0], reverse=True)
         page = [entry for _, entry in found[offset : offset + count]]

@@ -119,6 +119,20 @@ def test_type_watermarks_move_forward_each_on_its_own_and_the_subscription_mark_
         assert repo.type_watermarks("Subscription/other") == {}
 
 
+def test_a_types_history_mark_moves_forward_on_its_own(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
+    with session_scope(db_session_factory) as session:
+        repo = Repositories(session).subscriptions
+        repo.set_type_watermarks(SUB, {"Observation": t0})
+        assert repo.history_watermarks(SUB) == {}
+        repo.set_history_watermark(SUB, "Observation", t0 + timedelta(minutes=5))
+        repo.set_history_watermark(SUB, "Observation", t0 + timedelta(minutes=1))  # never back
+        repo.set_history_watermark(SUB, "Condition", t0 - timedelta(minutes=1))  # no row yet: one is made
+        assert repo.history_watermarks(SUB) == {"Observation": t0 + timedelta(minutes=5), "Condition": t0 - timedelta(minutes=1)}
+        assert repo.type_watermarks(SUB) == {"Observation": t0, "Condition": t0 - timedelta(minutes=1)}, "search marks untouched"
+        repo.set_type_watermarks(SUB, {"Observation": t0 + timedelta(minutes=2)})
+        assert repo.history_watermarks(SUB)["Observation"] == t0 + timedelta(minutes=5), "a search mark leaves it"
+
+
 def test_a_row_under_another_form_of_the_reference_is_folded_into_the_key(db_session_factory: sessionmaker[Session], t0: datetime) -> None:
     legacy = "https://fhir.example.org/r4/Subscription/s1"
     with session_scope(db_session_factory) as session:
@@ -126,6 +140,7 @@ def test_a_row_under_another_form_of_the_reference_is_folded_into_the_key(db_ses
         repo.ensure(legacy, topic="http://example.org/topic", status="active", now=t0 - timedelta(days=1))
         repo.observe_event_number(legacy, 7, now=t0)
         repo.set_type_watermarks(legacy, {"Observation": t0, "Condition": t0 - timedelta(minutes=5)})
+        repo.set_history_watermark(legacy, "Observation", t0 + timedelta(minutes=3))
         repo.touch_heartbeat(SUB, now=t0 + timedelta(minutes=1))
         repo.set_type_watermarks(SUB, {"Observation": t0 - timedelta(minutes=9)})
     with session_scope(db_session_factory) as session:
@@ -142,3 +157,4 @@ def test_a_row_under_another_form_of_the_reference_is_folded_into_the_key(db_ses
         assert state.created_at == t0 - timedelta(days=1)
         assert repo.type_watermarks(SUB) == {"Observation": t0, "Condition": t0 - timedelta(minutes=5)}
         assert repo.type_watermarks(legacy) == {}
+        assert repo.history_watermarks(SUB) == {"Observation": t0 + timedelta(minutes=3)}

@@ -173,7 +173,7 @@ def test_history_since_pages_sends_count_and_ends_on_a_page_with_a_next_link_whe
 
 def test_type_history_since_lists_versions_and_deletions_newest_first_page_by_page(fhir_server: FakeFhirServer, make_client: MakeClient) -> None:
     t0 = datetime(2024, 3, 1, tzinfo=UTC)
-    fhir_server.put(observation("old"), last_updated=t0)
+    fhir_server.put(observation("old"), last_updated=t0 - timedelta(milliseconds=1))  # _since is inclusive
     fhir_server.put(observation("a"), last_updated=t0 + timedelta(minutes=1))
     fhir_server.put(observation("b"), last_updated=t0 + timedelta(minutes=2))
     fhir_server.delete("Observation", "a")  # now: the newest entry

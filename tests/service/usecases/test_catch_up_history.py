@@ -100,13 +100,36 @@ def history_reads(fhir: FakeFhirServer, rtype: str) -> list[Any]:
     return fhir.requests_matching(rf"/fhir/{rtype}/_history$", "GET")
 
 
+def since_of(request: Any) -> datetime:
+    return datetime.fromisoformat(request.param("_since").replace("Z", "+00:00"))
+
+
+def history_mark(ctx: MonitorContext, rtype: str = "Observation") -> datetime | None:
+    with session_scope(ctx.sessions) as session:
+        return Repositories(session).subscriptions.history_watermarks(SUB).get(rtype)
+
+
+def logged(capsys: pytest.CaptureFixture[str], event: str) -> list[str]:
+    out = capsys.readouterr()
+    return [line for line in (out.out + out.err).splitlines() if event in line]
+
+
+def vitals(fhir: FakeFhirServer, n: int, rid: str = "hr") -> None:
+    """``n`` versions of a heart rate: a change the code-filtered Observation search never returns."""
+    for i in range(n):
+        fhir.put(b.obs("8867-4", 70 + i, "/min", subject="Patient/busy", when=day(1), rid=rid))
+
+
+@pytest.mark.parametrize("form", ["spec", "hapi"])
 @pytest.mark.parametrize("change", ["deleted", "re-coded"])
 def test_a_result_that_lowered_the_risk_deleted_or_re_coded_stops_counting_and_the_high_tier_returns(
-    ctx: MonitorContext, fhir: FakeFhirServer, change: str
+    ctx: MonitorContext, fhir: FakeFhirServer, change: str, form: str
 ) -> None:
-    """Neither reaches the store any other way: no notification, and the search is filtered by the mapped codes."""
+    """Neither reaches the store any other way: no notification, and the search is filtered by the mapped codes.
+    HAPI writes a deletion with its version in ``request.url`` and an etag, and no ``lastModified``."""
+    fhir.history_deletion_form = form  # type: ignore[assignment]
     kidney_failure_patient(fhir)
-    poll_round(ctx)
+    poll_round(ctx)  # the first round stores the patient and starts reading the history from here on
     assert metastatic_tier(ctx) == "low", "the newer phosphate of 3.5 lowers it"
     before, applied = marked(ctx), deletions("Observation", "applied")
 
@@ -121,25 +144,36 @@ def test_a_result_that_lowered_the_risk_deleted_or_re_coded_stops_counting_and_t
     assert deletions("Observation", "applied") == applied + (change == "deleted")
     assert metastatic_tier(ctx) == "high"
     reads = history_reads(fhir, "Observation")
-    assert reads and all(r.param("_count") == "10" and r.param("_since") for r in reads)
+    assert len(reads) == 1 and reads[0].param("_count") == "10"
 
 
-def test_a_round_reads_the_history_from_the_types_mark_less_the_overlap(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
+def test_the_history_has_a_mark_of_its_own_that_moves_with_changes_the_search_never_sees(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
+    """Only heart rates change: the Observation search mark stays, and the history read must not re-read an ever
+    longer window. Each read starts at the newest entry the one before read, less the overlap."""
     kidney_failure_patient(fhir)
     poll_round(ctx)
+    first = history_mark(ctx)
+    assert first is not None
     with session_scope(ctx.sessions) as session:
-        mark = Repositories(session).subscriptions.type_watermarks(SUB)["Observation"]
+        search_mark = Repositories(session).subscriptions.type_watermarks(SUB)["Observation"]
+    overlap = timedelta(seconds=ctx.settings.poll_overlap_s)
 
+    vitals(fhir, 3)
+    poll_round(ctx)
+    newest_vital = datetime.fromisoformat(fhir.get("Observation", "hr")["meta"]["lastUpdated"].replace("Z", "+00:00"))
+    vitals(fhir, 2)
     poll_round(ctx)
 
-    since = datetime.fromisoformat(history_reads(fhir, "Observation")[-1].param("_since").replace("Z", "+00:00"))
-    assert since == mark - timedelta(seconds=ctx.settings.poll_overlap_s)
+    reads = history_reads(fhir, "Observation")
+    assert [since_of(r) for r in reads] == [first - overlap, newest_vital - overlap]
+    with session_scope(ctx.sessions) as session:
+        assert Repositories(session).subscriptions.type_watermarks(SUB)["Observation"] == search_mark, "the search saw nothing"
+    assert stored(ctx, "hr") is None, "a version of a resource never stored is not stored"
 
 
 def test_a_resource_re_created_after_its_deletion_stays_and_one_never_stored_gets_no_row(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
     kidney_failure_patient(fhir)
     poll_round(ctx)
-    unknown = deletions("Observation", "unknown")
     fhir.delete("Observation", "p2-pd1")
     fhir.put(b.obs(b.P, 3.6, subject=PID, when=day(1), rid="p2-pd1"))  # corrected: version 3
     other = fhir.put(b.obs(b.P, 9.0, subject="Patient/elsewhere", when=day(1), rid="never-seen"))
@@ -149,65 +183,81 @@ def test_a_resource_re_created_after_its_deletion_stays_and_one_never_stored_get
 
     assert stored(ctx, "p2-pd1") == (False, "3")
     assert stored(ctx, "never-seen") is None, "a deletion of a resource never stored leaves no tombstone"
-    assert deletions("Observation", "unknown") == unknown + 1
 
 
 def test_a_server_without_type_history_is_skipped_for_the_life_of_the_process(
     ctx: MonitorContext, fhir: FakeFhirServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Epic and others offer no type-level ``_history``: the round still fetches every change, and the refusal is
+    """Many EHR servers offer no type-level ``_history``: the round still fetches every change, and the refusal is
     logged once per type, not asked again every round."""
     refused = fhir.add_rule(FailureRule(status=405, times=None, path=r"/_history$", method="GET"))
     kidney_failure_patient(fhir)
 
-    poll_round(ctx)
-    poll_round(ctx)
+    for _ in range(3):
+        poll_round(ctx)
 
     assert stored(ctx, "p2-pd1") == (False, "1")
     assert len(history_reads(fhir, "Observation")) == 1 and len(history_reads(fhir, "Condition")) == 1
     assert refused.hits == len(monitor.MONITORED_TYPES)
-    out = capsys.readouterr()
-    lines = [line for line in (out.out + out.err).splitlines() if "type_history_unavailable" in line]
+    lines = logged(capsys, "type_history_unavailable")
     assert len(lines) == len(monitor.MONITORED_TYPES)
     assert all("405" in line and SUB in line for line in lines)
 
 
-def test_a_history_read_that_fails_for_another_reason_fails_the_round(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
-    """A 401 (a token problem) or a 5xx is not a refusal of history: the round fails, visible and retryable, and
-    the next one reads the history again."""
+@pytest.mark.parametrize("status", [401, 500])
+def test_a_history_read_that_fails_otherwise_keeps_its_mark_and_the_rounds_other_results_land(
+    ctx: MonitorContext, fhir: FakeFhirServer, capsys: pytest.CaptureFixture[str], status: int
+) -> None:
+    """A 401 (a token problem) or a 5xx is not a refusal of history. The round is not failed for it: the searches'
+    results land; the history mark stays, so the next round reads the same window again and misses nothing."""
     kidney_failure_patient(fhir)
     poll_round(ctx)
+    mark, failed = history_mark(ctx), deletions("Observation", "failed")
     fhir.delete("Observation", "p2-pd1")
-    fhir.add_rule(FailureRule(status=401, times=1, path=r"/Observation/_history$", method="GET"))
-    ping = monitor.receive(ctx, [EmptyPing(SUB)], "r4-empty")
-    with pytest.raises(FhirAuthError):
-        monitor.process_event(ctx, ping.events[0])
-    assert "Observation" not in ctx.no_type_history
+    fhir.put(b.obs(b.P, 6.0, subject=PID, when=day(0.5), rid="p3-pd1"))
+    fhir.add_rule(FailureRule(status=status, times=1, path=r"/Observation/_history$", method="GET"))
+
+    poll_round(ctx)
+
+    assert stored(ctx, "p3-pd1") == (False, "1"), "the search's new result landed"
     assert stored(ctx, "p2-pd1") == (False, "1")
+    assert history_mark(ctx) == mark
+    assert "Observation" not in ctx.no_type_history
+    assert deletions("Observation", "failed") == failed + 1
+    assert any(str(status) in line and "Observation" in line for line in logged(capsys, "type_history_failed"))
 
     poll_round(ctx)
 
     assert stored(ctx, "p2-pd1") == (True, "2")
+    assert since_of(history_reads(fhir, "Observation")[-1]) == mark - timedelta(seconds=ctx.settings.poll_overlap_s)
 
 
-def test_a_history_longer_than_the_page_bound_is_counted_as_cut(
+def test_a_cut_history_read_applies_what_it_read_and_keeps_its_mark_so_nothing_older_is_lost(
     fhir: FakeFhirServer, db_session_factory: sessionmaker[Session], catalog: Catalog, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Newest first: a read cut at ten times ``CDS_FHIR_MAX_PAGES`` pages has applied the newest deletions and
-    missed the oldest; that is logged and counted, and the round is not failed (every other change still lands)."""
+    """Newest first: a read cut at ten times ``CDS_FHIR_MAX_PAGES`` pages has not read the oldest entries of its
+    window. It applies the newest, keeps the mark, and says so every round until the page bound is raised; then
+    the older deletion is applied too."""
     for ctx in _context(fhir, db_session_factory, catalog, tmp_path, fhir_max_pages=1, fhir_search_count=2):
         monitor.backfill(ctx, kidney_failure_patient(fhir))  # stored at once: these searches take 2 a round
-        for i in range(25):  # 25 versions of another result: 13 pages of 2 > 10 pages
-            fhir.put(b.obs(b.P, 4.0 + i / 10, subject="Patient/busy", when=day(1), rid="busy"))
-        fhir.delete("Observation", "p2-pd1")  # newest: on the first page
+        poll_round(ctx)
+        mark = history_mark(ctx)
+        fhir.delete("Observation", "p-pd1")  # the oldest entry of the window
+        vitals(fhir, 25)  # 13 pages of 2 > 10 pages
+        fhir.delete("Observation", "p2-pd1")  # the newest: on the first page
         cut = deletions("Observation", "truncated")
 
         poll_round(ctx)
 
-        assert stored(ctx, "p2-pd1") == (True, "2")
+        assert stored(ctx, "p2-pd1") == (True, "2") and stored(ctx, "p-pd1") == (False, "1")
+        assert history_mark(ctx) == mark
         assert deletions("Observation", "truncated") == cut + 1
-        out = capsys.readouterr()
-        assert any("deletions_truncated" in line and "Observation" in line for line in (out.out + out.err).splitlines())
+        assert any("Observation" in line for line in logged(capsys, "history_truncated"))
+
+    for ctx in _context(fhir, db_session_factory, catalog, tmp_path, fhir_max_pages=2, fhir_search_count=2):
+        poll_round(ctx)
+        assert stored(ctx, "p-pd1") == (True, "2"), "read in the next round with the bound raised"
+        assert history_mark(ctx) > mark  # type: ignore[operator]
 
 
 def test_the_history_is_not_read_when_turned_off(
@@ -220,6 +270,7 @@ def test_the_history_is_not_read_when_turned_off(
         poll_round(ctx)
         assert not fhir.requests_matching(r"/_history$", "GET")
         assert stored(ctx, "p2-pd1") == (False, "1")
+        assert history_mark(ctx) is None
 
 
 class _RefusedRefresh:
@@ -241,22 +292,19 @@ class _RefusedRefresh:
         self.refuse_next = True
 
 
-def test_a_token_refused_during_the_history_read_fails_the_round_and_is_not_taken_for_a_refusal_of_history(
-    ctx: MonitorContext, fhir: FakeFhirServer
-) -> None:
+def test_a_token_refused_during_the_history_read_is_not_taken_for_a_refusal_of_history(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
     """A 401 on the history read makes the client refresh its token; the token endpoint refusing that (a 400, 403 or
-    404 of another URL) is a token problem: the round fails and is retried, the type's history is read again."""
+    404 of another URL) is a token problem: the history is read again next round, not turned off."""
     auth = _RefusedRefresh()
     ctx.fhir_client = lambda: FhirClient(fhir.base_url, auth=auth, max_retries=0)
     kidney_failure_patient(fhir)
     poll_round(ctx)
     fhir.delete("Observation", "p2-pd1")
     fhir.add_rule(FailureRule(status=401, times=1, path=r"/Observation/_history$", method="GET"))  # the token expired
-    ping = monitor.receive(ctx, [EmptyPing(SUB)], "r4-empty")
-    with pytest.raises(FhirAuthError):
-        monitor.process_event(ctx, ping.events[0])
-    assert "Observation" not in ctx.no_type_history
 
     poll_round(ctx)
 
+    assert "Observation" not in ctx.no_type_history
+    assert stored(ctx, "p2-pd1") == (False, "1")
+    poll_round(ctx)
     assert stored(ctx, "p2-pd1") == (True, "2")
