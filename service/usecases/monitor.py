@@ -784,8 +784,11 @@ def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs
         if not ctx.settings.poll_deletions:
             continue
         if rtype not in history_marks:
-            # Its first round: this round's search returned what is live now; the history is read from here on.
-            history_reached[rtype] = started
+            # Its first round: the mark starts where this round's search started (the type's search mark), not at
+            # this round's start. The search returns only changes since that mark and never a deletion, so a
+            # resource stored before (an earlier round, a backfill, a release without history marks) and deleted
+            # since would otherwise never be read; and our clock may run ahead of the server's.
+            history_reached[rtype] = since
             continue
         read = _catch_up_history(ctx, repos, jobs, subscription, rtype, history_marks[rtype])
         count += read.changed

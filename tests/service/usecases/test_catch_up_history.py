@@ -308,3 +308,46 @@ def test_a_token_refused_during_the_history_read_is_not_taken_for_a_refusal_of_h
     assert stored(ctx, "p2-pd1") == (False, "1")
     poll_round(ctx)
     assert stored(ctx, "p2-pd1") == (True, "2")
+
+
+@pytest.mark.parametrize("case", ["upgraded", "turned-on", "backfilled", "clock-ahead"])
+def test_a_deletion_before_a_types_first_history_round_is_not_lost(
+    fhir: FakeFhirServer, db_session_factory: sessionmaker[Session], catalog: Catalog, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, case: str,
+) -> None:
+    """The first round of a type's history mark searches only the changes since the type's search mark, which
+    names no deletion: the history mark must start no later than that search mark (server time), not at this
+    round's start by our clock, or a deletion made between the two is never read.
+
+    upgraded: a deployment from before migration 0005 (type marks, no history marks); turned-on: CDS_POLL_DELETIONS
+    turned on after rounds without it; backfilled: resources loaded by backfill before the first round;
+    clock-ahead: our clock runs ahead of the FHIR server's by more than CDS_POLL_OVERLAP_S."""
+    from sqlalchemy import update
+
+    from service.db.models import SubscriptionWatermark
+
+    for ctx in _context(fhir, db_session_factory, catalog, tmp_path, poll_deletions=case != "turned-on"):
+        # Written an hour ago and deleted half an hour ago (server time): both well beyond CDS_POLL_OVERLAP_S.
+        # clock-ahead: written now, deleted after the first round.
+        if case != "clock-ahead":
+            original_put = fhir.put
+            monkeypatch.setattr(fhir, "put", lambda r, **kw: original_put(r, last_updated=datetime.now(UTC) - timedelta(hours=1)))
+        if case == "backfilled":
+            monitor.backfill(ctx, kidney_failure_patient(fhir))
+        else:
+            kidney_failure_patient(fhir)
+            if case == "clock-ahead":
+                real = monitor._now
+                monkeypatch.setattr(monitor, "_now", lambda: real() + timedelta(minutes=5))
+            poll_round(ctx)
+        if case == "upgraded":  # as migration 0005 leaves an existing row
+            with session_scope(ctx.sessions) as session:
+                session.execute(update(SubscriptionWatermark).values(history_watermark=None))
+        fhir.delete("Observation", "p2-pd1")
+        if case != "clock-ahead":
+            fhir._store[("Observation", "p2-pd1")].deleted_at[2] = (datetime.now(UTC) - timedelta(minutes=30)).isoformat().replace("+00:00", "Z")
+
+    for ctx in _context(fhir, db_session_factory, catalog, tmp_path):
+        poll_round(ctx)
+        poll_round(ctx)
+        assert stored(ctx, "p2-pd1") == (True, "2")
