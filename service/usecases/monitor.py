@@ -744,8 +744,10 @@ def _catch_up_history(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subs
     if cut:
         CATCH_UP_DELETIONS.labels(rtype, "truncated").inc()
         log.warning("history_truncated", subscription=subscription, resource_type=rtype, pages=read)
-    else:
-        result.reached = latest
+    elif latest is not None:
+        # Never past the read's own start: one entry stamped in the future (a server node's clock ahead, an import
+        # keeping its lastUpdated) would otherwise move the mark past every deletion made until then.
+        result.reached = min(latest, asked_at)
     if tombstoned or updated:
         log.info("history_applied", subscription=subscription, resource_type=rtype, tombstoned=tombstoned, updated=updated)
     result.changed = tombstoned + updated

@@ -351,3 +351,19 @@ def test_a_deletion_before_a_types_first_history_round_is_not_lost(
         poll_round(ctx)
         poll_round(ctx)
         assert stored(ctx, "p2-pd1") == (True, "2")
+
+
+def test_an_entry_stamped_in_the_future_does_not_move_the_mark_past_later_deletions(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
+    """Any Observation version moves the history mark (a vital too, which is never stored): one stamped a day ahead
+    (a server node whose clock runs ahead, an import that keeps its lastUpdated) must not hide the deletions of
+    that day."""
+    kidney_failure_patient(fhir)
+    poll_round(ctx)
+    poll_round(ctx)
+    fhir.put(b.obs("8867-4", 70, "/min", subject="Patient/busy", when=day(1), rid="hr"), last_updated=datetime.now(UTC) + timedelta(days=1))
+    poll_round(ctx)
+    fhir.delete("Observation", "p2-pd1")
+
+    poll_round(ctx)
+
+    assert stored(ctx, "p2-pd1") == (True, "2")
