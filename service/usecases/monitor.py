@@ -663,6 +663,9 @@ def _catch_up_type(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscri
     )
 
 
+#: How far back a type's first ``_history`` read starts at most (see :func:`fetch_changes_since_watermark`).
+HISTORY_FIRST_WINDOW = timedelta(hours=1)
+
 #: Statuses with which a FHIR server answers a type-level ``_history`` it does not offer (or does not let us read).
 _NO_TYPE_HISTORY = frozenset({400, 403, 404, 405, 501})
 
@@ -789,8 +792,10 @@ def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs
             # Its first round: the mark starts where this round's search started (the type's search mark), not at
             # this round's start. The search returns only changes since that mark and never a deletion, so a
             # resource stored before (an earlier round, a backfill, a release without history marks) and deleted
-            # since would otherwise never be read; and our clock may run ahead of the server's.
-            history_reached[rtype] = since
+            # since would otherwise never be read; and our clock may run ahead of the server's. At most
+            # HISTORY_FIRST_WINDOW back: a new install's search mark is CDS_POLL_INITIAL_LOOKBACK_H back, and a
+            # day of a busy server's history would not fit one read (a cut read keeps its mark: it would never end).
+            history_reached[rtype] = max(since, started - HISTORY_FIRST_WINDOW)
             continue
         read = _catch_up_history(ctx, repos, jobs, subscription, rtype, history_marks[rtype])
         count += read.changed

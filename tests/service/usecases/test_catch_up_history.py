@@ -331,14 +331,14 @@ def test_a_deletion_before_a_types_first_history_round_is_not_lost(
         # clock-ahead: written now, deleted after the first round.
         if case != "clock-ahead":
             original_put = fhir.put
-            monkeypatch.setattr(fhir, "put", lambda r, **kw: original_put(r, last_updated=datetime.now(UTC) - timedelta(hours=1)))
+            monkeypatch.setattr(fhir, "put", lambda r, put=original_put, **kw: put(r, last_updated=datetime.now(UTC) - timedelta(hours=1)))
         if case == "backfilled":
             monitor.backfill(ctx, kidney_failure_patient(fhir))
         else:
             kidney_failure_patient(fhir)
             if case == "clock-ahead":
                 real = monitor._now
-                monkeypatch.setattr(monitor, "_now", lambda: real() + timedelta(minutes=5))
+                monkeypatch.setattr(monitor, "_now", lambda now=real: now() + timedelta(minutes=5))
             poll_round(ctx)
         if case == "upgraded":  # as migration 0005 leaves an existing row
             with session_scope(ctx.sessions) as session:
@@ -367,3 +367,15 @@ def test_an_entry_stamped_in_the_future_does_not_move_the_mark_past_later_deleti
     poll_round(ctx)
 
     assert stored(ctx, "p2-pd1") == (True, "2")
+
+
+def test_a_new_installs_first_history_read_goes_back_an_hour_not_the_whole_initial_look_back(ctx: MonitorContext, fhir: FakeFhirServer) -> None:
+    """The first search looks back CDS_POLL_INITIAL_LOOKBACK_H (24 h); a day of a busy server's history would not fit
+    one read, and a cut read keeps its mark, so the first history read starts at most an hour back."""
+    kidney_failure_patient(fhir)
+    before = datetime.now(UTC)
+    poll_round(ctx)
+    poll_round(ctx)
+    since = since_of(history_reads(fhir, "Observation")[0])
+    overlap = timedelta(seconds=ctx.settings.poll_overlap_s)
+    assert before - monitor.HISTORY_FIRST_WINDOW - overlap - timedelta(seconds=1) <= since <= datetime.now(UTC) - monitor.HISTORY_FIRST_WINDOW - overlap
