@@ -277,7 +277,7 @@ def feedback_audit(
     require_admin(request)
     ctx = ctx_of(request)
     with session_scope(ctx.sessions) as session:
-        rows = CardFeedbackRepository(session).list_feedback(service_id=service_id, card_uuid=card, limit=limit)
+        rows = CardFeedbackRepository(session).list_feedback_with_cards(service_id=service_id, card_uuid=card, limit=limit)
         data = [
             {
                 "service": r.service_id,
@@ -287,8 +287,12 @@ def feedback_audit(
                 "overrideReason": r.override_reason,
                 "acceptedSuggestions": r.accepted_suggestions,
                 "receivedAt": r.received_at.isoformat(),
+                # What the card was about, from the issued-card audit; null when this service has no record of it.
+                "issued": None
+                if issued is None
+                else {"patient": issued.patient_ref, "topic": issued.topic, "rule": issued.rule_id, "issuedAt": issued.issued_at.isoformat()},
             }
-            for r in rows
+            for r, issued in rows
         ]
     return json_response({"feedback": data})
 

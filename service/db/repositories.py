@@ -1582,23 +1582,22 @@ class CardFeedbackRepository(_Repository):
         limit: int = 100,
     ) -> list[CardFeedback]:
         """Feedback, newest received first, optionally filtered by service, card and received time."""
-        stmt = select(CardFeedback)
+        return [feedback for feedback, _ in self.list_feedback_with_cards(service_id, card_uuid, since, limit)]
+
+    def list_feedback_with_cards(
+        self,
+        service_id: str | None = None,
+        card_uuid: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[tuple[CardFeedback, IssuedCard | None]]:
+        """:meth:`list_feedback`, each with the issued card it refers to (None when the card is unknown: never
+        issued by this service, or its audit row was dropped)."""
+        stmt = select(CardFeedback, IssuedCard).outerjoin(IssuedCard, IssuedCard.card_uuid == CardFeedback.card_uuid)
         if service_id is not None:
             stmt = stmt.where(CardFeedback.service_id == service_id)
         if card_uuid is not None:
             stmt = stmt.where(CardFeedback.card_uuid == card_uuid)
-        if since is not None:
-            stmt = stmt.where(CardFeedback.received_at >= since)
-        stmt = stmt.order_by(CardFeedback.received_at.desc(), CardFeedback.id.desc()).limit(limit)
-        return list(self.session.scalars(stmt))
-
-    def list_feedback_with_cards(
-        self, service_id: str | None = None, since: datetime | None = None, limit: int = 100
-    ) -> list[tuple[CardFeedback, IssuedCard | None]]:
-        """Feedback joined with the issued card it refers to (None when the card is unknown)."""
-        stmt = select(CardFeedback, IssuedCard).outerjoin(IssuedCard, IssuedCard.card_uuid == CardFeedback.card_uuid)
-        if service_id is not None:
-            stmt = stmt.where(CardFeedback.service_id == service_id)
         if since is not None:
             stmt = stmt.where(CardFeedback.received_at >= since)
         stmt = stmt.order_by(CardFeedback.received_at.desc(), CardFeedback.id.desc()).limit(limit)

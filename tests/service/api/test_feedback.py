@@ -78,6 +78,22 @@ def test_sandbox_feedback_on_an_issued_card_is_recorded_once(signed_client: Test
     assert row["overrideReason"]["reason"]["code"] == reason["code"]
 
 
+def test_the_audit_read_says_what_each_card_was_about_and_which_cards_it_never_issued(signed_client: TestClient, issuer: Issuer) -> None:
+    """A quality review joins a dismissal to the card shown: patient, topic, rule and when it was issued. Feedback
+    naming a card this service has no record of is kept (its audit row may have been dropped) and says so."""
+    patient = high_risk_dialysis_patient()
+    card = issued_card(signed_client, issuer, patient=patient)
+    signed_client.app.state.ctx.issued_cards.flush()  # type: ignore[attr-defined]  # written off the request path
+    stranger = str(uuid.uuid4())
+    for uuid_ in (card["uuid"], stranger):
+        assert send(signed_client, issuer, sandbox_feedback(uuid_)).status_code == 200
+
+    issued = stored(signed_client, card["uuid"])[0]["issued"]
+    assert issued["patient"] == f"Patient/{patient.pid}" and issued["topic"] == card["source"]["topic"]["code"]
+    assert issued["rule"] == "calciphylaxis.tier" and datetime.fromisoformat(issued["issuedAt"]) <= datetime.now(UTC)
+    assert stored(signed_client, stranger)[0]["issued"] is None
+
+
 def test_two_clinicians_overriding_the_same_card_are_two_feedbacks(signed_client: TestClient, issuer: Issuer) -> None:
     """Two calls about the same patient (each its own hookInstance and user): each clinician's override is kept, with
     its own reason and time; the first one's retried POST is still stored once."""
