@@ -441,7 +441,7 @@ def subscriptions_list(endpoint: Annotated[str | None, typer.Option(help="Only t
 @subs_app.command("status")
 def subscriptions_status() -> None:
     """What the service knows of each subscription: last event number, last heartbeat, watermark (where every
-    type was fetched) and each type's own watermark."""
+    type was fetched), each type's own watermark, and how far each type's _history was read (Type/_history=)."""
     from service.db.repositories import Repositories
     from service.db.session import session_scope
 
@@ -451,7 +451,11 @@ def subscriptions_status() -> None:
         rows = repo.list_all()
         for r in rows:
             marks = repo.type_watermarks(r.subscription)
-            per_type = "".join(f"\t{rtype}={mark.isoformat()}" for rtype, mark in sorted(marks.items()))
+            history = repo.history_watermarks(r.subscription)
+            per_type = "".join(
+                f"\t{rtype}={mark.isoformat()}" + (f"\t{rtype}/_history={history[rtype].isoformat()}" if rtype in history else "")
+                for rtype, mark in sorted(marks.items())
+            )
             typer.echo(
                 f"{r.subscription}\tstatus={r.status}\tlast_event={r.last_event_number}\t"
                 f"heartbeat={r.last_heartbeat_at.isoformat() if r.last_heartbeat_at else '-'}\t"

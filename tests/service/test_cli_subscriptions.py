@@ -48,6 +48,7 @@ def test_status_shows_each_types_watermark(tmp_path: Path, run_cli: RunCli) -> N
     mark = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
     with session_scope(make_session_factory(engine)) as session:
         Repositories(session).subscriptions.set_type_watermarks("Subscription/s1", {"Observation": mark, "Condition": mark.replace(hour=13)})
+        Repositories(session).subscriptions.set_history_watermark("Subscription/s1", "Observation", mark.replace(hour=14))
     engine.dispose()
 
     code, lines = run_cli(["subscriptions", "status"], CDS_DATA_DIR=str(tmp_path))
@@ -55,7 +56,7 @@ def test_status_shows_each_types_watermark(tmp_path: Path, run_cli: RunCli) -> N
     assert code == 0, lines
     assert lines == [
         "Subscription/s1\tstatus=None\tlast_event=None\theartbeat=-\twatermark=2026-11-01T12:00:00+00:00"
-        "\tCondition=2026-11-01T13:00:00+00:00\tObservation=2026-11-01T12:00:00+00:00"
+        "\tCondition=2026-11-01T13:00:00+00:00\tObservation=2026-11-01T12:00:00+00:00\tObservation/_history=2026-11-01T14:00:00+00:00"
     ]
 
 
