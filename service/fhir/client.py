@@ -51,7 +51,7 @@ from urllib.parse import quote, unquote, urlencode, urljoin, urlsplit
 import httpx
 import orjson
 
-from service.cds.fhirutil import parse_datetime
+from service.cds.fhirutil import last_updated_of, parse_datetime, version_of
 from service.fhir.errors import (
     FhirAuthError,
     FhirError,
@@ -898,8 +898,18 @@ class HistoryEntry:
     resource: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # a version's content
 
 
-_ENTRY_URL = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/([A-Za-z0-9\-.]{1,64}))?/?$")
+_REFERENCE_TAIL = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/([A-Za-z0-9\-.]{1,64}))?/?$")
 _ETAG_VERSION = re.compile(r'^(?:W/)?"?([A-Za-z0-9\-.]{1,64})"?$')
+
+
+def split_reference(reference: str | None) -> tuple[str, str, str | None] | None:
+    """``Type``, ``id`` and optional version from a relative or absolute literal reference."""
+    if not reference:
+        return None
+    match = _REFERENCE_TAIL.search(reference)
+    if not match:
+        return None
+    return match.group(1), match.group(2), match.group(3)
 
 
 def history_entries(bundle: Mapping[str, Any], resource_type: str) -> Iterator[HistoryEntry]:
@@ -915,21 +925,17 @@ def history_entries(bundle: Mapping[str, Any], resource_type: str) -> Iterator[H
         resource = entry.get("resource")
         if request.get("method") != "DELETE":
             if isinstance(resource, dict) and resource.get("resourceType") == resource_type and isinstance(resource.get("id"), str):
-                meta = resource.get("meta")
-                meta = meta if isinstance(meta, dict) else {}
-                version = meta.get("versionId")
-                modified = parse_datetime(meta.get("lastUpdated"))
-                yield HistoryEntry(resource["id"], version if isinstance(version, str) else None, modified, False, resource)
+                yield HistoryEntry(resource["id"], version_of(resource), last_updated_of(resource), False, resource)
             continue
         rid, version = None, None
         etag = response.get("etag")
         if isinstance(etag, str) and (tag := _ETAG_VERSION.match(etag.strip())):
             version = tag.group(1)
         for url in (request.get("url"), response.get("location"), entry.get("fullUrl")):
-            found = _ENTRY_URL.search(url.split("?", 1)[0].strip()) if isinstance(url, str) else None
-            if found is None or found.group(1) != resource_type or (rid is not None and found.group(2) != rid):
+            found = split_reference(url.split("?", 1)[0].strip()) if isinstance(url, str) else None
+            if found is None or found[0] != resource_type or (rid is not None and found[1] != rid):
                 continue
-            rid, version = found.group(2), version or found.group(3)
+            rid, version = found[1], version or found[2]
         if rid is not None:
             yield HistoryEntry(rid, version, parse_datetime(response.get("lastModified")), True)
 

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from service.fhir.client import within_base
+from service.fhir.client import split_reference, within_base
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -77,7 +77,6 @@ PayloadContent = Literal["empty", "id-only", "full-resource"]
 
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _RESOURCE_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-_REFERENCE_TAIL = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/([A-Za-z0-9\-.]{1,64}))?/?$")
 _TYPE_SLASH_ID = re.compile(r"^([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})$")
 _SUBSCRIPTION_PATH = re.compile(r"^Subscription/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$")
 _HEX = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -157,12 +156,12 @@ class NotificationEvent:
 
     @property
     def focus_type(self) -> str | None:
-        parsed = _split_reference(self.focus_reference)
+        parsed = split_reference(self.focus_reference)
         return parsed[0] if parsed else None
 
     @property
     def focus_id(self) -> str | None:
-        parsed = _split_reference(self.focus_reference)
+        parsed = split_reference(self.focus_reference)
         return parsed[1] if parsed else None
 
 
@@ -182,7 +181,7 @@ class BackportNotification:
     @property
     def subscription_id(self) -> str | None:
         """The logical id of the Subscription (``…/Subscription/{id}``), if the reference has one."""
-        parsed = _split_reference(self.subscription)
+        parsed = split_reference(self.subscription)
         return parsed[1] if parsed and parsed[0] == "Subscription" else None
 
 
@@ -357,16 +356,6 @@ def _path_reference(path: str | None) -> tuple[str, str] | None:
     return parts[-2], parts[-1]
 
 
-def _split_reference(reference: str | None) -> tuple[str, str, str | None] | None:
-    """``Type``, ``id`` and optional version from a relative or absolute literal reference."""
-    if not reference:
-        return None
-    match = _REFERENCE_TAIL.search(reference)
-    if not match:
-        return None
-    return match.group(1), match.group(2), match.group(3)
-
-
 def _meta(resource: Mapping[str, Any]) -> tuple[str | None, str | None]:
     meta = resource.get("meta")
     if meta is None:
@@ -438,7 +427,7 @@ def _parse_plain_bundle(bundle: dict[str, Any], sub_id: str | None) -> list[Noti
         method = request.get("method") if isinstance(request, dict) else None
         if method == "DELETE":
             url = request.get("url") if isinstance(request, dict) else None
-            ref = _split_reference(url if isinstance(url, str) else None)
+            ref = split_reference(url if isinstance(url, str) else None)
             if ref is None:
                 raise InvalidNotification("DELETE entry without Type/id")
             out.append(ResourceDeleted(ref[0], ref[1], sub_id))
@@ -450,7 +439,7 @@ def _parse_plain_bundle(bundle: dict[str, Any], sub_id: str | None) -> list[Noti
             raise InvalidNotification("Bundle entry resource is not an object")
         interaction = {"POST": "create", "PUT": "update"}.get(method) if isinstance(method, str) else None
         if resource.get("id") is None:
-            ref = _split_reference(entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None)
+            ref = split_reference(entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None)
             if ref is not None and ref[0] == resource.get("resourceType"):
                 out.append(_resource_changed(resource, (ref[0], ref[1]), sub_id, interaction))
                 continue
@@ -542,7 +531,7 @@ def _parse_event(param: Mapping[str, Any], subscription: str) -> NotificationEve
 
 
 def _entry_key(reference: str | None) -> str | None:
-    parsed = _split_reference(reference)
+    parsed = split_reference(reference)
     return f"{parsed[0]}/{parsed[1]}" if parsed else reference
 
 
@@ -595,7 +584,7 @@ def _parse_backport(bundle: dict[str, Any]) -> BackportNotification:
             continue
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
             raise InvalidNotification("entry resource is not a resource")
-        parsed = _split_reference(full_url)
+        parsed = split_reference(full_url)
         rid = resource.get("id")
         if rid is not None and (not isinstance(rid, str) or not _RESOURCE_ID.match(rid)):
             raise InvalidNotification("entry resource id is not a valid FHIR id")
