@@ -688,10 +688,12 @@ class _HistoryRead:
     reached: datetime | None = None  # read completely up to this entry's time (None: the type's mark stays)
 
 
-def _catch_up_history(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str, rtype: str, since: datetime) -> _HistoryRead:
+def _catch_up_history(
+    ctx: MonitorContext, repos: Repositories, jobs: Jobs, subscription: str, rtype: str, since: datetime | None, *, first: datetime
+) -> _HistoryRead:
     """Read ``rtype``'s ``_history`` since its own mark ``since`` (less ``CDS_POLL_OVERLAP_S``) and bring the stored
     live resources it names up to their newest entry there: a deletion is tombstoned, a version newer than the
-    stored one applied.
+    stored one applied. A type without a mark yet reads nothing: its mark starts at ``first``.
 
     R4 servers notify no deletion and no search returns a deleted resource; the Observation search is filtered by
     the mapped codes, so a result re-coded out of them is not returned either. Without this such a result would
@@ -705,6 +707,8 @@ def _catch_up_history(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subs
     type-level history: the type is skipped for the life of the process (logged once). Any other failure (a 401, a
     5xx, a timeout) is logged and counted and leaves the mark where it was, without failing the round: the
     searches' results still land, and the next round reads the window again."""
+    if since is None:
+        return _HistoryRead(reached=first)
     result = _HistoryRead()
     if rtype in ctx.no_type_history:
         return result
@@ -734,14 +738,14 @@ def _catch_up_history(ctx: MonitorContext, repos: Repositories, jobs: Jobs, subs
         CATCH_UP_DELETIONS.labels(rtype, "failed").inc()
         log.warning("type_history_failed", subscription=subscription, resource_type=rtype, error=type(exc).__name__, status=exc.status)
         return result
-    stored = repos.resources.live_versions(rtype, sorted(newest))
-    tombstoned = 0
-    for rid in (rid for rid in stored if newest[rid].deleted):
+    tombstoned, versions = 0, []
+    for rid, stored_version in repos.resources.live_versions(rtype, sorted(newest)).items():
         entry = newest[rid]
-        tombstoned += apply_deletion(repos, jobs, rtype, rid, ctx.settings, version_id=entry.version_id, deleted_by=entry.modified or asked_at)
-    # Versions the search did not return (re-coded out of its codes). Version-guarded: an older one writes nothing.
-    versions = [e.resource for rid, e in newest.items() if rid in stored and e.resource is not None and e.version_id != stored[rid]]
-    updated = sum(apply_resources(repos, jobs, versions, ctx.settings))
+        if entry.deleted:
+            tombstoned += apply_deletion(repos, jobs, rtype, rid, ctx.settings, version_id=entry.version_id, deleted_by=entry.modified or asked_at)
+        elif entry.resource is not None and entry.version_id != stored_version:
+            versions.append(entry.resource)  # one the search did not return (re-coded out of its codes)
+    updated = sum(apply_resources(repos, jobs, versions, ctx.settings))  # version-guarded: an older one writes nothing
     if tombstoned:
         CATCH_UP_DELETIONS.labels(rtype, "applied").inc(tombstoned)
     if cut:
@@ -786,21 +790,18 @@ def fetch_changes_since_watermark(ctx: MonitorContext, repos: Repositories, jobs
             log.warning("catch_up_truncated", subscription=subscription, resource_type=rtype, resources=fetched.resources, pages=fetched.pages)
         newest = fetched.cut_at or fetched.newest
         reached[rtype] = max(since, newest) if newest is not None else since  # a quiet type keeps its mark
-        if not ctx.settings.poll_deletions:
-            continue
-        if rtype not in history_marks:
-            # Its first round: the mark starts where this round's search started (the type's search mark), not at
-            # this round's start. The search returns only changes since that mark and never a deletion, so a
-            # resource stored before (an earlier round, a backfill, a release without history marks) and deleted
-            # since would otherwise never be read; and our clock may run ahead of the server's. At most
-            # HISTORY_FIRST_WINDOW back: a new install's search mark is CDS_POLL_INITIAL_LOOKBACK_H back, and a
-            # day of a busy server's history would not fit one read (a cut read keeps its mark: it would never end).
-            history_reached[rtype] = max(since, started - HISTORY_FIRST_WINDOW)
-            continue
-        read = _catch_up_history(ctx, repos, jobs, subscription, rtype, history_marks[rtype])
-        count += read.changed
-        if read.reached is not None:
-            history_reached[rtype] = read.reached
+        if ctx.settings.poll_deletions:
+            # A type's first history mark is where this round's search started (its search mark), not this round's
+            # start: the search returns only changes since that mark and never a deletion, so a resource stored
+            # before (an earlier round, a backfill, a release without history marks) and deleted since would
+            # otherwise never be read; and our clock may run ahead of the server's. At most HISTORY_FIRST_WINDOW
+            # back: a new install's search mark is CDS_POLL_INITIAL_LOOKBACK_H back, and a day of a busy server's
+            # history would not fit one read (a cut read keeps its mark: it would never end).
+            first = max(since, started - HISTORY_FIRST_WINDOW)
+            read = _catch_up_history(ctx, repos, jobs, subscription, rtype, history_marks.get(rtype), first=first)
+            count += read.changed
+            if read.reached is not None:
+                history_reached[rtype] = read.reached
     repos.subscriptions.set_type_watermarks(subscription, reached)
     for rtype, mark in sorted(history_reached.items()):
         repos.subscriptions.set_history_watermark(subscription, rtype, mark)
