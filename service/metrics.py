@@ -41,11 +41,11 @@ TASKS = Counter("worker_tasks_total", "Worker task outcomes", ["task", "result"]
 TASK_LATENCY = Histogram("worker_task_seconds", "Worker task latency", ["task"])
 #: A _lastUpdated catch-up search cut at CDS_FHIR_MAX_PAGES (the rest follows in another round; see the log line).
 CATCH_UP_TRUNCATED = Counter("fhir_catch_up_truncated_total", "Catch-up searches cut at CDS_FHIR_MAX_PAGES, by resource type", ["resource_type"])
-#: What catch-up rounds did with types' _history: "applied" counts stored resources tombstoned by a deletion read
+#: What catch-up rounds did with types' _history: "tombstoned" counts stored resources tombstoned by a deletion read
 #: there; "truncated" a read cut at ten times CDS_FHIR_MAX_PAGES (its mark stays: raise the bound); "failed" a read
 #: that failed (its mark stays; the next round reads the window again).
-CATCH_UP_DELETIONS = Counter(
-    "fhir_catch_up_deletions_total", "Type-level _history reads of catch-up rounds: deletions applied, reads cut or failed", ["resource_type", "result"]
+CATCH_UP_HISTORY = Counter(
+    "fhir_catch_up_history_total", "Type-level _history reads of catch-up rounds: resources tombstoned, reads cut or failed", ["resource_type", "result"]
 )
 #: Read from the ledger when /metrics is scraped, so it holds for every worker: alert on status="failed" growing.
 INBOUND_EVENTS = Gauge(

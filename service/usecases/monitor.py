@@ -46,7 +46,7 @@ from service.fhir.notifications import (
     with_subscription_key,
 )
 from service.logging import get_logger
-from service.metrics import CATCH_UP_DELETIONS, CATCH_UP_TRUNCATED, EVALUATIONS, NOTIFICATIONS, WRITEBACKS
+from service.metrics import CATCH_UP_HISTORY, CATCH_UP_TRUNCATED, EVALUATIONS, NOTIFICATIONS, WRITEBACKS
 from service.queue import TASK_EVALUATE, TASK_PROCESS_EVENT, TASK_WRITEBACK, CeleryQueue, Jobs, NotSent, TaskQueue, unit_of_work
 from service.terminology.catalog import Catalog
 from service.terminology.checks import load_rule_catalog
@@ -735,7 +735,7 @@ def _catch_up_history(
             ctx.no_type_history.add(rtype)
             log.warning("type_history_unavailable", subscription=subscription, resource_type=rtype, status=exc.status)
             return result
-        CATCH_UP_DELETIONS.labels(rtype, "failed").inc()
+        CATCH_UP_HISTORY.labels(rtype, "failed").inc()
         log.warning("type_history_failed", subscription=subscription, resource_type=rtype, error=type(exc).__name__, status=exc.status)
         return result
     tombstoned, versions = 0, []
@@ -747,9 +747,9 @@ def _catch_up_history(
             versions.append(entry.resource)  # one the search did not return (re-coded out of its codes)
     updated = sum(apply_resources(repos, jobs, versions, ctx.settings))  # version-guarded: an older one writes nothing
     if tombstoned:
-        CATCH_UP_DELETIONS.labels(rtype, "applied").inc(tombstoned)
+        CATCH_UP_HISTORY.labels(rtype, "tombstoned").inc(tombstoned)
     if cut:
-        CATCH_UP_DELETIONS.labels(rtype, "truncated").inc()
+        CATCH_UP_HISTORY.labels(rtype, "truncated").inc()
         log.warning("history_truncated", subscription=subscription, resource_type=rtype, pages=read)
     elif latest is not None:
         # Never past the read's own start: one entry stamped in the future (a server node's clock ahead, an import

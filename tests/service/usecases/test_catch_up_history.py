@@ -92,8 +92,8 @@ def marked(ctx: MonitorContext) -> int:
     return sum(1 for name, args, _ in ctx.queue.sent if name == TASK_EVALUATE and args == [PID])
 
 
-def deletions(rtype: str, result: str) -> float:
-    return REGISTRY.get_sample_value("fhir_catch_up_deletions_total", {"resource_type": rtype, "result": result}) or 0.0
+def history_count(rtype: str, result: str) -> float:
+    return REGISTRY.get_sample_value("fhir_catch_up_history_total", {"resource_type": rtype, "result": result}) or 0.0
 
 
 def history_reads(fhir: FakeFhirServer, rtype: str) -> list[Any]:
@@ -131,7 +131,7 @@ def test_a_result_that_lowered_the_risk_deleted_or_re_coded_stops_counting_and_t
     kidney_failure_patient(fhir)
     poll_round(ctx)  # the first round stores the patient and starts reading the history from here on
     assert metastatic_tier(ctx) == "low", "the newer phosphate of 3.5 lowers it"
-    before, applied = marked(ctx), deletions("Observation", "applied")
+    before, applied = marked(ctx), history_count("Observation", "tombstoned")
 
     if change == "deleted":
         fhir.delete("Observation", "p2-pd1")  # entered in error
@@ -141,7 +141,7 @@ def test_a_result_that_lowered_the_risk_deleted_or_re_coded_stops_counting_and_t
 
     assert stored(ctx, "p2-pd1") == (change == "deleted", "2"), "at the version the history names"
     assert marked(ctx) == before + 1, "the patient is evaluated again"
-    assert deletions("Observation", "applied") == applied + (change == "deleted")
+    assert history_count("Observation", "tombstoned") == applied + (change == "deleted")
     assert metastatic_tier(ctx) == "high"
     reads = history_reads(fhir, "Observation")
     assert len(reads) == 1 and reads[0].param("_count") == "10"
@@ -212,7 +212,7 @@ def test_a_history_read_that_fails_otherwise_keeps_its_mark_and_the_rounds_other
     results land; the history mark stays, so the next round reads the same window again and misses nothing."""
     kidney_failure_patient(fhir)
     poll_round(ctx)
-    mark, failed = history_mark(ctx), deletions("Observation", "failed")
+    mark, failed = history_mark(ctx), history_count("Observation", "failed")
     fhir.delete("Observation", "p2-pd1")
     fhir.put(b.obs(b.P, 6.0, subject=PID, when=day(0.5), rid="p3-pd1"))
     fhir.add_rule(FailureRule(status=status, times=1, path=r"/Observation/_history$", method="GET"))
@@ -223,7 +223,7 @@ def test_a_history_read_that_fails_otherwise_keeps_its_mark_and_the_rounds_other
     assert stored(ctx, "p2-pd1") == (False, "1")
     assert history_mark(ctx) == mark
     assert "Observation" not in ctx.no_type_history
-    assert deletions("Observation", "failed") == failed + 1
+    assert history_count("Observation", "failed") == failed + 1
     assert any(str(status) in line and "Observation" in line for line in logged(capsys, "type_history_failed"))
 
     poll_round(ctx)
@@ -245,13 +245,13 @@ def test_a_cut_history_read_applies_what_it_read_and_keeps_its_mark_so_nothing_o
         fhir.delete("Observation", "p-pd1")  # the oldest entry of the window
         vitals(fhir, 25)  # 13 pages of 2 > 10 pages
         fhir.delete("Observation", "p2-pd1")  # the newest: on the first page
-        cut = deletions("Observation", "truncated")
+        cut = history_count("Observation", "truncated")
 
         poll_round(ctx)
 
         assert stored(ctx, "p2-pd1") == (True, "2") and stored(ctx, "p-pd1") == (False, "1")
         assert history_mark(ctx) == mark
-        assert deletions("Observation", "truncated") == cut + 1
+        assert history_count("Observation", "truncated") == cut + 1
         assert any("Observation" in line for line in logged(capsys, "history_truncated"))
 
     for ctx in _context(fhir, db_session_factory, catalog, tmp_path, fhir_max_pages=2, fhir_search_count=2):
